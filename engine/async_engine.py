@@ -1,0 +1,174 @@
+"""The asyncio face of the engine: one background loop drives `step()`; each request streams from its queue.
+
+Engine state is only touched between steps, on the event loop: new requests and aborts are queued
+and applied before the next step, and the step itself runs in a worker thread so the event loop
+keeps serving HTTP while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can be served until the process restarts."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request could not be served; the engine and every other request go on."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self.error: BaseException | None = None
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_aborts: list[str] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model (in a thread, so the server can answer 503 meanwhile) and start the loop."""
+        try:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self._loop_task = asyncio.create_task(self._run(), name="detserve-engine-loop")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, EngineDeadError):
+                pass
+            self._loop_task = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.error is None and self._loop_task is not None
+
+    @property
+    def dead(self) -> bool:
+        return self.error is not None
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs until it finishes. Closing the stream early aborts the request.
+
+        Raises ValueError before the first output for a request the engine cannot serve.
+        """
+        engine = self._require_engine()
+        prompt_ids = engine.encode_prompt(prompt)
+        engine.check_fits(len(prompt_ids), params.max_tokens)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending_adds.append((request_id, prompt_ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (e.g. its client disconnected); its blocks are freed before the next step."""
+        self._pending_aborts.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        engine = self._require_engine()
+        return EngineStats(
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting),
+            kv_cache_usage=engine.block_manager.usage,
+            num_preemptions=engine.scheduler.num_preemptions,
+            prefix_cache_queries=engine.block_manager.prefix_cache_queries,
+            prefix_cache_hits=engine.block_manager.prefix_cache_hits,
+        )
+
+    def _require_engine(self) -> LLMEngine:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine has failed: {self.error!r}")
+        if self.engine is None:
+            raise EngineDeadError("the engine is still loading")
+        return self.engine
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _apply_pending(self, engine: LLMEngine) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for request_id, prompt_ids, params in adds:
+            if request_id not in self._queues:  # aborted before it was ever added
+                continue
+            try:
+                engine.add_request(request_id, prompt_ids, params)
+            except ValueError as exc:
+                self._queues.pop(request_id).put_nowait(RequestFailedError(str(exc)))
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            output = engine.abort_request(request_id)
+            queue = self._queues.pop(request_id, None)
+            if output is not None and queue is not None:
+                queue.put_nowait(output)
+
+    async def _run(self) -> None:
+        engine = self._require_engine()
+        try:
+            while True:
+                self._apply_pending(engine)
+                if not engine.has_unfinished_requests():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                for output in await asyncio.to_thread(engine.step):
+                    queue = self._queues.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+                        if output.finished:
+                            del self._queues[output.request_id]
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("engine loop failed")
+            self.error = exc
+            for queue in self._queues.values():
+                queue.put_nowait(EngineDeadError(f"the engine failed: {exc!r}"))
+            self._queues.clear()
+            raise EngineDeadError(str(exc)) from exc

@@ -1,0 +1,218 @@
+"""The synchronous engine: add requests, then `step()` = schedule -> execute -> update, until done."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from engine import __version__, weights
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from engine.scheduler import ScheduledRequest, Scheduler
+from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _TextState:
+    """Per-request streaming text: the detokenizer and the stop-string checker."""
+
+    detokenizer: IncrementalDetokenizer | None
+    stop: StopChecker
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        dummy = config.load_format == "dummy"
+        self.model_dir = weights.resolve_model_dir(config.model, dummy=dummy)
+        self.model_config = ModelConfig.from_hf(weights.load_config(self.model_dir))
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.model_name = config.served_model_name or _model_name(config)
+        self.tokenizer = Tokenizer.load(self.model_dir)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(config, mc, self.model_dir, self.max_model_len)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._text: dict[str, _TextState] = {}
+        self._arrivals = itertools.count()
+        self._weights_digest = "dummy-seed%d" % config.seed if dummy else weights.file_digest(self.model_dir)
+
+    # -- requests in -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+        """Validate and queue a request. Raises ValueError for anything the engine cannot serve."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_fits(len(prompt_ids), params.max_tokens)
+        deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            deterministic=deterministic,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            arrival_index=next(self._arrivals),
+        )
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, prompt_ids) if self.tokenizer else None
+        self.requests[request_id] = request
+        self._text[request_id] = _TextState(detok, StopChecker(list(params.stop)))
+        self.scheduler.add(request)
+        return request
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; send the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+        capacity = self.config.num_kv_blocks * self.config.block_size
+        if total > capacity:
+            raise ValueError(f"the request needs {total} tokens of KV cache but the server holds {capacity}")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output, or None if unknown/finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        return self._finish(request, FinishReason.ABORT, [], [], "")
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        results = iter(self.runner.execute(step, self.eos_token_ids))
+        outputs = []
+        for s in step.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            if not step.invariant:
+                s.request.invariant_blocks = False
+            self.block_manager.register_full_blocks(s.request)
+            if s.samples:
+                outputs.append(self._append_token(s, *next(results)))
+        return outputs
+
+    def _append_token(self, s: ScheduledRequest, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        request = s.request
+        request.output_token_ids.append(token)
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
+        text = self._text[request.request_id]
+        delta_chars = 0
+        if text.detokenizer is not None:
+            delta_chars = len(text.detokenizer.add(token))
+        p = request.params
+        reason = None
+        stop_at = text.stop.find(text.detokenizer.text, delta_chars) if text.detokenizer is not None else None
+        if stop_at is not None:
+            text.detokenizer.text = text.detokenizer.text[:stop_at]
+            reason = FinishReason.STOP
+        elif request.num_output_tokens >= p.min_tokens and (
+            token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        ):
+            reason = FinishReason.STOP
+        elif request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        new_logprobs = [logprob] if logprob is not None else []
+        if reason is not None:
+            return self._finish(request, reason, [token], new_logprobs, None)
+        delta = text.stop.take_emittable(text.detokenizer.text, False) if text.detokenizer else ""
+        return self._output(request, [token], new_logprobs, delta)
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        new_ids: list[int],
+        new_logprobs: list[TokenLogprob],
+        delta: str | None,
+    ) -> RequestOutput:
+        """Mark finished, free blocks, and flush any held-back text (unless `delta` is given)."""
+        request.finish_reason = reason
+        self.scheduler.finish(request)
+        text = self._text.pop(request.request_id)
+        if delta is None:
+            delta = text.stop.take_emittable(text.detokenizer.text, True) if text.detokenizer else ""
+        del self.requests[request.request_id]
+        return self._output(request, new_ids, new_logprobs, delta)
+
+    def _output(self, request: Request, new_ids: list[int], new_logprobs: list[TokenLogprob], delta: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_ids,
+            new_logprobs=new_logprobs,
+            text_delta=delta,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_prompt_tokens,
+        )
+
+    # -- convenience -------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run prompts to completion (for tests and scripts); returns the finished requests in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        requests = [self.add_request(f"gen-{next(self._arrivals)}", p, sp) for p, sp in zip(prompts, params_list)]
+        while any(not r.finished for r in requests):
+            self.step()
+        return requests
+
+    def system_fingerprint(self, deterministic: bool) -> str:
+        """Equal fingerprints promise equal bits for equal deterministic requests."""
+        device = self.runner.device
+        device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        parts = [
+            __version__,
+            self._weights_digest,
+            str(self.runner.dtype),
+            device_kind,
+            f"torch-{torch.__version__}",
+            kernels.config_digest() if deterministic else "fast",
+            f"threads={torch.get_num_threads()}",
+        ]
+        return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _model_name(config: EngineConfig) -> str:
+    if config.model is None:
+        return weights.DEFAULT_MODEL_NAME
+    name = config.model.rstrip("/").split("/")[-1]
+    return name.removesuffix(".gguf")

@@ -1,0 +1,113 @@
+"""Owns the model and its KV cache on the device; turns a scheduled step into sampled tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+import kernels
+from engine import sampler, weights
+from engine.config import EngineConfig, ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.models.llama import LlamaModel
+from engine.request import TokenLogprob
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _default_tensor_type(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.block_size = config.block_size
+        with _default_tensor_type(self.device, self.dtype):
+            self.model = LlamaModel(model_config, max_positions=max_model_len)
+        if config.load_format == "dummy":
+            self.model.init_dummy_weights(config.seed)
+        else:
+            self.model.load_weights(weights.load_state_dict(model_dir))
+        mc = model_config
+        # One block more than the block manager hands out: it stays zero, for reads past a sequence.
+        self.zero_slot = config.num_kv_blocks * config.block_size
+        cache_shape = (config.num_kv_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(cache_shape, dtype=self.dtype, device=self.device),
+                torch.zeros(cache_shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(mc.num_layers)
+        ]
+        kv_bytes = 2 * mc.num_layers * config.num_kv_blocks * config.block_size * mc.num_kv_heads * mc.head_dim
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.0f MiB)",
+            config.num_kv_blocks,
+            config.block_size,
+            kv_bytes * self.kv_caches[0][0].element_size() / 2**20,
+        )
+
+    def prepare(self, step: SchedulerOutput) -> ForwardBatch:
+        """Flatten the step's requests into one batch of tokens with their positions and cache slots."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        bs = self.block_size
+        for s in step.scheduled:
+            request, start, end = s.request, s.start, s.start + s.num_new_tokens
+            input_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(request.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start_loc.append(len(input_ids))
+            seq_lens.append(end)
+            if s.samples:
+                logits_indices.append(len(input_ids) - 1)
+        max_blocks = max(len(s.request.block_table) for s in step.scheduled)
+        tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in step.scheduled]
+
+        def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return ForwardBatch(
+            input_ids=tensor(input_ids),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
+            attention=kernels.AttentionMetadata(
+                query_start_loc=query_start_loc,
+                seq_lens=seq_lens,
+                block_tables=tensor(tables, torch.int32),
+                block_size=bs,
+                zero_slot=self.zero_slot,
+            ),
+            logits_indices=tensor(logits_indices),
+        )
+
+    def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> list[tuple[int, TokenLogprob | None]]:
+        """Run the forward pass and sample; one result per scheduled request that samples, in order."""
+        batch = self.prepare(step)
+        sampling = [s.request for s in step.scheduled if s.samples]
+        with kernels.mode("invariant" if step.invariant else "fast"):
+            hidden = self.model(batch, self.kv_caches)
+            if not sampling:
+                return []
+            logits = self.model.compute_logits(hidden)
+            return sampler.sample(logits, sampling, eos_token_ids)

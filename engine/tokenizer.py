@@ -1,0 +1,102 @@
+"""Text <-> token ids: the model's own tokenizer and chat template, and streaming detokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_CONTEXT_TOKENS = 6  # prompt tokens decoded along with the output so leading spaces come out right
+
+
+class Tokenizer:
+    """A thin wrapper over the Hugging Face fast tokenizer stored beside the weights."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "Tokenizer | None":
+        """The folder's tokenizer, or None when it has none (dummy weights from a bare config.json)."""
+        if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return None
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(model_dir)))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat rendered by the model's template (the template adds the special tokens)."""
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return self.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas, never splitting a multi-byte character.
+
+    It decodes a sliding window (a few tokens already shown + the new ones) and emits only text
+    past what the shown tokens decode to, holding back while the tail is an incomplete character.
+    """
+
+    tokenizer: Tokenizer
+    token_ids: list[int]  # the last few prompt tokens, then the output tokens
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+
+    @classmethod
+    def for_prompt(cls, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> "IncrementalDetokenizer":
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        return cls(tokenizer, context, prefix_offset=0, read_offset=len(context))
+
+    def add(self, token_id: int) -> str:
+        """Append one output token; return the new text it completes (maybe empty)."""
+        self.token_ids.append(token_id)
+        shown = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        if len(full) <= len(shown) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(shown) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+
+@dataclass
+class StopChecker:
+    """Finds stop strings in the output text and decides how much text is safe to stream.
+
+    Text that could still be the start of a stop string is held back until it cannot be.
+    """
+
+    stop: list[str] = field(default_factory=list)
+    num_emitted: int = 0
+
+    def find(self, text: str, num_new_chars: int) -> int | None:
+        """Index where the earliest stop string begins, looking only where new text could complete one."""
+        if not self.stop:
+            return None
+        window_start = max(0, len(text) - num_new_chars - max(len(s) for s in self.stop) + 1)
+        hits = [i for i in (text.find(s, window_start) for s in self.stop) if i != -1]
+        return min(hits) if hits else None
+
+    def take_emittable(self, text: str, finished: bool) -> str:
+        """The next piece of text that may be sent to the client."""
+        hold = 0 if finished or not self.stop else max(len(s) for s in self.stop) - 1
+        end = max(self.num_emitted, len(text) - hold)
+        piece = text[self.num_emitted : end]
+        self.num_emitted = end
+        return piece

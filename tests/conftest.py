@@ -1,0 +1,37 @@
+"""Shared test setup: skip `gpu` tests without CUDA; one engine per distinct config, loaded once."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_engine(config: EngineConfig) -> LLMEngine:
+    return LLMEngine(config)
+
+
+@pytest.fixture
+def make_engine():
+    """An engine on the default model; equal configs share one instance, which must be left idle."""
+
+    def make(**overrides) -> LLMEngine:
+        engine = cached_engine(EngineConfig(**overrides))
+        assert not engine.has_unfinished_requests(), "a previous test left requests in this engine"
+        return engine
+
+    return make
