@@ -25,7 +25,7 @@ def cached_engine(config: EngineConfig) -> LLMEngine:
     return LLMEngine(config)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_engine():
     """An engine on the default model; equal configs share one instance, which must be left idle."""
 

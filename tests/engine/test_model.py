@@ -1,0 +1,152 @@
+"""Our Llama-family forward pass against Hugging Face `transformers` on the same weights."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from engine import weights
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import Request, SamplingParams
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count from one to ten."}],
+]
+
+
+def all_position_logits(engine: LLMEngine, token_ids: list[int], mode: str, chunk: int | None = None) -> torch.Tensor:
+    """Logits at every position, computed through the engine's runner in prefill chunks of `chunk`."""
+    request = Request("logits-probe", token_ids, SamplingParams(), True, seed=0, arrival_index=-1)
+    chunk = chunk or len(token_ids)
+    outputs = []
+    try:
+        for start in range(0, len(token_ids), chunk):
+            n = min(chunk, len(token_ids) - start)
+            engine.block_manager.allocate(request, start + n)
+            step = SchedulerOutput([ScheduledRequest(request, start, n, True)], mode == "invariant", [])
+            batch = engine.runner.prepare(step)
+            batch.logits_indices = torch.arange(n)  # every row of the chunk, not just the last
+            with kernels.mode(mode):
+                outputs.append(engine.runner.model.compute_logits(engine.runner.model(batch, engine.runner.kv_caches)))
+            request.num_computed_tokens = start + n
+    finally:
+        engine.block_manager.free(request)
+    return torch.cat(outputs)
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.fixture(scope="module")
+def hf_model(make_engine):
+    from transformers import LlamaForCausalLM
+
+    engine = make_engine()
+    return LlamaForCausalLM.from_pretrained(str(engine.model_dir), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_smollm2_logits_match_transformers(make_engine, hf_model, mode: str) -> None:
+    engine = make_engine()
+    for messages in PROMPTS:
+        ids = engine.tokenizer.apply_chat_template(messages)
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([ids])).logits[0]
+        assert relative_error(all_position_logits(engine, ids, mode, chunk=7), ref) < 1e-4
+
+
+def test_smollm2_64_greedy_tokens_match_transformers(make_engine, hf_model) -> None:
+    engine = make_engine()
+    ids = engine.tokenizer.apply_chat_template(PROMPTS[1])
+    expected: list[int] = []
+    with torch.no_grad():
+        out = hf_model(torch.tensor([ids]), use_cache=True)
+        for _ in range(64):
+            expected.append(int(out.logits[0, -1].argmax()))
+            out = hf_model(torch.tensor([[expected[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    [request] = engine.generate([ids], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    assert request.output_token_ids == expected
+
+
+def _tiny_hf_model(tmp_path: Path, arch: str):
+    """Save a tiny random Qwen2/Qwen3 model (no tokenizer) as a Hugging Face folder."""
+    import transformers
+
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.Qwen3Config(head_dim=32, **common)
+        model = transformers.Qwen3ForCausalLM(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # large enough that biases and q/k norms matter
+    model.eval().save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_variants_match_transformers(tmp_path: Path, arch: str) -> None:
+    hf = _tiny_hf_model(tmp_path, arch)
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_tokens=1024))
+    assert engine.model_config.attention_bias == (arch == "qwen2")
+    assert engine.model_config.qk_norm == (arch == "qwen3")
+    ids = [int(t) for t in torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    for mode in ("invariant", "fast"):
+        assert relative_error(all_position_logits(engine, ids, mode, chunk=9), ref) < 1e-4
+
+
+def test_dummy_weights_build_any_config_reproducibly(tmp_path: Path) -> None:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engines = [LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", kv_cache_tokens=512)) for _ in range(2)]
+    assert engines[0].tokenizer is None
+    runs = [e.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8, temperature=0))[0].output_token_ids for e in engines]
+    assert runs[0] == runs[1] and len(runs[0]) == 8
+    with pytest.raises(ValueError, match="token ids"):
+        engines[0].add_request("text", "hello", SamplingParams())
+
+
+def test_gguf_conversion_is_cached_so_the_second_start_is_fast(make_engine) -> None:
+    make_engine()  # the first conversion happened here (or in an earlier session)
+    start = time.perf_counter()
+    folder = weights.resolve_model_dir(None)
+    assert time.perf_counter() - start < 1.0
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
