@@ -38,9 +38,10 @@ class EngineStats:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        """`engine`: an already loaded engine for `config` (shared between tests, or embedded use)."""
         self.config = config
-        self.engine: LLMEngine | None = None
+        self.engine = engine
         self.error: BaseException | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
@@ -52,11 +53,12 @@ class AsyncEngine:
 
     async def start(self) -> None:
         """Load the model (in a thread, so the server can answer 503 meanwhile) and start the loop."""
-        try:
-            self.engine = await asyncio.to_thread(LLMEngine, self.config)
-        except BaseException as exc:
-            self.error = exc
-            raise
+        if self.engine is None:
+            try:
+                self.engine = await asyncio.to_thread(LLMEngine, self.config)
+            except BaseException as exc:
+                self.error = exc
+                raise
         self._loop_task = asyncio.create_task(self._run(), name="detserve-engine-loop")
 
     async def stop(self) -> None:

@@ -1,0 +1,89 @@
+"""The asyncio engine: streaming, concurrency, aborts on early close, bad input, and a dead engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.request import FinishReason, SamplingParams
+
+
+@pytest.fixture
+async def async_engine(make_engine):
+    llm = make_engine()
+    engine = AsyncEngine(llm.config, engine=llm)
+    await engine.start()
+    yield engine
+    await engine.stop()
+    assert not llm.has_unfinished_requests()
+
+
+async def collect(engine: AsyncEngine, request_id: str, prompt, params: SamplingParams):
+    return [out async for out in engine.generate(request_id, prompt, params)]
+
+
+async def test_stream_yields_each_token_once_and_finishes_once(async_engine: AsyncEngine) -> None:
+    prompt = async_engine.engine.tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}])
+    outputs = await collect(async_engine, "stream", prompt, SamplingParams(max_tokens=6, temperature=0))
+    assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
+    token_ids = [t for o in outputs for t in o.new_token_ids]
+    assert len(token_ids) == outputs[-1].num_output_tokens <= 6
+    text = "".join(o.text_delta for o in outputs)
+    assert text == async_engine.engine.tokenizer.decode(token_ids)
+    assert outputs[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+async def test_concurrent_requests_match_their_solo_runs(async_engine: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompts = [[300 + i, 400 + i, 500 + i] for i in range(6)]
+    solo = [await collect(async_engine, f"solo-{i}", p, params) for i, p in enumerate(prompts[:2])]
+    together = await asyncio.gather(*(collect(async_engine, f"together-{i}", p, params) for i, p in enumerate(prompts)))
+    for alone, crowd in zip(solo, together):
+        assert [o.new_token_ids for o in alone] == [o.new_token_ids for o in crowd]
+
+
+async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: AsyncEngine) -> None:
+    llm = async_engine.engine
+    stream = async_engine.generate("early", [7, 8, 9], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    first = await stream.__anext__()
+    assert not first.finished
+    await stream.aclose()
+    for _ in range(50):
+        if not llm.has_unfinished_requests():
+            break
+        await asyncio.sleep(0.05)
+    assert llm.block_manager.num_free_blocks == llm.config.num_kv_blocks
+
+
+async def test_bad_requests_fail_alone_and_the_engine_keeps_serving(async_engine: AsyncEngine) -> None:
+    too_long = list(range(10, 10 + async_engine.engine.max_model_len))
+    with pytest.raises(ValueError, match="maximum context length"):
+        await collect(async_engine, "long", too_long, SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="empty"):
+        await collect(async_engine, "empty", [], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="token ids"):
+        await collect(async_engine, "vocab", [10**9], SamplingParams(max_tokens=1))
+    outputs = await collect(async_engine, "fine", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+    assert outputs[-1].finished
+
+
+async def test_a_failing_step_kills_the_engine_and_fails_its_requests(make_engine, monkeypatch) -> None:
+    llm = make_engine()
+    engine = AsyncEngine(llm.config, engine=llm)
+    await engine.start()
+
+    def broken_step():
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(llm, "step", broken_step)
+    with pytest.raises(EngineDeadError, match="injected fault"):
+        await collect(engine, "doomed", [1, 2, 3], SamplingParams(max_tokens=2))
+    assert engine.dead and not engine.ready
+    with pytest.raises(EngineDeadError):
+        await collect(engine, "after", [1, 2, 3], SamplingParams(max_tokens=2))
+    await engine.stop()
+    monkeypatch.undo()
+    for request_id in list(llm.requests):
+        llm.abort_request(request_id)
