@@ -198,7 +198,10 @@ class LLMEngine:
     def system_fingerprint(self, deterministic: bool) -> str:
         """Equal fingerprints promise equal bits for equal deterministic requests."""
         device = self.runner.device
-        device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if device.type == "cuda":
+            device_kind = torch.cuda.get_device_name(device)
+        else:  # the vector ISA picks the BLAS kernels, and with them the bits
+            device_kind = f"cpu-{torch.backends.cpu.get_cpu_capability()}"
         parts = [
             __version__,
             self._weights_digest,

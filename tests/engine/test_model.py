@@ -150,3 +150,25 @@ def test_gguf_conversion_is_cached_so_the_second_start_is_fast(make_engine) -> N
     assert time.perf_counter() - start < 1.0
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+
+def test_weights_digest_follows_content_not_file_dates(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    _tiny_hf_model(tmp_path / "a", "qwen2")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    os.utime(tmp_path / "b" / "model.safetensors", (1, 1))
+    assert weights.file_digest(tmp_path / "a") == weights.file_digest(tmp_path / "b")
+    state = weights.load_state_dict(tmp_path / "b")
+    state["model.norm.weight"] = state["model.norm.weight"] + 1
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "b" / "model.safetensors"))
+    assert weights.file_digest(tmp_path / "a") != weights.file_digest(tmp_path / "b")
+
+
+def test_fingerprint_separates_kernel_modes_and_is_stable(make_engine) -> None:
+    engine = make_engine()
+    assert engine.system_fingerprint(True) == engine.system_fingerprint(True)
+    assert engine.system_fingerprint(True) != engine.system_fingerprint(False)
