@@ -1,0 +1,1 @@
+"""detserve's HTTP edge: an OpenAI-compatible API over the engine, and the `detserve` command."""

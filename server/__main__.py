@@ -1,0 +1,5 @@
+"""`python -m server serve ...` is `detserve serve ...`."""
+
+from server.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The OpenAI wire format at the HTTP edge: request models, their SamplingParams, and the error shape."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.async_engine import EngineDeadError, RequestFailedError
+from engine.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+# Request fields that map one to one onto SamplingParams; absent (None) ones keep its defaults.
+_PASSTHROUGH = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "deterministic",
+)
+
+
+class APIError(Exception):
+    """An error the client sees as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict:
+        kind = _ERROR_TYPES.get(self.status, "BadRequestError" if self.status < 500 else "InternalServerError")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "APIError":
+        """The client-facing form of anything a request can raise: its fault 4xx, the server's 5xx."""
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, (ValueError, RequestFailedError)):
+            return cls(400, str(exc))
+        if isinstance(exc, EngineDeadError):
+            return cls(503, str(exc))
+        logger.error("request failed", exc_info=exc)
+        return cls(500, f"internal error: {type(exc).__name__}")
+
+
+def unsupported(param: str, message: str) -> APIError:
+    return APIError(400, message, param)
+
+
+class _OpenAIModel(BaseModel):
+    # Valid OpenAI fields we have no use for (metadata, store, service_tier, ...) are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_OpenAIModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(_OpenAIModel):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    user: str | None = None
+    deterministic: bool | None = None  # detserve's extension: None = the server's default
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise unsupported("stream_options", "stream_options is only allowed when stream is true")
+
+    def sampling_params(self, choice: int, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """Params for choice `choice`: a seeded request gives choice i the seed + i, so choices differ reproducibly."""
+        fields = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
+        return SamplingParams(
+            max_tokens=max_tokens,
+            seed=None if self.seed is None else self.seed + choice,
+            logit_bias=_logit_bias(self.logit_bias or {}, vocab_size),
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            logprobs=logprobs,
+            **fields,
+        )
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    out = {}
+    for key, value in bias.items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise unsupported("logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size}), not {key!r}")
+        out[int(key)] = value
+    return out
+
+
+class ContentPart(_OpenAIModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def template_dict(self) -> dict:
+        """The message as the chat template expects it: a role and plain text."""
+        role = "system" if self.role == "developer" else self.role
+        if not isinstance(self.content, list):
+            return {"role": role, "content": self.content or ""}
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise unsupported("messages", f"content parts of type {part.type!r} are not supported; only text")
+        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
+            raise unsupported("tools", "tool calling is not supported")
+        if self.functions or self.function_call not in (None, "none"):
+            raise unsupported("functions", "function calling is not supported")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
+        if self.audio is not None or (self.modalities is not None and self.modalities != ["text"]):
+            raise unsupported("modalities", "only text output is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise unsupported("top_logprobs", "top_logprobs needs logprobs set to true")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's documented default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise unsupported("suffix", "suffix is not supported")
+        if self.best_of not in (None, 1, self.n):
+            raise unsupported("best_of", "best_of must equal n: every choice generated is returned")
+        if self.echo and self.logprobs is not None:
+            raise unsupported("echo", "echo with logprobs needs prompt logprobs, which detserve does not compute")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one string, several strings, one token list, or several token lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt) or [[]]
+
+
+class TokenizeRequest(_OpenAIModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for a prompt; a chat template adds its own
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_OpenAIModel):
+    model: str | None = None
+    tokens: list[int]

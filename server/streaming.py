@@ -1,0 +1,251 @@
+"""Engine output streams -> OpenAI responses: SSE chunks as tokens arrive, or one aggregated body.
+
+Each choice is its own engine request. Their streams are merged by one task per choice; closing the
+merged stream (finished, failed, or the client went away) cancels those tasks, which closes each
+engine stream and so aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Literal, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.async_engine import AsyncEngine
+from engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.protocol import APIError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Choice:
+    """One choice's output so far."""
+
+    index: int
+    echo: str  # prompt text shown before the output (completions with echo)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    text_offset: int = 0  # where the next logprob token starts in the text (completions)
+
+    def add(self, out: RequestOutput) -> None:
+        if out.finish_reason is FinishReason.ABORT:  # the server gave up on it: never a completed answer
+            raise APIError(500, "the server aborted the request")
+        self.text += out.text_delta
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            self.finish_reason = out.finish_reason.value
+
+
+def output_digest(choices: list[Choice]) -> str:
+    """sha256 hex of `json.dumps([[token ids of choice 0], [choice 1], ...])`: equal digests, equal outputs."""
+    return hashlib.sha256(json.dumps([c.token_ids for c in choices]).encode()).hexdigest()
+
+
+@dataclass
+class Job:
+    """One HTTP request's engine work (a prompt and params per choice) and the shape of its responses."""
+
+    kind: Literal["chat", "completion"]
+    id: str
+    model: str
+    fingerprint: str
+    deterministic: bool
+    prompts: list[list[int]]  # per choice
+    params: list[SamplingParams]  # per choice
+    echoes: list[str]  # per choice
+    n: int  # choices per prompt: usage counts each prompt once
+    include_usage: bool
+    token_text: Callable[[int], str]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def new_choices(self) -> list[Choice]:
+        return [Choice(i, echo, text_offset=len(echo)) for i, echo in enumerate(self.echoes)]
+
+    def usage(self, choices: list[Choice]) -> dict:
+        firsts = choices[:: self.n]
+        prompt = sum(c.num_prompt_tokens for c in firsts)
+        completion = sum(len(c.token_ids) for c in choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)},
+        }
+
+    def response(self, choices: list[Choice]) -> dict:
+        """The non-streamed body."""
+        body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = [
+            self._choice(c, c.echo + c.text, self._logprobs(c, c.logprobs, len(c.echo))[0], c.finish_reason)
+            for c in choices
+        ]
+        body["usage"] = self.usage(choices)
+        return self.with_digest(body, choices)
+
+    def chunk(self, c: Choice, out: RequestOutput, first: bool) -> dict | None:
+        """The chunk for one output of choice `c` (already added), or None when it carries nothing."""
+        logprobs, c.text_offset = self._logprobs(c, out.new_logprobs, c.text_offset)
+        if not (first or out.text_delta or out.finished or (logprobs and out.new_logprobs)):
+            return None
+        text = (c.echo if first else "") + out.text_delta
+        choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None, delta=True, role=first)
+        return self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion") | {"choices": [choice]}
+
+    def usage_chunk(self, choices: list[Choice]) -> dict:
+        body = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        return body | {"choices": [], "usage": self.usage(choices)}
+
+    def with_digest(self, body: dict, choices: list[Choice]) -> dict:
+        """`body` with the output digest when the request was deterministic (then the digest is a promise)."""
+        if self.deterministic:
+            body["output_digest"] = output_digest(choices)
+        return body
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
+
+    def _choice(self, c: Choice, text: str, logprobs: dict | None, finish_reason: str | None,
+                delta: bool = False, role: bool = True) -> dict:
+        if self.kind == "completion":
+            return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text} if role else {"content": text}
+        return {"index": c.index, "delta" if delta else "message": message, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def _logprobs(self, c: Choice, logprobs: list[TokenLogprob], offset: int) -> tuple[dict | None, int]:
+        """The choice's logprobs field (None unless requested), and the text offset after these tokens."""
+        if self.params[c.index].logprobs is None:
+            return None, offset
+        if self.kind == "chat":
+            return {"content": [self._chat_logprob(lp) for lp in logprobs]}, offset
+        tokens, offsets = [], []
+        for lp in logprobs:
+            tokens.append(self.token_text(lp.token_id))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        tops = [{**{self.token_text(t): v for t, v in lp.top}, token: lp.logprob}
+                for token, lp in zip(tokens, logprobs)]
+        body = {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": tops,
+                "text_offset": offsets}
+        return body, offset
+
+    def _chat_logprob(self, lp: TokenLogprob) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            token = self.token_text(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+async def _outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every choice's engine stream, as they come, until all finish."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            stream = engine.generate(f"{job.id}-{i}", job.prompts[i], job.params[i])
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait((i, out))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(job.prompts))]
+    try:
+        unfinished = len(tasks)
+        while unfinished:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            unfinished -= item.finished
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def complete(engine: AsyncEngine, job: Job) -> dict:
+    """Run every choice to the end; the non-streamed body."""
+    choices = job.new_choices()
+    async with contextlib.aclosing(_outputs(engine, job)) as outputs:
+        async for i, out in outputs:
+            choices[i].add(out)
+    return job.response(choices)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it (aborting its engine requests) and return None if the client leaves first.
+
+    Starlette never cancels a non-streaming handler whose client went away, so we watch for it.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
+    """SSE events: a chunk per output, the usage chunk if asked for, then `[DONE]`.
+
+    The last chunk before `[DONE]` carries the output digest. A failure after the stream began is
+    one more event holding the error object.
+    """
+    choices = job.new_choices()
+    unfinished = len(choices)
+    try:
+        async with contextlib.aclosing(_outputs(engine, job)) as outputs:  # closed even when we are
+            async for i, out in outputs:
+                first = not choices[i].token_ids
+                choices[i].add(out)
+                unfinished -= out.finished
+                chunk = job.chunk(choices[i], out, first)
+                if chunk is not None:
+                    last = not unfinished and not job.include_usage
+                    yield _event(job.with_digest(chunk, choices) if last else chunk)
+        if job.include_usage:
+            yield _event(job.with_digest(job.usage_chunk(choices), choices))
+    except Exception as exc:
+        yield _event(APIError.of(exc).body())
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Closes its event stream however the response ends, so a client that leaves aborts at once."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()

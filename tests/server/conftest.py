@@ -1,0 +1,90 @@
+"""One real detserve server per test session: uvicorn in a thread on 127.0.0.1, serving the default model.
+
+In-process so tests can look at the engine's KV blocks; every test leaves the engine idle.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+import httpx2
+import openai
+import pytest
+import pytest_asyncio
+import uvicorn
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from server.app import create_app
+
+
+@dataclass
+class LiveServer:
+    url: str
+    engine: AsyncEngine
+
+    @property
+    def model(self) -> str:
+        return self.engine.engine.model_name
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.engine.block_manager.num_free_blocks
+
+    def wait_idle(self, timeout: float = 15.0) -> float:
+        """Seconds until no request is running or waiting; fails the test after `timeout`."""
+        start = time.monotonic()
+        while True:
+            stats = self.engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                return time.monotonic() - start
+            assert time.monotonic() - start < timeout, f"the engine is still busy: {stats}"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    engine = AsyncEngine(EngineConfig())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    live = LiveServer(f"http://127.0.0.1:{port}", engine)
+    deadline = time.monotonic() + 180
+    while not _healthy(live.url):
+        assert thread.is_alive() and not engine.dead, f"the server failed to start: {engine.error!r}"
+        assert time.monotonic() < deadline, "the model did not load in 180 s"
+        time.sleep(0.2)
+    yield live
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx2.get(url + "/health", timeout=5).status_code == 200
+    except httpx2.TransportError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest_asyncio.fixture(loop_scope="function")  # the loop the async tests run in
+async def aclient(server: LiveServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def http(server: LiveServer) -> Iterator[httpx2.Client]:
+    with httpx2.Client(base_url=server.url, timeout=120) as c:
+        yield c

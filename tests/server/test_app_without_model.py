@@ -1,0 +1,108 @@
+"""What the app does before a model is loaded, API-key auth, and the CLI: no model load needed.
+
+The app runs in process through httpx's ASGI transport, which skips the lifespan, so the engine
+stays unloaded: routes past the auth check answer 503.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+
+import engine as detserve_engine
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from server import cli
+from server.app import create_app
+
+KEY = "sk-test-key"
+
+
+def _client(app) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://detserve")
+
+
+@pytest.mark.parametrize("state", ["loading", "dead"])
+async def test_health_and_generation_answer_503_while_loading_or_dead(state):
+    engine = AsyncEngine(EngineConfig())
+    if state == "dead":
+        engine.error = RuntimeError("the GPU fell off")
+    async with _client(create_app(engine)) as http:
+        health = await http.get("/health")
+        chat = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        version = await http.get("/version")
+    for response in (health, chat):
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "ServiceUnavailableError"
+    assert ("GPU fell off" in health.json()["error"]["message"]) == (state == "dead")
+    assert version.json() == {"version": detserve_engine.__version__}
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {KEY}", KEY])
+async def test_v1_routes_need_the_bearer_api_key(authorization):
+    headers = {"authorization": authorization} if authorization else {}
+    async with _client(create_app(AsyncEngine(EngineConfig()), api_key=KEY)) as http:
+        response = await http.get("/v1/models", headers=headers)
+        unknown = await http.get("/v1/nothing", headers=headers)
+    for r in (response, unknown):
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "AuthenticationError" and r.json()["error"]["code"] == 401
+
+
+async def test_the_right_api_key_passes_and_health_stays_open():
+    async with _client(create_app(AsyncEngine(EngineConfig()), api_key=KEY)) as http:
+        authorized = await http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
+        health = await http.get("/health")
+    assert authorized.status_code == 503 and health.status_code == 503  # past auth; the model is not loaded
+
+
+async def test_sdk_with_a_wrong_key_gets_an_authentication_error():
+    app = create_app(AsyncEngine(EngineConfig()), api_key=KEY)
+    async with _client(app) as http:
+        sdk = openai.AsyncOpenAI(base_url="http://detserve/v1", api_key="nope", http_client=http, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.models.list()
+
+
+def test_cli_flags_map_onto_the_engine_config():
+    args = cli.build_parser().parse_args([
+        "serve", "--model", "/m.gguf", "--device", "cpu", "--dtype", "bfloat16", "--determinism", "off",
+        "--max-num-seqs", "8", "--kv-cache-tokens", "4096", "--max-num-batched-tokens", "256",
+        "--max-model-len", "2048", "--served-model-name", "tiny", "--load-format", "dummy",
+    ])
+    assert cli.engine_config(args) == EngineConfig(
+        model="/m.gguf", device="cpu", dtype="bfloat16", default_deterministic=False, max_num_seqs=8,
+        kv_cache_tokens=4096, max_num_batched_tokens=256, max_model_len=2048, served_model_name="tiny",
+        load_format="dummy",
+    )
+    assert cli.engine_config(cli.build_parser().parse_args(["serve"])) == EngineConfig()
+
+
+async def test_serve_takes_the_api_key_from_the_environment(monkeypatch):
+    served = {}
+    monkeypatch.setenv("DETSERVE_API_KEY", KEY)
+    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    cli.main(["serve", "--port", "9123"])
+    assert served["port"] == 9123 and served["host"] == "127.0.0.1"
+    async with _client(served["app"]) as http:
+        assert (await http.get("/v1/models")).status_code == 401
+
+
+@pytest.mark.parametrize("flags", [["--max-num-seqs", "0"], ["--model", "/no/such/model.gguf"]])
+def test_invalid_flags_exit_with_a_usage_error(flags, monkeypatch):
+    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kwargs: pytest.fail("served despite bad flags"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", *flags])
+    assert exit_info.value.code == 2
+
+
+def test_python_m_server_runs_the_cli():
+    repo = Path(__file__).parents[2]
+    result = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], cwd=repo, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--determinism" in result.stdout and "--api-key" in result.stdout

@@ -1,0 +1,35 @@
+"""The routes around generation: health, version, the model list, tokenize and detokenize."""
+
+from __future__ import annotations
+
+import engine
+from tests.server.conftest import LiveServer
+
+
+def test_health_is_200_once_loaded_and_version_reports_the_engine_version(http):
+    assert http.get("/health").status_code == 200
+    assert http.get("/version").json() == {"version": engine.__version__}
+
+
+def test_models_lists_the_served_model_with_root_and_context_length(client, server: LiveServer, http):
+    assert [m.id for m in client.models.list()] == [server.model]
+    card = http.get("/v1/models").json()["data"][0]
+    assert card["object"] == "model" and card["owned_by"] == "detserve" and card["parent"] is None
+    assert card["root"] and card["max_model_len"] == server.engine.engine.max_model_len and card["permission"] == []
+    assert isinstance(card["created"], int)
+
+
+def test_tokenize_then_detokenize_round_trips(http, server: LiveServer):
+    out = http.post("/tokenize", json={"prompt": "Hello, world", "model": server.model}).json()
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == server.engine.engine.max_model_len
+    assert http.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": "Hello, world"}
+
+
+def test_tokenize_messages_counts_the_prompt_a_chat_request_uses(http, client, server: LiveServer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    counted = http.post("/tokenize", json={"messages": messages}).json()["count"]
+    resp = client.chat.completions.create(model=server.model, messages=messages, max_tokens=1)
+    assert resp.usage.prompt_tokens == counted
+    without_prompt = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()["count"]
+    assert without_prompt < counted

@@ -1,0 +1,154 @@
+"""Every bad request gets its documented status in OpenAI's error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from engine.async_engine import RequestFailedError
+from engine.request import FinishReason, RequestOutput, SamplingParams
+from server import streaming
+from tests.server.conftest import LiveServer
+
+MODEL = "{model}"  # replaced by the served model's name
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+BAD_REQUESTS = [
+    # (id, method, path, JSON body or raw bytes, status, param the error names)
+    ("malformed-json", "POST", CHAT, b'{"model": ', 400, None),
+    ("body-not-an-object", "POST", CHAT, [1, 2], 400, "body"),
+    ("missing-model", "POST", CHAT, {"messages": MSGS}, 400, "model"),
+    ("unknown-model", "POST", CHAT, {"model": "gpt-9", "messages": MSGS}, 404, "model"),
+    ("empty-messages", "POST", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
+    ("unknown-role", "POST", CHAT, {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("wrong-type", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": "lots"}, 400, "max_tokens"),
+    ("negative-temperature", "POST", CHAT, {"model": MODEL, "messages": MSGS, "temperature": -1}, 400, None),
+    ("zero-top-p", "POST", CHAT, {"model": MODEL, "messages": MSGS, "top_p": 0}, 400, None),
+    ("zero-max-tokens", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400, None),
+    ("n-below-one", "POST", CHAT, {"model": MODEL, "messages": MSGS, "n": 0}, 400, "n"),
+    ("over-context", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 10**6}, 400, None),
+    ("stream-options-without-stream", "POST", CHAT,
+     {"model": MODEL, "messages": MSGS, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("top-logprobs-without-logprobs", "POST", CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 2},
+     400, "top_logprobs"),
+    ("too-many-logprobs", "POST", CHAT, {"model": MODEL, "messages": MSGS, "logprobs": True, "top_logprobs": 50},
+     400, None),
+    ("tools", "POST", CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {}}]},
+     400, "tools"),
+    ("functions", "POST", CHAT, {"model": MODEL, "messages": MSGS, "functions": [{"name": "f"}]}, 400, "functions"),
+    ("json-response-format", "POST", CHAT,
+     {"model": MODEL, "messages": MSGS, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("audio-modality", "POST", CHAT, {"model": MODEL, "messages": MSGS, "modalities": ["text", "audio"]},
+     400, "modalities"),
+    ("image-content", "POST", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages"),
+    ("bad-logit-bias-key", "POST", CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": {"abc": 1}},
+     400, "logit_bias"),
+    ("seed-out-of-range", "POST", CHAT, {"model": MODEL, "messages": MSGS, "seed": -1}, 400, None),
+    ("missing-prompt", "POST", COMP, {"model": MODEL}, 400, "prompt"),
+    ("empty-prompt", "POST", COMP, {"model": MODEL, "prompt": ""}, 400, None),
+    ("token-id-out-of-vocab", "POST", COMP, {"model": MODEL, "prompt": [1, 10**9]}, 400, None),
+    ("suffix", "POST", COMP, {"model": MODEL, "prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("best-of-above-n", "POST", COMP, {"model": MODEL, "prompt": "a", "best_of": 3}, 400, "best_of"),
+    ("echo-with-logprobs", "POST", COMP, {"model": MODEL, "prompt": "a", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("tokenize-neither", "POST", "/tokenize", {}, 400, "prompt"),
+    ("detokenize-out-of-vocab", "POST", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("unknown-route", "GET", "/v1/engines", None, 404, None),
+    ("wrong-method", "GET", COMP, None, 405, None),
+    ("huge-body", "POST", COMP, {"model": MODEL, "prompt": "a" * (9 * 2**20)}, 413, None),
+]
+
+
+def _send(http, method: str, path: str, body, model: str):
+    if isinstance(body, bytes):
+        return http.request(method, path, content=body, headers={"content-type": "application/json"})
+    if body is None:
+        return http.request(method, path)
+    return http.request(method, path, json=json.loads(json.dumps(body).replace(MODEL, model)))
+
+
+@pytest.mark.parametrize("method, path, body, status, param", [r[1:] for r in BAD_REQUESTS],
+                         ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_request_gets_its_status_in_openai_error_shape(http, server: LiveServer, method, path, body, status, param):
+    response = _send(http, method, path, body, server.model)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["code"] == status and error["param"] == param
+    assert error["type"].endswith("Error")
+
+
+def test_chunked_body_over_the_cap_is_413_too(http):
+    chunks = (b" " * 2**20 for _ in range(9))  # no Content-Length: the cap is found while reading
+    response = http.post(COMP, content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == 413
+
+
+def test_unknown_model_message_names_the_model(http):
+    error = http.post(CHAT, json={"model": "gpt-9", "messages": MSGS}).json()["error"]
+    assert error == {"message": "The model `gpt-9` does not exist.", "type": "NotFoundError", "param": "model",
+                     "code": 404}
+
+
+def test_validation_error_is_400_not_fastapis_422_and_names_the_field(http, server: LiveServer):
+    response = http.post(CHAT, json={"model": server.model, "messages": MSGS, "temperature": "hot"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("temperature:")
+
+
+def test_sdk_raises_the_matching_exception_types(client, server: LiveServer):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=MSGS, temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MSGS)
+
+
+async def test_server_keeps_serving_during_and_after_a_burst_of_bad_requests(aclient, server: LiveServer):
+    async def bad() -> None:
+        with pytest.raises(openai.BadRequestError):
+            await aclient.completions.create(model=server.model, prompt="x", max_tokens=10**6)
+
+    good = aclient.completions.create(model=server.model, prompt="The sky is", max_tokens=3, temperature=0)
+    results = await asyncio.gather(good, *(bad() for _ in range(20)))
+    assert results[0].usage.completion_tokens >= 1
+    after = await aclient.chat.completions.create(model=server.model, messages=MSGS, max_tokens=2)
+    assert after.choices[0].message.content is not None
+    server.wait_idle()
+
+
+class _FailingEngine:
+    """Stands in for AsyncEngine: one token, then the request fails."""
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams):
+        yield RequestOutput(request_id, [5], [], "Hi", False, None, 1, 1, 0)
+        raise RequestFailedError("the engine gave up on this request")
+
+
+async def test_error_mid_stream_is_one_more_event_with_the_error_object_then_done():
+    job = streaming.Job(
+        kind="chat", id="chatcmpl-x", model="m", fingerprint="fp", deterministic=True, prompts=[[1]],
+        params=[SamplingParams()], echoes=[""], n=1, include_usage=True, token_text=str,
+    )
+    events = [e async for e in streaming.stream(_FailingEngine(), job)]
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
+    assert json.loads(events[1][6:]) == {"error": {"message": "the engine gave up on this request",
+                                                   "type": "BadRequestError", "param": None, "code": 400}}
+    assert events[2:] == ["data: [DONE]\n\n"]
+
+
+async def test_stream_ended_by_an_abort_reports_an_error_not_a_finish_reason():
+    class Aborting:
+        async def generate(self, request_id, prompt, params):
+            yield RequestOutput(request_id, [], [], "", True, FinishReason.ABORT, 1, 0, 0)
+
+    job = streaming.Job(
+        kind="completion", id="cmpl-x", model="m", fingerprint="fp", deterministic=True, prompts=[[1]],
+        params=[SamplingParams()], echoes=[""], n=1, include_usage=False, token_text=str,
+    )
+    events = [e async for e in streaming.stream(Aborting(), job)]
+    assert "error" in json.loads(events[0][6:]) and events[1:] == ["data: [DONE]\n\n"]
