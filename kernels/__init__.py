@@ -4,19 +4,26 @@ The model calls these functions and never knows the mode: determinism is a kerne
 different model. `with kernels.mode("invariant"): ...` selects the mode for the forward pass in
 the current context and restores the previous one afterwards, even on error.
 
-Every device currently runs the pure-PyTorch implementations in `reference.py`; a GPU backend
-plugs in here by registering its own table for (device type, mode).
+On CPU both modes run the pure-PyTorch ops in `reference.py`. On a CUDA tensor, `fast` is plain
+torch (cuBLAS, SDPA) and `invariant` runs the Triton kernels (matmul.py, rmsnorm.py,
+paged_attention.py, sampling.py) with the tile configs pinned for the GPU's arch in configs.py,
+when triton can be imported. Elementwise ops (RoPE, SiLU-mul, residual adds, kv_store) stay torch
+on the GPU in both modes: each output element is computed by the same formula whatever the shape,
+so they are exact per element and batch-invariant as they are. Reductions (matmul, RMSNorm,
+attention, log-softmax) are where the batch leaks in, hence the Triton kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib.util
 from typing import Iterator, Literal
 
 import torch
 
-from kernels import reference
+from kernels import configs, reference
 from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL, AttentionMetadata
 
 Mode = Literal["invariant", "fast"]
@@ -44,8 +51,26 @@ def _invariant() -> bool:
     return _current_mode.get() == "invariant"
 
 
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_config(device: torch.device) -> configs.ArchConfig:
+    return configs.for_capability(torch.cuda.get_device_capability(device))
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """Invariant mode on a CUDA tensor with triton importable: run the Triton kernels."""
+    return x.is_cuda and _invariant() and _triton_available()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ weight[N, K].T (+ bias) -> [T, N]."""
+    if _use_triton(x):
+        from kernels import matmul
+
+        return matmul.linear(x, weight, bias, _triton_config(x.device).matmul)
     return (reference.linear_invariant if _invariant() else reference.linear_fast)(x, weight, bias)
 
 
@@ -53,17 +78,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if _use_triton(x):
+        from kernels import rmsnorm
+
+        return rmsnorm.rms_norm(x2, weight, eps, _triton_config(x.device).rows).view(shape)
     out = (reference.rms_norm_invariant if _invariant() else reference.rms_norm_fast)(x2, weight, eps)
     return out.view(shape)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) for x, residual [T, D]; fused into one pass on the GPU.
+
+    Same bits as the two ops apart: the add rounds to the input dtype before the norm either way.
+    """
+    if _use_triton(x):
+        from kernels import rmsnorm
+
+        return rmsnorm.add_rms_norm(x, residual, weight, eps, _triton_config(x.device).rows)
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I]."""
+    if x.is_cuda:  # per-element exact on the GPU: one whole-batch call in both modes
+        return reference.silu_mul_fast(x)
     return (reference.silu_mul_invariant if _invariant() else reference.silu_mul_fast)(x)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise log-softmax in float32: [S, V] -> [S, V]."""
+    if _use_triton(logits):
+        from kernels import sampling
+
+        return sampling.log_softmax(logits, _triton_config(logits.device).rows)
     return (reference.log_softmax_invariant if _invariant() else reference.log_softmax_fast)(logits)
 
 
@@ -85,14 +135,27 @@ def attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache; returns [T, H, D]."""
+    if _use_triton(q):
+        from kernels import paged_attention
+
+        return paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, _triton_config(q.device).attention)
     return (reference.attention_invariant if _invariant() else reference.attention_fast)(
         q, k_cache, v_cache, meta, scale
     )
 
 
 def config_digest() -> str:
-    """The pinned kernel configuration, for the system fingerprint."""
-    return f"torch-ref:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
+    """The pinned kernel configuration, for the system fingerprint.
+
+    Where invariant mode can run Triton (a CUDA device and triton importable), the digest adds the
+    triton version and the tile configs pinned for the current device's arch.
+    """
+    digest = f"torch-ref:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
+    if _triton_available() and torch.cuda.is_available():
+        import triton
+
+        digest += "|" + configs.digest(torch.cuda.get_device_capability(), triton.__version__)
+    return digest
 
 
 __all__ = [
@@ -100,6 +163,7 @@ __all__ = [
     "KV_SPLIT_SIZE",
     "MODES",
     "Mode",
+    "add_rms_norm",
     "attention",
     "config_digest",
     "current_mode",

@@ -89,8 +89,8 @@ class DecoderLayer(nn.Module):
         # Write first, then attend over the cache only: fresh and cached keys take one path.
         kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
         attn = kernels.attention(q, k_cache, v_cache, batch.attention, c.head_dim**-0.5)
-        x = x + kernels.linear(attn.reshape(num_tokens, q_size), self.o_proj)
-        h = kernels.rms_norm(x, self.post_attention_norm, c.rms_norm_eps)
+        h, x = kernels.add_rms_norm(kernels.linear(attn.reshape(num_tokens, q_size), self.o_proj), x,
+                                    self.post_attention_norm, c.rms_norm_eps)
         return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
 
 

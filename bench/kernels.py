@@ -1,0 +1,138 @@
+"""What batch invariance costs on this GPU: the invariant Triton kernels against the fast torch path.
+
+Run from the repo root on a CUDA machine: `python -m bench.kernels`. Matmul is timed against
+cuBLAS (`F.linear`) at Llama-3-8B layer shapes; attention against torch SDPA on contiguous K/V
+(the faster of `enable_gqa` and pre-expanded heads) for decode batches and two prefills; all in
+bfloat16 with the configs pinned for this GPU. Every ratio compares two timings from the same run
+(triton.testing.do_bench medians). Per-shape lines come first, a short summary table last.
+Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the repo's `kernels`, not this one
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
+
+MATMUL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
+MATMUL_M = [1, 8, 32, 128, 512, 2048, 8192]
+DECODE = [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (64, 4096), (256, 1024)]  # (batch, keys per sequence)
+PREFILL = [(1, 2048), (4, 1024)]  # (sequences, prompt tokens each)
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B attention
+
+
+def _ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_matmul(config: configs.MatmulConfig) -> list[tuple[str, int, float, float]]:
+    rows = []
+    print(f"\nmatmul bf16, invariant Triton vs cuBLAS F.linear  ({config})")
+    print(f"{'K x N':>13} {'M':>5} {'S':>3} {'launch':>10} {'ours ms':>9} {'cuBLAS ms':>9} {'ours TF/s':>9} {'ratio':>6}")
+    for k, n in MATMUL_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        splits = matmul.num_k_splits(n, k, config)
+        for m in MATMUL_M:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ours = _ms(lambda: matmul.linear(x, w, None, config))
+            cublas = _ms(lambda: F.linear(x, w))
+            launch = "parallel" if matmul.uses_parallel_splits(m, n, splits, config) else "sequential"
+            tflops = 2 * m * n * k / ours / 1e9
+            print(f"{k:>6} x {n:<5} {m:>5} {splits:>3} {launch:>10} {ours:9.4f} {cublas:9.4f} {tflops:9.1f} {ours / cublas:6.2f}")
+            rows.append((f"{k}x{n}", m, ours, cublas))
+    return rows
+
+
+def _paged(batch: int, seq_len: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Random bf16 q for the last `q_len` tokens of `batch` sequences of `seq_len` keys each, and a
+    random paged cache holding those keys in scrambled blocks."""
+    blocks_per_seq = triton.cdiv(seq_len, BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks + 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).to(torch.int32)
+    q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    meta = AttentionMetadata(
+        query_start_loc=[b * q_len for b in range(batch + 1)],
+        seq_lens=[seq_len] * batch,
+        block_tables=tables,
+        block_size=BLOCK_SIZE,
+        zero_slot=num_blocks * BLOCK_SIZE,
+    )
+    return q, k_cache, v_cache, meta
+
+
+def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, float, float]]:
+    """Decode: achieved HBM bandwidth (K and V bytes read / time). Prefill: time only."""
+    rows = []
+    scale = HEAD_DIM**-0.5
+    print(f"\nattention bf16 (32 q heads, 8 KV heads, d=128), invariant paged Triton vs SDPA on contiguous K/V  ({config})")
+    print(f"{'case':>22} {'ours ms':>9} {'SDPA ms':>9} {'ours GB/s':>9} {'SDPA GB/s':>9} {'ratio':>6} {'plan ms':>8}")
+    for kind, cases in (("decode", DECODE), ("prefill", PREFILL)):
+        for batch, seq_len in cases:
+            q_len = 1 if kind == "decode" else seq_len
+            q, k_cache, v_cache, meta = _paged(batch, seq_len, q_len)
+            plan = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, _fresh(meta), scale, config))
+            ours = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config))  # plan cached
+            sdpa = _sdpa_ms(q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2), seq_len, kind == "prefill", scale)
+            kv_bytes = 2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2
+            case = f"{kind} {batch} x {seq_len}"
+            bandwidth = f"{kv_bytes / ours / 1e6:9.0f} {kv_bytes / sdpa / 1e6:9.0f}" if kind == "decode" else f"{'':9} {'':9}"
+            print(f"{case:>22} {ours:9.4f} {sdpa:9.4f} {bandwidth} {ours / sdpa:6.2f} {max(plan - ours, 0.0):8.3f}")
+            rows.append((case, ours, sdpa, kv_bytes / ours / 1e6))
+    return rows
+
+
+def _sdpa_ms(q: torch.Tensor, seq_len: int, causal: bool, scale: float) -> float:
+    """The faster of SDPA with `enable_gqa` and SDPA on K/V expanded to all heads beforehand:
+    whichever backend torch picks for GQA, the baseline is torch's best here."""
+    k = torch.randn(q.shape[0], NUM_KV_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    gqa = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True))
+    group = NUM_HEADS // NUM_KV_HEADS
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return min(gqa, _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)))
+
+
+def _fresh(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same step without its cached plan: times the once-per-step planning as well."""
+    return AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.block_size, meta.zero_slot)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU")
+    capability = torch.cuda.get_device_capability()
+    arch = configs.for_capability(capability)
+    print(f"{torch.cuda.get_device_name()} sm_{capability[0]}{capability[1]}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"KV split size {KV_SPLIT_SIZE}; configs pinned for this arch: {capability in configs.PINNED}")
+    mm = bench_matmul(arch.matmul)
+    attn = bench_attention(arch.attention)
+
+    print("\n== summary: time ratio invariant / torch (below 1 = faster than torch) ==")
+    print(f"{'matmul K x N':>14} " + " ".join(f"{'M=' + str(m):>6}" for m in MATMUL_M) + f" {'geomean':>8}")
+    for shape in dict.fromkeys(s for s, *_ in mm):
+        ratios = [ours / ref for s, _, ours, ref in mm if s == shape]
+        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(f"{shape:>14} " + " ".join(f"{r:6.2f}" for r in ratios) + f" {geomean:8.2f}")
+    print(f"{'attention':>22} {'ratio':>6} {'ours GB/s':>9}")
+    for case, ours, ref, bandwidth in attn:
+        shown = f"{bandwidth:9.0f}" if case.startswith("decode") else f"{'-':>9}"
+        print(f"{case:>22} {ours / ref:6.2f} {shown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Batch-invariant matmul `x @ weight.T (+ bias)` in Triton, with a fixed split-K.
+
+A row's bits depend only on the row, the weight and the pinned config, never on M:
+- one tiling (BM, BN, BK, warps, stages) for every M, so every tile runs the same MMA shape;
+- K is cut into S splits, S a pure function of (N, K) and the config; each split accumulates its
+  BK-tiles in order starting from zero (`_split_dot`), and the splits are summed in order 0..S-1
+  starting from zero, in fp32; the bias is added after the fold, then the sum is cast once.
+Small M runs the S splits as parallel programs writing fp32 partials and a reduce kernel folds
+them; large M runs the same S splits one after another inside each tile's program. Both launches
+execute the same `_split_dot` and the same fold, so the launch may depend on M and the bits not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.configs import MatmulConfig
+
+Launch = Literal["auto", "parallel", "sequential"]
+
+_REDUCE_BLOCK = 1024  # elementwise fold kernel: any block gives the same bits (no reduction across lanes)
+
+
+def num_k_splits(n: int, k: int, config: MatmulConfig) -> int:
+    """S for a weight of shape [N, K]: a pure function of (N, K, config), never of M.
+
+    Doubles S while the decode-sized grid (N-tiles x S programs) still fits about one wave and
+    every split keeps at least `min_k_tiles_per_split` BK-tiles.
+    """
+    tiles_n = triton.cdiv(n, config.block_n)
+    k_tiles = triton.cdiv(k, config.block_k)
+    splits = 1
+    while (
+        splits * 2 <= config.max_splits
+        and tiles_n * splits * 2 <= config.target_programs
+        and k_tiles >= splits * 2 * config.min_k_tiles_per_split
+    ):
+        splits *= 2
+    return splits
+
+
+def uses_parallel_splits(m: int, n: int, splits: int, config: MatmulConfig) -> bool:
+    """Parallel partials when one program per output tile would leave most of the GPU idle."""
+    return splits > 1 and triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n) < config.target_programs
+
+
+@triton.jit
+def _split_dot(
+    a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """fp32 [BM, BN] = A[offs_m, k_lo:k_hi] @ B[k_lo:k_hi, offs_n], BK-tiles in order from zero.
+
+    The one inner loop both launches run: its accumulation order is what makes them agree.
+    """
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BK):
+        ks = k + offs_k
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+            mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi),
+            other=0.0,
+        )  # [BM, BK]
+        b = tl.load(
+            b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=(ks[:, None] < k_hi) & (offs_n[None, :] < N),
+            other=0.0,
+        )  # [BK, BN]
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_parallel_splits_kernel(
+    a_ptr, b_ptr, part_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bn, stride_bk,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (tile, split s): partials[s, tile] = split s of the K reduction, fp32."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BN)
+    offs_m = (pid // num_pid_n) * BM + tl.arange(0, BM)
+    offs_n = (pid % num_pid_n) * BN + tl.arange(0, BN)
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = _split_dot(
+        a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
+        BM, BN, BK, PRECISION,
+    )
+    rows = offs_m.to(tl.int64)
+    ptrs = part_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + offs_n[None, :]
+    tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fold_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = cast(sum_{s=0..S-1} partials[s] (+ bias)), summed from zero in split order."""
+    plane = M.to(tl.int64) * N
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < plane
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        total = total + tl.load(part_ptr + s * plane + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total = total + tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_sequential_splits_kernel(
+    a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, S, K_PER_SPLIT, stride_am, stride_ak, stride_bn, stride_bk,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program per output tile; the S splits run one after another and fold in order.
+
+    Sequential, not one long K loop: restarting `acc` per split reproduces the parallel launch's
+    partials exactly, so large M pays only S-1 extra tile adds for batch-invariant bits.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    total = tl.zeros((BM, BN), dtype=tl.float32)
+    for split in range(0, S):
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        acc = _split_dot(
+            a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
+            BM, BN, BK, PRECISION,
+        )
+        total = total + acc
+    if HAS_BIAS:
+        total = total + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)
+    tl.store(
+        out_ptr + rows[:, None] * N + offs_n[None, :],
+        total.to(out_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig, launch: Launch = "auto"
+) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias[N]) -> [M, N] in x's dtype, fp32 accumulation.
+
+    `launch` forces one of the two launches (for tests); "auto" picks by M, which is safe because
+    both give the same bits.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.dtype != x.dtype:
+        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype} vs weight {tuple(weight.shape)} {weight.dtype}")
+    if x.data_ptr() % 16:
+        # Triton compiles a separate binary for pointers off 16-byte alignment (e.g. a row view at
+        # an odd offset); copying keeps every batch on the one binary that the tests pin down.
+        x = x.clone()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    splits = num_k_splits(n, k, config)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), splits) * config.block_k
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 16-bit inputs ignore it
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else out  # never read without HAS_BIAS
+    parallel = uses_parallel_splits(m, n, splits, config) if launch == "auto" else launch == "parallel"
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    meta = dict(BM=config.block_m, BN=config.block_n, BK=config.block_k, PRECISION=precision)
+    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if parallel:
+        partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        _matmul_parallel_splits_kernel[(tiles, splits)](
+            x, weight, partials, m, n, k, k_per_split, *strides, **meta, **launch_opts
+        )
+        _fold_splits_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+            partials, bias_arg, out, m, n, splits, HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=4
+        )
+    else:
+        _matmul_sequential_splits_kernel[(tiles,)](
+            x, weight, bias_arg, out, m, n, k, splits, k_per_split, *strides,
+            HAS_BIAS=has_bias, GROUP_M=config.group_m, **meta, **launch_opts,
+        )
+    return out

@@ -1,0 +1,96 @@
+"""Triton paged attention: a query's bits ignore chunking, cached prefixes, company and launch.
+
+Runs in the Triton interpreter without a GPU (small shapes: 4 query heads, 2 KV heads, head_dim
+32, block_size 16, up to ~300 keys so queries see 2 splits of KV_SPLIT_SIZE), compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
+from tests.kernels.triton_setup import DEVICE
+
+pytest.importorskip("triton")
+
+from kernels import KV_SPLIT_SIZE  # noqa: E402
+from kernels.configs import AttentionConfig  # noqa: E402
+from kernels.paged_attention import paged_attention  # noqa: E402
+
+# 16 query tokens x 2 heads per program; 4 key tiles per split.
+SMALL = AttentionConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
+SCALE = 0.125
+DTYPES = [torch.float16, torch.float32]
+
+
+def _cache(dtype: torch.dtype, seed: int, launch: str = "auto", head_dim: int = 32, **kwargs) -> PagedCache:
+    def attend(q, k_cache, v_cache, meta):
+        return paged_attention(q, k_cache, v_cache, meta, SCALE, SMALL, launch)
+
+    return PagedCache(attend, head_dim=head_dim, seed=seed, dtype=dtype, device=DEVICE, **kwargs)
+
+
+# float32 goes token by token from the first token; float16 (to save interpreter time) only over
+# the tokens around the split boundary, after a prefill.
+@pytest.mark.parametrize("dtype,prefill", [(torch.float32, 0), (torch.float16, KV_SPLIT_SIZE - 6)])
+def test_one_prefill_chunks_and_token_by_token_give_the_same_bits(dtype, prefill: int) -> None:
+    length = KV_SPLIT_SIZE + 24
+    qkv = sequence(length, seed=1)
+    one_prefill = run_chunked(_cache(dtype, 0), "s", qkv, [length])
+    chunked = run_chunked(_cache(dtype, 1), "s", qkv, [5, 100, KV_SPLIT_SIZE, KV_SPLIT_SIZE + 1, length])
+    assert torch.equal(one_prefill, chunked)
+    token_cuts = ([prefill] if prefill else []) + list(range(prefill + 1, length + 1))
+    token_by_token = run_chunked(_cache(dtype, 2), "s", qkv, token_cuts)
+    assert torch.equal(one_prefill, token_by_token)
+
+
+@st.composite
+def chunkings(draw, max_len: int = 300) -> tuple[int, list[int]]:
+    length = draw(st.integers(1, max_len))
+    cuts = draw(st.lists(st.integers(1, length - 1), max_size=3)) if length > 1 else []
+    return length, sorted(set(cuts) | {length})
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    chunking=chunkings(),
+    company=st.lists(st.tuples(st.integers(1, 200), st.integers(0, 100)), max_size=2),
+    seed=st.integers(0, 1000),
+)
+def test_bits_ignore_chunking_and_whatever_else_is_in_the_batch(chunking, company, seed: int) -> None:
+    length, cuts = chunking
+    qkv = sequence(length, seed)
+    alone = run_chunked(_cache(torch.float32, seed), "s", qkv, [length])
+    others = [(f"o{i}", n, s) for i, (n, s) in enumerate(company)]
+    crowded = run_chunked(_cache(torch.float32, seed + 1, num_blocks=96), "s", qkv, cuts, others)
+    assert torch.equal(alone, crowded)
+
+
+@pytest.mark.parametrize("dtype,num_heads", [(torch.float32, 4), (torch.float16, 4), (torch.float32, 6)])
+def test_parallel_and_sequential_split_launches_give_the_same_bits(dtype, num_heads: int) -> None:
+    """One mixed step: decodes (1 to 3 splits, next to a split boundary), a short chunk, a long chunk;
+    2 or 3 query heads per KV head."""
+    cache = _cache(dtype, seed=3, num_blocks=120)
+    spans = {"decode-a": (529, 530), "decode-b": (256, 257), "decode-c": (1, 2), "chunk": (270, 280), "long": (220, 290)}
+    seqs = {name: sequence(end, seed, num_heads=num_heads) for seed, (name, (_, end)) in enumerate(spans.items())}
+    cache.step([(name, *(t[:cut] for t in seqs[name]), 0) for name, (cut, _) in spans.items()])
+    q, meta = cache.store([(name, *(t[cut:] for t in seqs[name]), cut) for name, (cut, _) in spans.items()])
+    parallel, sequential, auto = (
+        paged_attention(q, cache.k, cache.v, meta, SCALE, SMALL, launch) for launch in ("parallel", "sequential", "auto")
+    )
+    assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,tolerance", [(torch.float32, 32, 1e-5), (torch.float16, 32, 3e-3), (torch.float32, 48, 1e-5)]
+)
+def test_matches_float64_reference(dtype, head_dim: int, tolerance: float) -> None:
+    """head_dim 48 is padded to a 64-wide tile and masked."""
+    length = KV_SPLIT_SIZE + 44
+    q, k, v = (t.to(dtype) for t in sequence(length, seed=11, head_dim=head_dim))
+    out = run_chunked(_cache(dtype, 4, head_dim=head_dim), "s", (q, k, v), [150, length])
+    ref = attention_float64(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCALE)
+    assert (out.double() - ref).abs().max() < tolerance

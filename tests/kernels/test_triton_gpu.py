@@ -1,0 +1,246 @@
+"""The Triton kernels at Llama-3-8B shapes in bfloat16, and a whole random-weight 8B model (GPU only).
+
+Same properties as the interpreter tests, at the shapes and dtype that matter on the GPU, with
+the tile configs pinned for the GPU's arch: a row's bits alone equal its bits in any batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
+from tests.kernels.triton_setup import DEVICE
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import KV_SPLIT_SIZE, configs, matmul, paged_attention, rmsnorm, sampling  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+LAYER_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): o/q, gate/up, down, k/v
+M_VALUES = [1, 2, 3, 8, 31, 64, 127, 128, 129, 300, 512, 1000, 2048, 4097, 8192]
+
+
+def _arch() -> configs.ArchConfig:
+    return configs.for_capability(torch.cuda.get_device_capability())
+
+
+def _randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k,n", LAYER_SHAPES)
+def test_matmul_rows_are_batch_invariant_for_m_from_1_to_8192(k: int, n: int) -> None:
+    config = _arch().matmul
+    x, w = _randn(8192, k, seed=k), _randn(n, k, seed=n, scale=k**-0.5)
+    full = matmul.linear(x, w, None, config)
+    for m in M_VALUES:
+        assert torch.equal(matmul.linear(x[:m], w, None, config), full[:m]), f"M={m}"
+    rows = torch.randperm(8192, generator=torch.Generator().manual_seed(0))[:300].to(DEVICE)
+    assert torch.equal(matmul.linear(x[rows], w, None, config), full[rows])
+    for start, m in [(5, 1), (77, 3), (1001, 130)]:  # views at unaligned row offsets
+        assert torch.equal(matmul.linear(x[start : start + m], w, None, config), full[start : start + m])
+
+
+@pytest.mark.parametrize("k,n", LAYER_SHAPES)
+@pytest.mark.parametrize("m", [1, 64, 1000])
+def test_matmul_parallel_and_sequential_split_launches_agree(k: int, n: int, m: int) -> None:
+    config = _arch().matmul
+    x, w, b = _randn(m, k, seed=1), _randn(n, k, seed=2, scale=k**-0.5), _randn(n, seed=3)
+    parallel = matmul.linear(x, w, b, config, launch="parallel")
+    assert torch.equal(parallel, matmul.linear(x, w, b, config, launch="sequential"))
+
+
+def test_matmul_matches_float64_in_bfloat16() -> None:
+    x, w, b = _randn(64, 4096, seed=4), _randn(1024, 4096, seed=5, scale=4096**-0.5), _randn(1024, seed=6)
+    out = matmul.linear(x, w, b, _arch().matmul)
+    ref = x.double() @ w.double().T + b.double()
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_rms_norm_and_fused_add_are_batch_invariant_in_bfloat16() -> None:
+    rows = _arch().rows
+    x, residual, weight = _randn(8192, 4096, seed=7), _randn(8192, 4096, seed=8), _randn(4096, seed=9) + 1
+    full = rmsnorm.rms_norm(x, weight, 1e-5, rows)
+    fused, total = rmsnorm.add_rms_norm(x, residual, weight, 1e-5, rows)
+    assert torch.equal(total, x + residual)
+    assert torch.equal(fused, rmsnorm.rms_norm(x + residual, weight, 1e-5, rows))
+    for m in M_VALUES:
+        assert torch.equal(rmsnorm.rms_norm(x[:m], weight, 1e-5, rows), full[:m]), f"M={m}"
+    heads, head_weight = x[:64].view(64 * 32, 128), weight[:128]  # per-head q/k norm shape
+    alone = rmsnorm.rms_norm(heads[5:6], head_weight, 1e-5, rows)
+    assert torch.equal(alone[0], rmsnorm.rms_norm(heads, head_weight, 1e-5, rows)[5])
+
+
+def test_log_softmax_is_batch_invariant_over_a_llama3_vocab() -> None:
+    rows = _arch().rows
+    logits = _randn(64, 128256, seed=10, scale=5.0).float()
+    full = sampling.log_softmax(logits, rows)
+    for m in (1, 7, 33):
+        assert torch.equal(sampling.log_softmax(logits[:m], rows), full[:m])
+    assert (full.double() - torch.log_softmax(logits.double(), -1)).abs().max() < 1e-4
+
+
+def _attention_cache(seed: int) -> PagedCache:
+    config = _arch().attention
+
+    def attend(q, k_cache, v_cache, meta):
+        return paged_attention.paged_attention(q, k_cache, v_cache, meta, 128**-0.5, config)
+
+    return PagedCache(
+        attend, num_blocks=4096, num_kv_heads=8, head_dim=128, seed=seed, dtype=torch.bfloat16, device=DEVICE
+    )
+
+
+def _llama_sequence(length: int, seed: int):
+    return sequence(length, seed, num_heads=32, num_kv_heads=8, head_dim=128)
+
+
+def test_attention_bits_ignore_chunking_decoding_and_company_at_8b_head_shapes() -> None:
+    length = 4 * KV_SPLIT_SIZE + 100
+    qkv = _llama_sequence(length, seed=11)
+    one_prefill = run_chunked(_attention_cache(0), "s", qkv, [length])
+    cuts = [7, 300, KV_SPLIT_SIZE * 2, KV_SPLIT_SIZE * 2 + 1, 900, length]
+    company = [(f"o{i}", n, i) for i, n in enumerate([1, 15, 255, 256, 257, 700, 1500])]
+    assert torch.equal(one_prefill, run_chunked(_attention_cache(1), "s", qkv, cuts, company))
+    decode_from = length - 40
+    decode_cuts = [decode_from] + list(range(decode_from + 1, length + 1))
+    token_by_token = run_chunked(_attention_cache(2), "s", qkv, decode_cuts, company[:3])
+    assert torch.equal(one_prefill, token_by_token)
+    q, k, v = (t.to(torch.bfloat16) for t in qkv)
+    ref = attention_float64(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 128**-0.5)
+    assert (one_prefill.double() - ref).abs().max() < 2e-2
+
+
+def test_attention_launches_agree_on_a_crowded_decode_and_prefill_step() -> None:
+    cache = _attention_cache(3)
+    rng = random.Random(0)
+    lengths = {f"r{i}": rng.choice([2, 255, 256, 257, 600, 1100]) for i in range(48)}
+    seqs = {name: _llama_sequence(n, i) for i, (name, n) in enumerate(lengths.items())}
+    cuts = {name: max(1, n - rng.choice([1, 1, 1, 5, 40])) for name, n in lengths.items()}  # mostly decodes
+    cache.step([(name, *(t[: cuts[name]] for t in seqs[name]), 0) for name in lengths])
+    q, meta = cache.store([(name, *(t[cuts[name] :] for t in seqs[name]), cuts[name]) for name in lengths])
+    config = _arch().attention
+    parallel, sequential, auto = (
+        paged_attention.paged_attention(q, cache.k, cache.v, meta, 128**-0.5, config, launch)
+        for launch in ("parallel", "sequential", "auto")
+    )
+    assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
+
+
+def test_invariant_mode_on_cuda_dispatches_to_triton_and_fingerprints_its_configs() -> None:
+    x, w = _randn(5, 4096, seed=12), _randn(1024, 4096, seed=13)
+    with kernels.mode("invariant"):
+        assert torch.equal(kernels.linear(x, w), matmul.linear(x, w, None, _arch().matmul))
+    with kernels.mode("fast"):
+        assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w))
+    assert repr(_arch()) in kernels.config_digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole random-weight Llama-3-8B
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    folder: Path = tmp_path_factory.mktemp("llama3-8b")
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    config = EngineConfig(
+        model=str(folder), load_format="dummy", dtype="bfloat16", device="cuda",
+        kv_cache_tokens=65536, max_num_seqs=512,
+    )
+    engine = LLMEngine(config)
+    yield engine
+    del engine
+    torch.cuda.empty_cache()
+
+
+def _step(engine, work: list[tuple[object, int, int]]) -> torch.Tensor:
+    """One invariant forward over (request, start, num_tokens) chunks; the last row's logits of each."""
+    from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+    for request, start, n in work:
+        engine.block_manager.allocate(request, start + n)
+    step = SchedulerOutput([ScheduledRequest(r, start, n, True) for r, start, n in work], True, [])
+    batch = engine.runner.prepare(step)
+    with kernels.mode("invariant"):
+        logits = engine.runner.model.compute_logits(engine.runner.model(batch, engine.runner.kv_caches))
+    for request, start, n in work:
+        request.num_computed_tokens = start + n
+    return logits
+
+
+def _requests(prefix: str, prompts: list[list[int]]):
+    from engine.request import Request, SamplingParams
+
+    return [Request(f"{prefix}{i}", p, SamplingParams(), True, seed=0, arrival_index=i) for i, p in enumerate(prompts)]
+
+
+def _probe_logits(engine, prompt: list[int], num_others: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the probe's prompt and of its first decode step, amid `num_others` other requests.
+
+    With company, the probe's prompt goes in two chunks (the first beside the others' prefills,
+    the second beside their decodes) and its decode step sits at a random row among their decodes.
+    """
+    rng = random.Random(seed)
+    [probe] = _requests(f"probe{seed}-", [prompt])
+    prompts = [[rng.randrange(128000) for _ in range(rng.randint(1, 60))] for _ in range(num_others)]
+    others = _requests(f"other{seed}-", prompts)
+    try:
+        if num_others == 0:
+            prefill = _step(engine, [(probe, 0, len(prompt))])[-1]
+        else:
+            cut = rng.randint(1, len(prompt) - 1)
+            _step(engine, [(probe, 0, cut)] + [(o, 0, o.num_prompt_tokens) for o in others])
+            for o in others:
+                o.output_token_ids.append(rng.randrange(128000))
+            work = [(o, o.num_computed_tokens, 1) for o in others]
+            position = rng.randint(0, len(work))
+            work.insert(position, (probe, cut, len(prompt) - cut))
+            prefill = _step(engine, work)[position]
+        probe.output_token_ids.append(int(prefill.argmax()))
+        for o in others:
+            o.output_token_ids.append(rng.randrange(128000))
+        work = [(o, o.num_computed_tokens, 1) for o in others]
+        position = rng.randint(0, len(work))
+        work.insert(position, (probe, len(prompt), 1))
+        decode = _step(engine, work)[position]
+    finally:
+        for request in [probe] + others:
+            engine.block_manager.free(request)
+    return prefill, decode
+
+
+def test_llama_8b_logits_are_bitwise_equal_alone_and_amid_1_to_255_other_requests(llama_8b) -> None:
+    prompt = [random.Random(1).randrange(128000) for _ in range(2 * KV_SPLIT_SIZE + 90)]
+    alone = _probe_logits(llama_8b, prompt, 0, seed=0)
+    assert torch.isfinite(alone[0]).all() and torch.isfinite(alone[1]).all()
+    for num_others in (1, 3, 31, 255):
+        prefill, decode = _probe_logits(llama_8b, prompt, num_others, seed=num_others)
+        assert torch.equal(prefill, alone[0]), f"prefill logits differ amid {num_others} others"
+        assert torch.equal(decode, alone[1]), f"decode logits differ amid {num_others} others"
