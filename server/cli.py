@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
 
+from bench import determinism as bench_determinism
+from bench import serve as bench_serve
 from engine.config import EngineConfig
 from server.app import create_app
 
@@ -40,7 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-format", default=EngineConfig.load_format, choices=["auto", "dummy"],
                        help="dummy = random weights, for testing (default: %(default)s)")
     serve.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 (default: $DETSERVE_API_KEY)")
+    _defaults_from_environment(serve)
+    bench = commands.add_parser("bench", help="benchmarks against any OpenAI-compatible server")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    for name, module in (("determinism", bench_determinism), ("serve", bench_serve)):
+        sub = kinds.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
+
+
+def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
+    """Every `--some-flag` defaults to $DETSERVE_SOME_FLAG when set (containers configure by env)."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = "DETSERVE_" + action.dest.upper()
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if action.choices and value not in action.choices:
+            parser.error(f"${name}={value!r}: expected one of {', '.join(action.choices)}")
+        parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -61,7 +85,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    api_key = args.api_key or os.environ.get("DETSERVE_API_KEY")
+    if args.command == "bench":
+        sys.exit(args.run(args))
+    api_key = args.api_key
     if args.model and not Path(args.model).exists():  # fail now, not as a 503 after startup
         parser.error(f"--model {args.model}: no such file or folder")
     try:

@@ -106,3 +106,21 @@ def test_python_m_server_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], cwd=repo, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--determinism" in result.stdout and "--api-key" in result.stdout
+
+
+def test_every_serve_flag_defaults_from_its_environment_variable(monkeypatch):
+    monkeypatch.setenv("DETSERVE_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("DETSERVE_DETERMINISM", "off")
+    monkeypatch.setenv("DETSERVE_SERVED_MODEL_NAME", "from-env")
+    config = cli.engine_config(cli.build_parser().parse_args(["serve"]))
+    assert (config.max_num_seqs, config.default_deterministic, config.served_model_name) == (7, False, "from-env")
+    assert cli.build_parser().parse_args(["serve", "--max-num-seqs", "3"]).max_num_seqs == 3, "flags win"
+    monkeypatch.setenv("DETSERVE_DETERMINISM", "maybe")
+    with pytest.raises(SystemExit):
+        cli.build_parser()
+
+
+def test_bench_subcommands_are_wired_into_the_cli():
+    for kind in ("determinism", "serve"):
+        args = cli.build_parser().parse_args(["bench", kind, "--base-url", "http://127.0.0.1:9/v1"])
+        assert args.command == "bench" and args.bench_command == kind and callable(args.run)
