@@ -24,7 +24,7 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestFailedError(RuntimeError):
-    """One request could not be served; the engine and every other request go on."""
+    """One request failed inside the engine (a server fault); the engine and every other request go on."""
 
 
 @dataclass
@@ -141,8 +141,8 @@ class AsyncEngine:
                 continue
             try:
                 engine.add_request(request_id, prompt_ids, params)
-            except ValueError as exc:
-                self._queues.pop(request_id).put_nowait(RequestFailedError(str(exc)))
+            except ValueError as exc:  # the client's fault, as if generate() had raised it
+                self._queues.pop(request_id).put_nowait(exc)
         aborts, self._pending_aborts = self._pending_aborts, []
         for request_id in aborts:
             output = engine.abort_request(request_id)
@@ -161,10 +161,11 @@ class AsyncEngine:
                     continue
                 for output in await asyncio.to_thread(engine.step):
                     queue = self._queues.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
-                        if output.finished:
-                            del self._queues[output.request_id]
+                    if queue is None:
+                        continue
+                    queue.put_nowait(RequestFailedError(output.error) if output.error else output)
+                    if output.finished:
+                        del self._queues[output.request_id]
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -125,8 +125,18 @@ class LLMEngine:
                 s.request.invariant_blocks = False
             self.block_manager.register_full_blocks(s.request)
             if s.samples:
-                outputs.append(self._append_token(s, *next(results)))
+                token, logprob = next(results)
+                try:
+                    outputs.append(self._append_token(s, token, logprob))
+                except Exception as exc:  # one request's bookkeeping failed: fail it, not the batch
+                    logger.exception("request %s failed", s.request.request_id)
+                    outputs.append(self._fail(s.request, exc))
         return outputs
+
+    def _fail(self, request: Request, exc: Exception) -> RequestOutput:
+        output = self._finish(request, FinishReason.ABORT, [], [], "")
+        output.error = f"{type(exc).__name__}: {exc}"
+        return output
 
     def _append_token(self, s: ScheduledRequest, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         request = s.request

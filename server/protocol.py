@@ -47,8 +47,10 @@ class APIError(Exception):
         """The client-facing form of anything a request can raise: its fault 4xx, the server's 5xx."""
         if isinstance(exc, APIError):
             return exc
-        if isinstance(exc, (ValueError, RequestFailedError)):
+        if isinstance(exc, ValueError):
             return cls(400, str(exc))
+        if isinstance(exc, RequestFailedError):
+            return cls(500, f"the request failed in the engine: {exc}")
         if isinstance(exc, EngineDeadError):
             return cls(503, str(exc))
         logger.error("request failed", exc_info=exc)

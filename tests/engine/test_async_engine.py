@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from engine.request import FinishReason, SamplingParams
 
 
@@ -87,3 +87,26 @@ async def test_a_failing_step_kills_the_engine_and_fails_its_requests(make_engin
     monkeypatch.undo()
     for request_id in list(llm.requests):
         llm.abort_request(request_id)
+
+
+async def test_a_fault_in_one_request_fails_it_alone(async_engine: AsyncEngine, monkeypatch) -> None:
+    from engine.tokenizer import IncrementalDetokenizer
+
+    real_add = IncrementalDetokenizer.add
+    poison = 4242
+
+    def add(self, token_id: int) -> str:
+        if self.token_ids and self.token_ids[0] == poison:
+            raise RuntimeError("injected detokenizer fault")
+        return real_add(self, token_id)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    results = await asyncio.gather(
+        collect(async_engine, "poisoned", [poison, 5, 6], params),
+        collect(async_engine, "healthy", [7, 5, 6], params),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], RequestFailedError) and "injected" in str(results[0])
+    assert results[1][-1].finished and results[1][-1].num_output_tokens == 4
+    assert async_engine.ready
