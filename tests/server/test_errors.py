@@ -136,8 +136,9 @@ async def test_error_mid_stream_is_one_more_event_with_the_error_object_then_don
     )
     events = [e async for e in streaming.stream(_FailingEngine(), job)]
     assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
-    assert json.loads(events[1][6:]) == {"error": {"message": "the engine gave up on this request",
-                                                   "type": "BadRequestError", "param": None, "code": 400}}
+    assert json.loads(events[1][6:]) == {"error": {
+        "message": "the request failed in the engine: the engine gave up on this request",
+        "type": "InternalServerError", "param": None, "code": 500}}
     assert events[2:] == ["data: [DONE]\n\n"]
 
 
