@@ -167,12 +167,13 @@ def _run_chunked(cache: PagedCache, seq: str, qkv, cuts: list[int], others: list
         batch = [(seq, q[start:end], k[start:end], v[start:end], start)]
         for other_id, other_len, other_seed in others or []:
             oq, ok, ov = _sequence(other_len, other_seed + step)
-            cache.tables.pop(f"{other_id}-{step}", None)
             batch.append((f"{other_id}-{step}", oq, ok, ov, 0))
         position = step % len(batch)
         batch[0], batch[position] = batch[position], batch[0]
         result = cache.step(batch)
         outs.append(result[position])
+        for other_id, _, _ in others or []:  # finished: blocks go back, stale K/V and all
+            cache.free += cache.tables.pop(f"{other_id}-{step}")
         start = end
     return torch.cat(outs)
 
