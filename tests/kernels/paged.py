@@ -1,7 +1,7 @@
 """A small paged KV cache driven the way the engine drives the kernels, for any attention op.
 
-Generalizes the PagedCache of test_invariance.py (which calls `kernels.attention` on CPU) to an
-injected attention function, dtype and device, so the Triton kernels run the same scenarios.
+The attention function, dtype and device are injected, so the CPU reference ops and the Triton
+kernels run the same scenarios.
 """
 
 from __future__ import annotations

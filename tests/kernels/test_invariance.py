@@ -5,15 +5,14 @@ Compared with torch.equal, never with a tolerance. Accuracy against float64 is c
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import KV_SPLIT_SIZE, AttentionMetadata
+from kernels import KV_SPLIT_SIZE
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -109,73 +108,20 @@ def test_rope_row_is_independent_of_batch(company: tuple[int, int, int], pos: in
 # attention over a paged cache
 
 
-class PagedCache:
-    """A small paged KV cache plus bookkeeping, driven the way the engine drives the kernels."""
-
-    def __init__(self, num_blocks: int = 96, block_size: int = 16, num_kv_heads: int = 3, head_dim: int = 32, seed: int = 0):
-        self.block_size = block_size
-        self.k = torch.zeros(num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.v = torch.zeros_like(self.k)
-        self.zero_slot = num_blocks * block_size
-        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-        self.free = order  # blocks handed out in a scrambled order, as after real traffic
-        self.tables: dict[str, list[int]] = {}
-
-    def step(
-        self, chunks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]], mode: str = "invariant"
-    ) -> list[torch.Tensor]:
-        """chunks: (seq id, q [n, H, D], k [n, Hkv, D], v [n, Hkv, D], start position). One batch."""
-        slots, qs, ks, vs, qsl, seq_lens, tables = [], [], [], [], [0], [], []
-        for seq, q, k, v, start in chunks:
-            table = self.tables.setdefault(seq, [])
-            end = start + q.shape[0]
-            while len(table) * self.block_size < end:
-                table.append(self.free.pop())
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
-            qs.append(q), ks.append(k), vs.append(v)
-            qsl.append(qsl[-1] + q.shape[0])
-            seq_lens.append(end)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        meta = AttentionMetadata(
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-            block_size=self.block_size,
-            zero_slot=self.zero_slot,
-        )
+def _attend(mode: str):
+    def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta) -> torch.Tensor:
         with kernels.mode(mode):
-            kernels.kv_store(torch.cat(ks), torch.cat(vs), self.k, self.v, torch.tensor(slots))
-            out = kernels.attention(torch.cat(qs), self.k, self.v, meta, scale=0.125)
-        return [out[qsl[i] : qsl[i + 1]] for i in range(len(chunks))]
+            return kernels.attention(q, k_cache, v_cache, meta, scale=0.125)
+
+    return attend
 
 
-def _sequence(length: int, seed: int, num_heads: int = 9, num_kv_heads: int = 3, head_dim: int = 32):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(length, num_heads, head_dim, generator=g),
-        torch.randn(length, num_kv_heads, head_dim, generator=g),
-        torch.randn(length, num_kv_heads, head_dim, generator=g),
-    )
+def _cache(num_blocks: int = 96, seed: int = 0, mode: str = "invariant") -> PagedCache:
+    return PagedCache(_attend(mode), num_blocks=num_blocks, num_kv_heads=3, seed=seed)
 
 
-def _run_chunked(cache: PagedCache, seq: str, qkv, cuts: list[int], others: list[tuple[str, int, int]] | None = None):
-    """Feed a sequence through the cache in chunks ending at `cuts`; optional company per step."""
-    q, k, v = qkv
-    outs, start = [], 0
-    for step, end in enumerate(cuts):
-        batch = [(seq, q[start:end], k[start:end], v[start:end], start)]
-        for other_id, other_len, other_seed in others or []:
-            oq, ok, ov = _sequence(other_len, other_seed + step)
-            batch.append((f"{other_id}-{step}", oq, ok, ov, 0))
-        position = step % len(batch)
-        batch[0], batch[position] = batch[position], batch[0]
-        result = cache.step(batch)
-        outs.append(result[position])
-        for other_id, _, _ in others or []:  # finished: blocks go back, stale K/V and all
-            cache.free += cache.tables.pop(f"{other_id}-{step}")
-        start = end
-    return torch.cat(outs)
+def _sequence(length: int, seed: int):
+    return sequence(length, seed, num_heads=9, num_kv_heads=3)
 
 
 @st.composite
@@ -190,11 +136,11 @@ def chunkings(draw, max_len: int = 600) -> tuple[int, list[int]]:
 def test_attention_same_bits_for_one_prefill_chunks_and_token_by_token(chunking, seed: int) -> None:
     length, cuts = chunking
     qkv = _sequence(length, seed)
-    one_prefill = _run_chunked(PagedCache(seed=seed), "s", qkv, [length])
-    chunked = _run_chunked(PagedCache(seed=seed + 1), "s", qkv, cuts)
+    one_prefill = run_chunked(_cache(seed=seed), "s", qkv, [length])
+    chunked = run_chunked(_cache(seed=seed + 1), "s", qkv, cuts)
     assert torch.equal(one_prefill, chunked)
     if length <= 300:
-        token_by_token = _run_chunked(PagedCache(seed=seed + 2), "s", qkv, list(range(1, length + 1)))
+        token_by_token = run_chunked(_cache(seed=seed + 2), "s", qkv, list(range(1, length + 1)))
         assert torch.equal(one_prefill, token_by_token)
 
 
@@ -207,9 +153,9 @@ def test_attention_same_bits_for_one_prefill_chunks_and_token_by_token(chunking,
 def test_attention_same_bits_whatever_else_is_in_the_batch(chunking, others, seed: int) -> None:
     length, cuts = chunking
     qkv = _sequence(length, seed)
-    alone = _run_chunked(PagedCache(seed=seed), "s", qkv, [length])
+    alone = run_chunked(_cache(seed=seed), "s", qkv, [length])
     company = [(f"o{i}", n, s) for i, (n, s) in enumerate(others)]
-    crowded = _run_chunked(PagedCache(num_blocks=400, seed=seed + 3), "s", qkv, cuts, company)
+    crowded = run_chunked(_cache(num_blocks=400, seed=seed + 3), "s", qkv, cuts, company)
     assert torch.equal(alone, crowded)
 
 
@@ -217,27 +163,17 @@ def test_attention_splits_sit_at_absolute_key_positions() -> None:
     """A query just past a split boundary sees the same bits however the keys before it arrived."""
     length = 2 * KV_SPLIT_SIZE + 3
     qkv = _sequence(length, seed=7)
-    whole = _run_chunked(PagedCache(), "s", qkv, [length])
-    around_boundary = _run_chunked(PagedCache(), "s", qkv, [KV_SPLIT_SIZE - 1, KV_SPLIT_SIZE + 1, length])
+    whole = run_chunked(_cache(), "s", qkv, [length])
+    around_boundary = run_chunked(_cache(), "s", qkv, [KV_SPLIT_SIZE - 1, KV_SPLIT_SIZE + 1, length])
     assert torch.equal(whole, around_boundary)
-
-
-def _attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    group = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
-    causal = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
-    probs = scores.masked_fill(~causal, -math.inf).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v)
 
 
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_attention_matches_float64_reference(mode: str) -> None:
     length = KV_SPLIT_SIZE + 77
     q, k, v = _sequence(length, seed=11)
-    cache = PagedCache()
-    (out,) = cache.step([("s", q, k, v, 0)], mode=mode)
-    ref = _attention_float64(q, k, v, 0.125)
+    (out,) = _cache(mode=mode).step([("s", q, k, v, 0)])
+    ref = attention_float64(q, k, v, 0.125)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
