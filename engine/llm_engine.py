@@ -49,7 +49,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._text: dict[str, _TextState] = {}
-        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
         self._weights_digest = "dummy-seed%d" % config.seed if dummy else weights.file_digest(self.model_dir)
 
     # -- requests in -------------------------------------------------------------------------------
@@ -67,7 +67,6 @@ class LLMEngine:
             params=params,
             deterministic=deterministic,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
-            arrival_index=next(self._arrivals),
         )
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, prompt_ids) if self.tokenizer else None
         self.requests[request_id] = request
@@ -200,7 +199,7 @@ class LLMEngine:
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (for tests and scripts); returns the finished requests in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        requests = [self.add_request(f"gen-{next(self._arrivals)}", p, sp) for p, sp in zip(prompts, params_list)]
+        requests = [self.add_request(f"gen-{next(self._generate_ids)}", p, sp) for p, sp in zip(prompts, params_list)]
         while any(not r.finished for r in requests):
             self.step()
         return requests

@@ -89,7 +89,6 @@ class Request:
     params: SamplingParams
     deterministic: bool
     seed: int  # the params' seed, or one drawn at admission: draws depend on (seed, position) only
-    arrival_index: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -25,7 +25,7 @@ PROMPTS = [
 
 def all_position_logits(engine: LLMEngine, token_ids: list[int], mode: str, chunk: int | None = None) -> torch.Tensor:
     """Logits at every position, computed through the engine's runner in prefill chunks of `chunk`."""
-    request = Request("logits-probe", token_ids, SamplingParams(), True, seed=0, arrival_index=-1)
+    request = Request("logits-probe", token_ids, SamplingParams(), True, seed=0)
     chunk = chunk or len(token_ids)
     outputs = []
     try:

@@ -16,7 +16,7 @@ VOCAB = 1000
 
 
 def request_with(params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None) -> Request:
-    request = Request("r", prompt or [1, 2, 3], params, True, seed=params.seed or 0, arrival_index=0)
+    request = Request("r", prompt or [1, 2, 3], params, True, seed=params.seed or 0)
     request.output_token_ids = list(output or [])
     return request
 

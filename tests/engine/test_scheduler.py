@@ -15,7 +15,7 @@ _ids = itertools.count()
 def make_request(num_prompt_tokens: int, deterministic: bool = True, tokens: list[int] | None = None) -> Request:
     i = next(_ids)
     prompt = tokens if tokens is not None else [(i * 7 + t) % 1000 for t in range(num_prompt_tokens)]
-    return Request(f"r{i}", prompt, SamplingParams(max_tokens=64), deterministic, seed=0, arrival_index=i)
+    return Request(f"r{i}", prompt, SamplingParams(max_tokens=64), deterministic, seed=0)
 
 
 def run_step(scheduler: Scheduler, token: int = 5) -> list:

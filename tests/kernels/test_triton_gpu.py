@@ -198,7 +198,7 @@ def _step(engine, work: list[tuple[object, int, int]]) -> torch.Tensor:
 def _requests(prefix: str, prompts: list[list[int]]):
     from engine.request import Request, SamplingParams
 
-    return [Request(f"{prefix}{i}", p, SamplingParams(), True, seed=0, arrival_index=i) for i, p in enumerate(prompts)]
+    return [Request(f"{prefix}{i}", p, SamplingParams(), True, seed=0) for i, p in enumerate(prompts)]
 
 
 def _probe_logits(engine, prompt: list[int], num_others: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
