@@ -114,11 +114,22 @@ class AsyncEngine:
         self._pending_aborts.append(request_id)
         self._wake.set()
 
+    def abort_all(self) -> None:
+        """Abort every request (a drain ran out of time): each stream ends with an abort, not a hang."""
+        for request_id in list(self._queues):
+            self.abort(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but not yet running: the queue a load limit caps."""
+        queued = len(self.engine.scheduler.waiting) if self.engine is not None else 0
+        return queued + len(self._pending_adds)
+
     def stats(self) -> EngineStats:
         engine = self._require_engine()
         return EngineStats(
             num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
+            num_waiting=self.num_waiting,
             kv_cache_usage=engine.block_manager.usage,
             num_preemptions=engine.scheduler.num_preemptions,
             prefix_cache_queries=engine.block_manager.prefix_cache_queries,

@@ -192,6 +192,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,
+            queue_seconds=request.queue_seconds,
         )
 
     # -- convenience -------------------------------------------------------------------------------

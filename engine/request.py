@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass, field
 
 
@@ -99,6 +100,13 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # hash of each full, hashed block
     invariant_blocks: bool = True  # every K/V so far was written by invariant kernels
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it first got a place in a step
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """How long it waited for its first step (None while it still waits)."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -134,4 +142,5 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    queue_seconds: float | None = None
     error: str | None = None

@@ -8,6 +8,7 @@ freed and it is recomputed later from its tokens (its prefix may come back from 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -93,6 +94,8 @@ class Scheduler:
             self.block_manager.allocate(request, target)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             scheduled.append(ScheduledRequest.of(request, num_new))
             budget -= num_new

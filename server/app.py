@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import engine as engine_package
 from engine.async_engine import AsyncEngine
@@ -23,6 +22,8 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
 from server import streaming
+from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
+from server.middleware import LimitBody, RequireAPIKey, TrackRequests
 from server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -34,14 +35,40 @@ from server.protocol import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 2**20
 DIGEST_HEADER = "x-detserve-output-digest"
 
 
-def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None) -> FastAPI:
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side's options: access, limits that protect the engine, and operations."""
+
+    api_key: str | None = None
+    protect_metrics: bool = False  # /metrics needs the API key too
+    max_body_bytes: int = 8 * 2**20
+    max_n: int = 128  # OpenAI's own cap on choices per request
+    max_prompt_tokens: int | None = None  # None: whatever fits the context window
+    max_waiting_requests: int = 1024  # engine requests queued behind the running batch before 429s
+    retry_after_seconds: int = 1
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_n", "max_waiting_requests", "retry_after_seconds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be at least 1")
+        if self.drain_timeout < 0:
+            raise ValueError("drain_timeout must be >= 0")
+
+
+def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
     """The server app. The model loads in the background at startup, so /health can answer 503 meanwhile."""
     engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
+    config = config or ServerConfig()
     created = int(time.time())
+    in_flight = InFlight()
+    metrics = Metrics(engine, in_flight)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,9 +82,14 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None) -
 
     app = FastAPI(title="detserve", version=engine_package.__version__, lifespan=lifespan)
     app.state.engine = engine
-    app.add_middleware(LimitBody, max_bytes=MAX_BODY_BYTES)
-    if api_key:
-        app.add_middleware(RequireAPIKey, api_key=api_key)
+    app.state.config = config
+    app.state.in_flight = in_flight
+    if config.api_key:  # middleware added last runs first
+        protected = ("/v1", "/metrics") if config.protect_metrics else ("/v1",)
+        app.add_middleware(RequireAPIKey, api_key=config.api_key, protected=protected)
+    app.add_middleware(LimitBody, max_bytes=config.max_body_bytes)
+    app.add_middleware(TrackRequests, in_flight=in_flight, metrics=metrics, log_prompts=config.log_prompts,
+                       retry_after_seconds=config.retry_after_seconds)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -75,8 +107,20 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None) -
 
     @app.get("/health")
     async def health() -> dict:
+        """Readiness: 200 only while the model is loaded, the engine runs and the server is not draining."""
         served(None)
         return {"status": "ok"}
+
+    @app.get("/live")
+    async def live() -> dict:
+        """Liveness: 200 unless the engine has died (loading and draining are alive), so restarts fix only that."""
+        if engine.dead:
+            raise APIError(503, f"the engine has failed: {engine.error!r}")
+        return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/version")
     async def version() -> dict:
@@ -94,9 +138,10 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None) -
         llm = served(body.model)
         with _bad_request():
             body.check_supported()
-            prompt = _tokenizer(llm).apply_chat_template([m.template_dict() for m in body.messages])
-            job = _job("chat", llm, body, [prompt], [""], body.requested_max_tokens, body.num_logprobs)
-        return await _respond(engine, job, body.stream, request)
+            messages = [m.template_dict() for m in body.messages]
+            prompt = _tokenizer(llm).apply_chat_template(messages)
+            job = _job("chat", llm, config, body, [prompt], [""], body.requested_max_tokens, body.num_logprobs)
+        return await _respond(engine, config, job, body, request, messages)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -105,9 +150,9 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None) -
             body.check_supported()
             prompts = body.prompts()
             echoes = [_echo_text(llm, p) if body.echo else "" for p in prompts]
-            job = _job("completion", llm, body, [llm.encode_prompt(p) for p in prompts], echoes, body.max_tokens,
-                       body.logprobs)
-        return await _respond(engine, job, body.stream, request)
+            job = _job("completion", llm, config, body, [llm.encode_prompt(p) for p in prompts], echoes,
+                       body.max_tokens, body.logprobs)
+        return await _respond(engine, config, job, body, request, body.prompt)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -177,6 +222,7 @@ def _echo_text(llm: LLMEngine, prompt: str | list[int]) -> str:
 def _job(
     kind: Literal["chat", "completion"],
     llm: LLMEngine,
+    config: ServerConfig,
     body: GenerationRequest,
     prompts: list[list[int]],
     echoes: list[str],
@@ -184,10 +230,15 @@ def _job(
     logprobs: int | None,
 ) -> streaming.Job:
     """`body.n` choices per prompt; without max_tokens a choice may use the rest of the context."""
+    if body.n > config.max_n:
+        raise APIError(400, f"n must be at most {config.max_n} on this server", "n")
     vocab_size = llm.model_config.vocab_size
     context = min(llm.max_model_len, llm.config.num_kv_blocks * llm.config.block_size)
     choice_prompts, choice_params, choice_echoes = [], [], []
     for prompt, echo in zip(prompts, echoes):
+        if config.max_prompt_tokens is not None and len(prompt) > config.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server accepts at most "
+                                f"{config.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
         limit = max_tokens if max_tokens is not None else max(1, context - len(prompt))
         choice_params += [body.sampling_params(i, limit, logprobs, vocab_size) for i in range(body.n)]
         llm.check_fits(len(prompt), limit)
@@ -210,93 +261,68 @@ def _job(
     )
 
 
-async def _respond(engine: AsyncEngine, job: streaming.Job, stream: bool, request: Request) -> Response:
-    if stream:
+async def _respond(
+    engine: AsyncEngine,
+    config: ServerConfig,
+    job: streaming.Job,
+    body: GenerationRequest,
+    request: Request,
+    prompt: object,
+) -> Response:
+    """Admit the job (or 429 when the queue is full), then stream it or answer with the whole body."""
+    waiting = engine.num_waiting
+    if waiting + len(job.prompts) > config.max_waiting_requests:
+        raise APIError(429, f"the server is at capacity ({waiting} requests waiting); retry shortly",
+                       headers={"Retry-After": str(config.retry_after_seconds)})
+    trace: RequestTrace = request.state.trace
+    trace.admitted(job.id, job.deterministic, body.stream, body.n, len(job.prompts))
+    if config.log_prompts:
+        trace.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    job.trace = trace
+    if body.stream:
         return streaming.SSEResponse(streaming.stream(engine, job))
     try:
-        body = await streaming.until_disconnected(request, streaming.complete(engine, job))
+        result = await streaming.until_disconnected(request, streaming.complete(engine, job))
     except Exception as exc:
         raise APIError.of(exc) from exc
-    if body is None:
+    if result is None:
+        trace.failed(499, "the client disconnected")
         return Response(status_code=499)  # the client is gone; nobody reads this
-    digest = body.get("output_digest")
-    return JSONResponse(body, headers={DIGEST_HEADER: digest} if digest else None)
+    digest = result.get("output_digest")
+    return JSONResponse(result, headers={DIGEST_HEADER: digest} if digest else None)
 
 
 # -- errors ------------------------------------------------------------------------------------------
 
 
-def _error_response(error: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def _error_response(error: APIError, request: Request) -> JSONResponse:
+    trace: RequestTrace | None = getattr(request.state, "trace", None)
+    if trace is not None:
+        trace.error = error.message
+    return error.response()
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return _error_response(exc)
+    return _error_response(exc, request)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """400, not FastAPI's 422, with a message naming the offending fields."""
     errors = exc.errors()
     if errors and errors[0]["type"] == "json_invalid":
-        return _error_response(APIError(400, f"the request body is not valid JSON: {errors[0]['ctx']['error']}"))
+        return _error_response(APIError(400, f"the request body is not valid JSON: {errors[0]['ctx']['error']}"),
+                               request)
     paths = [".".join(str(p) for p in e["loc"][1:]) or "body" for e in errors]
     message = "; ".join(f"{path}: {e['msg']}" for path, e in list(zip(paths, errors))[:4])
-    return _error_response(APIError(400, message, paths[0].split(".")[0] if paths else None))
+    return _error_response(APIError(400, message, paths[0].split(".")[0] if paths else None), request)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method, body too large) in the OpenAI shape."""
     message = f"{exc.detail}: {request.method} {request.url.path}"
-    return _error_response(APIError(exc.status_code, message), exc.headers)
+    return _error_response(APIError(exc.status_code, message, headers=exc.headers), request)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Anything unexpected: a 500 in the OpenAI shape (Starlette logs the traceback)."""
-    return _error_response(APIError(500, f"internal error: {type(exc).__name__}"))
-
-
-class LimitBody:
-    """413 for a body over `max_bytes`: declared up front, or found while reading a chunked one."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = HTTPException(413, f"the request body is over {self.max_bytes} bytes")
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _error_response(APIError(413, too_large.detail))(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise too_large  # FastAPI re-raises HTTPExceptions from body reading: _http_error answers
-            return message
-
-        await self.app(scope, receive_limited, send)
-
-
-class RequireAPIKey:
-    """Every /v1 route needs `Authorization: Bearer <key>`; /health and the rest stay open."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError(401, "missing or invalid API key: send Authorization: Bearer <key>")
-                await _error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    return _error_response(APIError(500, f"internal error: {type(exc).__name__}"), request)

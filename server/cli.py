@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from bench import determinism as bench_determinism
 from bench import serve as bench_serve
 from engine.config import EngineConfig
-from server.app import create_app
+from engine.async_engine import AsyncEngine
+from server.app import ServerConfig, create_app
+from server.metrics import InFlight
 
 logger = logging.getLogger("detserve")
 
@@ -43,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-format", default=EngineConfig.load_format, choices=["auto", "dummy"],
                        help="dummy = random weights, for testing (default: %(default)s)")
     serve.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 (default: $DETSERVE_API_KEY)")
+    serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
+    serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
+                       help="largest request body accepted; more is a 413 (default: %(default)s)")
+    serve.add_argument("--max-n", type=int, default=ServerConfig.max_n,
+                       help="most choices (n) per request (default: %(default)s)")
+    serve.add_argument("--max-prompt-tokens", type=int,
+                       help="longest prompt accepted, in tokens (default: whatever fits the context window)")
+    serve.add_argument("--max-waiting-requests", type=int, default=ServerConfig.max_waiting_requests,
+                       help="requests queued behind the running batch before new ones get 429 (default: %(default)s)")
+    serve.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout,
+                       help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
     _defaults_from_environment(serve)
     bench = commands.add_parser("bench", help="benchmarks against any OpenAI-compatible server")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -64,7 +83,15 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
             continue
         if action.choices and value not in action.choices:
             parser.error(f"${name}={value!r}: expected one of {', '.join(action.choices)}")
-        parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
+        if isinstance(action, argparse._StoreTrueAction):
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                parser.error(f"${name}={value!r}: expected true or false")
+            parser.set_defaults(**{action.dest: value.lower() in ("1", "true", "yes", "on")})
+            continue
+        try:
+            parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
+        except ValueError:
+            parser.error(f"${name}={value!r}: not a valid {action.type.__name__}")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -82,26 +109,103 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        api_key=args.api_key or None,
+        protect_metrics=args.protect_metrics,
+        max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_waiting_requests=args.max_waiting_requests,
+        drain_timeout=args.drain_timeout,
+        log_prompts=args.log_prompts,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM (or Ctrl-C) drains before it stops: see `drain`. A second signal stops at once.
+
+    uvicorn's own handler closes the listening socket at once and re-raises the signal after
+    shutdown (so the exit status would be 143); this one keeps answering, with 503s for new work,
+    until in-flight requests are done, then shuts down and returns normally (exit status 0).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.engine: AsyncEngine = app.state.engine
+        self.in_flight: InFlight = app.state.in_flight
+        self.drain_timeout: float = app.state.config.drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.in_flight.draining or self._loop is None:
+            self.should_exit = self.force_exit = True
+            return
+        self.in_flight.draining = True
+        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+
+    def _start_drain(self, reason: str) -> None:
+        self._drain_task = asyncio.create_task(self.drain(reason))
+
+    async def drain(self, reason: str) -> None:
+        """Wait for in-flight requests up to the drain timeout, abort what is left, then shut down."""
+        started = time.monotonic()
+        logger.info("%s: draining %d in-flight requests (up to %.0f s); new requests get 503",
+                    reason, self.in_flight.count, self.drain_timeout)
+        if not await self._wait_idle(self.drain_timeout):
+            logger.warning("drain timeout: aborting %d requests still in flight", self.in_flight.count)
+            self.engine.abort_all()
+            await self._wait_idle(5.0)
+        logger.info("drained in %.1f s; shutting down", time.monotonic() - started)
+        self.should_exit = True
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.in_flight.count > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+def configure_logging() -> None:
+    """Operational messages on stderr; request log lines on stdout as bare JSON, one per line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests = logging.getLogger("detserve.requests")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests.addHandler(handler)
+    requests.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
         sys.exit(args.run(args))
-    api_key = args.api_key
     if args.model and not Path(args.model).exists():  # fail now, not as a 503 after startup
         parser.error(f"--model {args.model}: no such file or folder")
     try:
         config = engine_config(args)
+        options = server_config(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     logger.info(
         "loading %s on %s (%s), %s kernels by default%s",
         config.model or "the default model",
         config.torch_device(),
         str(config.torch_dtype()).removeprefix("torch."),
         "invariant" if config.default_deterministic else "fast",
-        "; API key required on /v1" if api_key else "",
+        "; API key required on /v1" if options.api_key else "",
     )
     logger.info("serving at http://%s:%d/v1 (GET /health turns 200 once the model is loaded)", args.host, args.port)
-    uvicorn.run(create_app(config, api_key=api_key), host=args.host, port=args.port, log_level="info")
+    app = create_app(config, options)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
+                               timeout_graceful_shutdown=5)
+    DrainingServer(uv_config, app).run()

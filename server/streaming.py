@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.metrics import RequestTrace
 from server.protocol import APIError
 
 T = TypeVar("T")
@@ -73,6 +74,7 @@ class Job:
     include_usage: bool
     token_text: Callable[[int], str]
     created: int = field(default_factory=lambda: int(time.time()))
+    trace: RequestTrace | None = None  # told of every output, for the metrics and the request log
 
     def new_choices(self) -> list[Choice]:
         return [Choice(i, echo, text_offset=len(echo)) for i, echo in enumerate(self.echoes)]
@@ -175,6 +177,8 @@ async def _outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, Re
             if isinstance(item, Exception):
                 raise item
             unfinished -= item.finished
+            if job.trace is not None:
+                job.trace.output(i, item)
             yield i, item
     finally:
         for task in tasks:
@@ -230,8 +234,15 @@ async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
                     yield _event(job.with_digest(chunk, choices) if last else chunk)
         if job.include_usage:
             yield _event(job.with_digest(job.usage_chunk(choices), choices))
+    except GeneratorExit:
+        if job.trace is not None and unfinished:
+            job.trace.failed(499, "the client disconnected")
+        raise
     except Exception as exc:
-        yield _event(APIError.of(exc).body())
+        error = APIError.of(exc)
+        if job.trace is not None:
+            job.trace.failed(error.status, error.message)
+        yield _event(error.body())
     yield "data: [DONE]\n\n"
 
 

@@ -5,11 +5,14 @@ In-process so tests can look at the engine's KV blocks; every test leaves the en
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
+
+from fastapi import FastAPI
 
 import httpx2
 import openai
@@ -19,7 +22,7 @@ import uvicorn
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from server.app import create_app
+from server.app import ServerConfig, create_app
 
 
 @dataclass
@@ -46,13 +49,14 @@ class LiveServer:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
-    engine = AsyncEngine(EngineConfig())
+@contextlib.contextmanager
+def serve(engine: AsyncEngine, config: ServerConfig | None = None) -> Iterator[LiveServer]:
+    """Serve `engine` (loading it unless another live app already runs it) until the block exits."""
+    app: FastAPI = create_app(engine, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     live = LiveServer(f"http://127.0.0.1:{port}", engine)
@@ -61,9 +65,17 @@ def server() -> Iterator[LiveServer]:
         assert thread.is_alive() and not engine.dead, f"the server failed to start: {engine.error!r}"
         assert time.monotonic() < deadline, "the model did not load in 180 s"
         time.sleep(0.2)
-    yield live
-    uv.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield live
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    with serve(AsyncEngine(EngineConfig())) as live:
+        yield live
 
 
 def _healthy(url: str) -> bool:

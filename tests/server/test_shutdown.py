@@ -1,0 +1,141 @@
+"""SIGTERM on a real `detserve serve` process: drain in-flight work, turn new work away, exit 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx2
+import pytest
+
+from tests.deploy.test_kubernetes import DRAIN_SECONDS
+from server.app import ServerConfig
+
+REPO = Path(__file__).parents[2]
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    url: str
+    stdout: Path
+    stderr: Path
+
+    def exit_code(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.read_text().splitlines() if line.startswith("{")]
+
+
+def start_server(tmp_path: Path, *flags: str) -> ServerProcess:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), *flags],
+        cwd=REPO, stdout=stdout.open("w"), stderr=stderr.open("w"),
+    )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", stdout, stderr)
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, f"the server exited: {stderr.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the server did not become healthy in 180 s"
+        try:
+            if httpx2.get(server.url + "/health", timeout=5).status_code == 200:
+                return server
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+@dataclass
+class StreamInBackground:
+    """A streamed completion read on a thread; `started` is set at the first event."""
+
+    url: str
+    body: dict
+    lines: list[str] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        assert self.started.wait(60), "the stream never started"
+
+    def _read(self) -> None:
+        with httpx2.stream("POST", self.url + "/v1/completions", json=self.body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line:
+                    self.lines.append(line)
+                    self.started.set()
+
+    def events(self, timeout: float) -> list[dict | str]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the stream did not end"
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in self.lines]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_drain_default_matches_the_kubernetes_manifests():
+    assert ServerConfig().drain_timeout == DRAIN_SECONDS
+
+
+def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_path, processes):
+    server = start_server(tmp_path, "--drain-timeout", "60")
+    processes.append(server)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    stream = StreamInBackground(server.url, body)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    health = httpx2.get(server.url + "/health")
+    refused = httpx2.post(server.url + "/v1/completions", json=body | {"stream": False})
+    live = httpx2.get(server.url + "/live")
+    events = stream.events(timeout=60)
+    assert server.exit_code(timeout=30) == 0
+
+    for response in (health, refused):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "ServiceUnavailableError"
+    assert live.status_code == 200
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(e["choices"][0]["text"]) > 0 for e in events[:-1]) > 1
+    [line] = [line for line in server.log_lines() if line["request_id"] == events[0]["id"]]
+    assert line["status"] == 200 and line["completion_tokens"] == 24
+    assert "draining 1 in-flight" in server.stderr.read_text()
+
+
+def test_after_the_drain_timeout_leftover_requests_end_with_an_error_and_the_exit_is_0(tmp_path, processes):
+    server = start_server(tmp_path, "--drain-timeout", "1")
+    processes.append(server)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Write a very long story.", "max_tokens": 4000,
+            "ignore_eos": True, "stream": True, "deterministic": False}
+    stream = StreamInBackground(server.url, body)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    events = stream.events(timeout=30)
+    assert server.exit_code(timeout=30) == 0
+    assert time.monotonic() - signalled < 15
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+    assert events[-2]["error"]["code"] >= 500
