@@ -14,13 +14,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.cli import build_parser, engine_config
+from server.cli import build_parser, engine_config, server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 # The oldest Kubernetes these manifests support: `preStop: sleep` is on by default from 1.30.
 KUBERNETES_VERSION = "1.30.0"
-DRAIN_SECONDS = 30  # how long the server finishes in-flight requests after SIGTERM
 OVERLAYS = ["gpu", "cpu"]
 # Not the bare overlay name as a test id: tests/conftest.py skips tests with a `gpu` keyword on CPU.
 OVERLAY_IDS = [f"{overlay}-overlay" for overlay in OVERLAYS]
@@ -129,17 +128,21 @@ def test_container_args_are_a_valid_detserve_serve_command(overlay):
     args = expanded_args(overlay)
     assert not [arg for arg in args if "$(" in arg], "a $(VAR) in args that the ConfigMap does not set"
     engine_config(build_parser().parse_args(["serve", *args]))  # exits on an unknown flag or bad value
+    server_config(build_parser().parse_args(["serve", *args]))
     assert flag(args, "--host") == "0.0.0.0"
     assert flag(args, "--port") == "8000"
 
 
 @overlays
-def test_probes_poll_health_on_port_8000(overlay):
+def test_probes_poll_readiness_and_liveness_on_port_8000(overlay):
+    # /health turns 503 while loading and draining (take no traffic); /live only when the engine died
+    # (restart), so a pod draining for longer than the liveness budget is not killed mid-drain.
     server = container(overlay)
     ports = {port["name"]: port["containerPort"] for port in server["ports"]}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    paths = {"startupProbe": "/health", "readinessProbe": "/health", "livenessProbe": "/live"}
+    for probe, path in paths.items():
         get = server[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path
         assert ports.get(get["port"], get["port"]) == 8000
 
 
@@ -150,9 +153,12 @@ def test_startup_probe_waits_out_the_model_load(overlay, load_seconds):
 
 
 @overlays
-def test_grace_period_outlasts_pre_stop_and_drain(overlay):
+def test_grace_period_outlasts_pre_stop_and_drain(overlay, monkeypatch):
+    for name, value in one(overlay, "ConfigMap")["data"].items():
+        monkeypatch.setenv(name, value)
+    drain = server_config(build_parser().parse_args(["serve", *expanded_args(overlay)])).drain_timeout
     pre_stop = container(overlay)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod_spec(overlay)["terminationGracePeriodSeconds"] > pre_stop + DRAIN_SECONDS
+    assert pod_spec(overlay)["terminationGracePeriodSeconds"] > pre_stop + drain
 
 
 def test_only_the_gpu_overlay_requests_a_gpu():

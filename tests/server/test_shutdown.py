@@ -16,8 +16,6 @@ from typing import Iterator
 import httpx2
 import pytest
 
-from tests.deploy.test_kubernetes import DRAIN_SECONDS
-from server.app import ServerConfig
 
 REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
@@ -95,10 +93,6 @@ def processes() -> Iterator[list[ServerProcess]]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
-
-
-def test_drain_default_matches_the_kubernetes_manifests():
-    assert ServerConfig().drain_timeout == DRAIN_SECONDS
 
 
 def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_path, processes):
