@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator, Literal
+from typing import AsyncIterator, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import engine as engine_package
 from engine.async_engine import AsyncEngine
@@ -25,6 +26,8 @@ from server import streaming
 from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
 from server.middleware import LimitBody, RequireAPIKey, TrackRequests
 from server.protocol import (
+    ERROR_RESPONSES,
+    SSE_RESPONSE,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -80,7 +83,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         loading.cancel()
         await engine.stop()
 
-    app = FastAPI(title="detserve", version=engine_package.__version__, lifespan=lifespan)
+    app = FastAPI(title="detserve", version=engine_package.__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.engine = engine
     app.state.config = config
     app.state.in_flight = in_flight
@@ -94,6 +97,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    app.openapi = functools.partial(_openapi_without_422, app.openapi)
 
     def served(model: str | None) -> LLMEngine:
         """The loaded engine, if `model` (when given) is the one we serve; else 503 or 404."""
@@ -118,7 +122,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
             raise APIError(503, f"the engine has failed: {engine.error!r}")
         return {"status": "alive"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -133,7 +137,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
                 "root": str(llm.model_dir), "parent": None, "max_model_len": llm.max_model_len, "permission": []}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=SSE_RESPONSE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         llm = served(body.model)
         with _bad_request():
@@ -143,7 +147,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
             job = _job("chat", llm, config, body, [prompt], [""], body.requested_max_tokens, body.num_logprobs)
         return await _respond(engine, config, job, body, request, messages)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=SSE_RESPONSE)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         llm = served(body.model)
         with _bad_request():
@@ -178,6 +182,15 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     return app
+
+
+def _openapi_without_422(default_openapi: Callable[[], dict]) -> dict:
+    """FastAPI documents its 422 for invalid bodies; this server answers those with 400 (as OpenAI does)."""
+    schema = default_openapi()
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    return schema
 
 
 async def _load(engine: AsyncEngine) -> None:

@@ -63,6 +63,27 @@ class APIError(Exception):
         return cls(500, f"internal error: {type(exc).__name__}")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error body, declared in the OpenAPI schema for every error status we answer with."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": kind} for status, kind in _ERROR_TYPES.items()
+}
+SSE_RESPONSE: dict[int | str, dict] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "A body, or an event stream"}
+}
+
+
 def unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param)
 

@@ -6,10 +6,13 @@ In-process so tests can look at the engine's KV blocks; every test leaves the en
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 from fastapi import FastAPI
@@ -21,6 +24,7 @@ import pytest_asyncio
 import uvicorn
 
 from engine.async_engine import AsyncEngine
+from engine import weights
 from engine.config import EngineConfig
 from server.app import ServerConfig, create_app
 
@@ -83,6 +87,33 @@ def _healthy(url: str) -> bool:
         return httpx2.get(url + "/health", timeout=5).status_code == 200
     except httpx2.TransportError:
         return False
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama config with the default model's tokenizer and chat template.
+
+    Served with dummy weights it answers every route like the real model, in milliseconds per
+    step, with a 128-token context: cheap enough to fuzz.
+    """
+    source = weights.resolve_model_dir(None)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    config = json.loads((source / "config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    config = EngineConfig(model=str(tiny_model_dir), load_format="dummy", kv_cache_tokens=4096,
+                          served_model_name="tiny")
+    with serve(AsyncEngine(config)) as live:
+        yield live
 
 
 @pytest.fixture(scope="session")
