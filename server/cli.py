@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from bench import determinism as bench_determinism
 from bench import serve as bench_serve
+from bench import soak as bench_soak
 from engine.config import EngineConfig
 from engine.async_engine import AsyncEngine
 from server.app import ServerConfig, create_app
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _defaults_from_environment(serve)
     bench = commands.add_parser("bench", help="benchmarks against any OpenAI-compatible server")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
-    for name, module in (("determinism", bench_determinism), ("serve", bench_serve)):
+    for name, module in (("determinism", bench_determinism), ("serve", bench_serve), ("soak", bench_soak)):
         sub = kinds.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)

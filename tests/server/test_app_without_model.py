@@ -149,6 +149,6 @@ def test_every_serve_flag_defaults_from_its_environment_variable(monkeypatch):
 
 
 def test_bench_subcommands_are_wired_into_the_cli():
-    for kind in ("determinism", "serve"):
+    for kind in ("determinism", "serve", "soak"):
         args = cli.build_parser().parse_args(["bench", kind, "--base-url", "http://127.0.0.1:9/v1"])
         assert args.command == "bench" and args.bench_command == kind and callable(args.run)
