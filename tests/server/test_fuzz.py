@@ -124,7 +124,7 @@ def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 @given(request=hostile_bodies())
-@FUZZ
+@settings(FUZZ, max_examples=200)
 def test_hostile_bodies_get_200_or_an_openai_shaped_4xx(tiny_server: LiveServer, request: tuple[str, bytes]):
     path, raw = request
     response = httpx2.post(tiny_server.url + path, content=raw, timeout=60,
