@@ -4,14 +4,34 @@ Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when kernels.matm
 imported; only the Triton test modules import them on a CPU host, so the CPU reference tests are
 untouched. The interpreter mis-loads bfloat16: interpreter tests use float16 and float32, and
 bfloat16 is covered by the `gpu` tests.
+
+The interpreter runs `tl.dot` as numpy's matmul, i.e. OpenBLAS, whose row results depend on the
+row's position in the tile (seen with numpy 2.4.6 / OpenBLAS 0.3.31: row 10 of a 32-row product
+differs from the same row at position 0). A GPU's MMA computes each output element on its own, so
+on CPU we give `tl.dot` that property too: per element, products summed over K in order. The
+kernels' invariance is then tested against the hardware guarantee they actually rely on.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _row_invariant_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    from triton.runtime.interpreter import TensorHandle
+
+    acc = d.data.dtype
+    products = a.data.astype(acc)[..., :, :, None] * b.data.astype(acc)[..., None, :, :]
+    return TensorHandle(products.sum(axis=-2, dtype=acc) + d.data, d.dtype.scalar)
+
+
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    InterpreterBuilder.create_dot = _row_invariant_dot
