@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
@@ -117,7 +118,7 @@ class RequestTrace:
     path: str
     metrics: Metrics | None = None
     start: float = field(default_factory=time.monotonic)
-    request_id: str | None = None
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")  # the job's id once admitted
     deterministic: bool | None = None
     stream: bool | None = None
     n: int | None = None

@@ -47,8 +47,7 @@ class TrackRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if trace.request_id is not None:
-                    MutableHeaders(scope=message).append(REQUEST_ID_HEADER, trace.request_id)
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, trace.request_id)
             await send(message)
 
         if self.in_flight.draining and scope["path"] not in self.OPEN_WHILE_DRAINING:

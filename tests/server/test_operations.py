@@ -129,9 +129,9 @@ def test_each_request_logs_one_json_line_without_the_prompt(server: LiveServer, 
     assert 0 < line["ttft_s"] <= line["latency_s"]
     assert "prompt" not in line
     assert all(SECRET not in r.getMessage() for r in caplog.records)
-    [bad_line] = [json.loads(r.getMessage()) for r in caplog.records
-                  if r.name == "detserve.requests" and json.loads(r.getMessage())["status"] == 400]
-    assert bad.status_code == 400 and bad_line["error"] == bad.json()["error"]["message"]
+    [bad_line] = _log_lines(caplog, bad.headers["x-request-id"])
+    assert bad.status_code == 400 and bad_line["status"] == 400
+    assert bad_line["error"] == bad.json()["error"]["message"]
 
 
 def test_log_prompts_puts_the_prompt_in_the_log_line(server: LiveServer, caplog: pytest.LogCaptureFixture):
