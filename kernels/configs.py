@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Every invariant launch compiles with FMA contraction off: each multiply and add rounds on its own,
+# as in the torch reference, whatever the compiler would fuse per kernel (and whatever Triton's
+# default, which TRITON_DEFAULT_FP_FUSION and Triton 3.10 change). Part of the digest.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
     """One tiling for every M, and the rule's inputs that pin the split-K count S per (N, K)."""
@@ -84,4 +90,4 @@ def for_capability(capability: tuple[int, int]) -> ArchConfig:
 def digest(capability: tuple[int, int], triton_version: str) -> str:
     """The pinned configuration in effect on `capability`, as a string for the fingerprint."""
     major, minor = capability
-    return f"triton-{triton_version}:sm{major}{minor}:{for_capability(capability)!r}"
+    return f"triton-{triton_version}:sm{major}{minor}:{LAUNCH_OPTIONS}:{for_capability(capability)!r}"

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import MatmulConfig
+from kernels.configs import LAUNCH_OPTIONS, MatmulConfig
 
 Launch = Literal["auto", "parallel", "sequential"]
 
@@ -179,14 +179,15 @@ def linear(
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     meta = dict(BM=config.block_m, BN=config.block_n, BK=config.block_k, PRECISION=precision)
-    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     if parallel:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         _matmul_parallel_splits_kernel[(tiles, splits)](
             x, weight, partials, m, n, k, k_per_split, *strides, **meta, **launch_opts
         )
         _fold_splits_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            partials, bias_arg, out, m, n, splits, HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=4
+            partials, bias_arg, out, m, n, splits, HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=4,
+            **LAUNCH_OPTIONS,
         )
     else:
         _matmul_sequential_splits_kernel[(tiles,)](

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import AttentionConfig
+from kernels.configs import LAUNCH_OPTIONS, AttentionConfig
 from kernels.reference import KV_SPLIT_SIZE, AttentionMetadata
 
 Launch = Literal["auto", "parallel", "sequential"]
@@ -38,9 +38,6 @@ Launch = Literal["auto", "parallel", "sequential"]
 SPLIT: tl.constexpr = tl.constexpr(KV_SPLIT_SIZE)
 # An item's fields: sequence, first token, rows, first query position, splits, first partial slot.
 ITEM_FIELDS: tl.constexpr = tl.constexpr(6)
-# FMA contraction is decided per kernel by the compiler; with plain mul/add the merge arithmetic
-# rounds the same in the sequential kernel and in the merge kernel.
-NO_FMA = dict(enable_fp_fusion=False)
 
 
 @triton.jit
@@ -292,7 +289,8 @@ def paged_attention(
     tables = meta.block_tables
     cache_args = (tables.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_size, qk_scale, head_dim)
     tiles = dict(G=group, BLOCK_M=config.block_m, HEAD=head)
-    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages, **NO_FMA)
+    # Without FMA contraction the merge arithmetic rounds the same in the sequential and merge kernels.
+    launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     if plan.num_sequential:
         _attention_sequential_kernel[(plan.num_sequential, num_kv_heads)](
             q, k_cache, v_cache, out, tables, plan.items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),

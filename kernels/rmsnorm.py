@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import RowConfig
+from kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _launch(
         sum_arg = total if total is not None else out
         _rms_norm_kernel[(rows,)](
             x, res_arg, weight, out, sum_arg, dim, x.stride(0), res_arg.stride(0), out.stride(0), sum_arg.stride(0),
-            eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     return out, total
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import RowConfig
+from kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -48,6 +48,6 @@ def log_softmax(logits: torch.Tensor, config: RowConfig) -> torch.Tensor:
     if rows:
         _log_softmax_kernel[(rows,)](
             logits, out, vocab, logits.stride(0), out.stride(0),
-            BLOCK=config.softmax_block, num_warps=config.softmax_warps,
+            BLOCK=config.softmax_block, num_warps=config.softmax_warps, **LAUNCH_OPTIONS,
         )
     return out

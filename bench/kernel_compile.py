@@ -1,0 +1,180 @@
+"""Compile every invariant Triton kernel for a GPU without a GPU, and report what the compiler made of it.
+
+Triton compiles ahead of time to PTX and, with the ptxas it ships, to a cubin for any NVIDIA
+target; no driver or device is involved. So on a CPU-only machine this checks what the
+interpreter cannot: that each kernel compiles at its pinned configuration for sm_90 (H100/H200)
+and sm_80 (the default tiles) with real model shapes, whether the matmul reached Hopper's
+warpgroup MMA (`wgmma`) or fell back to `mma.sync`, and each kernel's registers, spills and
+shared memory. Arguments are specialised as a real launch specialises them (unit strides become
+constants, pointers are 16-byte aligned), so the binaries are the ones a launch would build.
+
+Run it with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Pointers that are not in the activation dtype.
+_POINTER_DTYPES = {"part_ptr": "fp32", "part_o_ptr": "fp32", "part_ml_ptr": "fp32", "tables_ptr": "i32",
+                   "items_ptr": "i32", "programs_ptr": "i32"}
+_UNALIGNED = {"programs_ptr"}  # a view into the step's item table at any int32 offset
+_FLOAT_ARGS = {"eps", "qk_scale"}
+_UNIT_STRIDES = {"stride_ak", "stride_bk"}  # contiguous rows: a launch specialises these to the constant 1
+
+
+@dataclass
+class CompiledKernel:
+    arch: str
+    kernel: str
+    variant: str
+    dtype: str
+    seconds: float
+    registers: int
+    stack_bytes: int  # per thread; nonzero = register spills
+    shared_bytes: int
+    mma: str  # "wgmma", "mma.sync" or "none"
+
+
+def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any]) -> Any:
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constants[(i,)] = constexprs[name]
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constants[(i,)] = 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + _POINTER_DTYPES.get(name, dtype)
+            if name not in _UNALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the cubin, from the cuobjdump Triton ships.
+
+    A stack frame in these kernels means register spills: they call no functions.
+    """
+    import triton.backends.nvidia as nvidia
+
+    cuobjdump = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)],
+                                capture_output=True, text=True, check=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", result.stdout)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {result.stdout[-500:]}")
+    return int(usage.group(1)), int(usage.group(2))
+
+
+def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple]:
+    """(kernel, variant, constexprs(config), launch options(config)) for every kernel an 8B-shape model runs."""
+    import triton
+
+    from kernels import matmul, paged_attention, rmsnorm, sampling
+
+    def mm(config, has_bias):
+        return dict(BM=config.matmul.block_m, BN=config.matmul.block_n, BK=config.matmul.block_k,
+                    PRECISION="tf32", HAS_BIAS=has_bias, GROUP_M=config.matmul.group_m)
+
+    def mm_opts(config):
+        return dict(num_warps=config.matmul.num_warps, num_stages=config.matmul.num_stages)
+
+    def attn(config):
+        return dict(G=heads // kv_heads, BLOCK_M=config.attention.block_m, BLOCK_N=config.attention.block_n,
+                    HEAD=triton.next_power_of_2(head_dim), PRECISION="tf32")
+
+    def attn_opts(config):
+        return dict(num_warps=config.attention.num_warps, num_stages=config.attention.num_stages)
+
+    norm_block = triton.next_power_of_2(hidden)
+    del intermediate, vocab  # shapes enter the kernels at run time only; tiles are fixed per arch
+    return [
+        (matmul._matmul_sequential_splits_kernel, "sequential splits", lambda c: mm(c, False), mm_opts),
+        (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts),
+        (matmul._fold_splits_kernel, "fold", lambda c: dict(HAS_BIAS=True, BLOCK=matmul._REDUCE_BLOCK),
+         lambda c: dict(num_warps=4)),
+        (rmsnorm._rms_norm_kernel, "with residual", lambda c: dict(HAS_RESIDUAL=True, BLOCK=norm_block),
+         lambda c: dict(num_warps=max(1, min(norm_block // 512, c.rows.norm_max_warps)))),
+        (sampling._log_softmax_kernel, "", lambda c: dict(BLOCK=c.rows.softmax_block),
+         lambda c: dict(num_warps=c.rows.softmax_warps)),
+        (paged_attention._attention_sequential_kernel, "sequential", attn, attn_opts),
+        (paged_attention._attention_split_kernel, "split", attn, attn_opts),
+        (paged_attention._attention_merge_kernel, "merge",
+         lambda c: {k: v for k, v in attn(c).items() if k in ("G", "BLOCK_M", "HEAD")}, attn_opts),
+    ]
+
+
+def compile_all(capabilities: list[tuple[int, int]], dtype: str, shapes: dict[str, int]) -> list[CompiledKernel]:
+    if os.environ.get("TRITON_INTERPRET"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter has no compiler to check")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from kernels import configs
+
+    results = []
+    for major, minor in capabilities:
+        config = configs.for_capability((major, minor))
+        for fn, variant, constexprs, options in plans(**shapes):
+            started = time.perf_counter()
+            compiled = triton.compile(
+                _ast_source(fn, dtype, constexprs(config)),
+                target=GPUTarget("cuda", major * 10 + minor, 32),
+                options={**options(config), **configs.LAUNCH_OPTIONS},
+            )
+            ptx = compiled.asm["ptx"]
+            registers, stack = _resource_usage(compiled.asm["cubin"])
+            mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+            results.append(CompiledKernel(
+                arch=f"sm_{major}{minor}", kernel=fn.__name__.strip("_"), variant=variant, dtype=dtype,
+                seconds=round(time.perf_counter() - started, 2), registers=registers, stack_bytes=stack,
+                shared_bytes=compiled.metadata.shared, mma=mma,
+            ))
+    return results
+
+
+def table(results: list[CompiledKernel]) -> str:
+    headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "compile s"]
+    rows = [[r.arch, r.kernel, r.variant, r.dtype, r.registers, r.stack_bytes, round(r.shared_bytes / 1024, 1),
+             r.mma, r.seconds] for r in results]
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernel_compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90,80 (default: %(default)s)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="(default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    capabilities = [(int(a) // 10, int(a) % 10) for a in args.arch.split(",")]
+    shapes = dict(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, head_dim=128)  # Llama-3-8B
+    results = compile_all(capabilities, args.dtype, shapes)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
