@@ -130,12 +130,18 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
     async def version() -> dict:
         return {"version": engine_package.__version__}
 
+    def model_card(llm: LLMEngine) -> dict:
+        return {"id": llm.model_name, "object": "model", "created": created, "owned_by": "detserve",
+                "root": str(llm.model_dir), "parent": None, "max_model_len": llm.max_model_len, "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        llm = served(None)
-        card = {"id": llm.model_name, "object": "model", "created": created, "owned_by": "detserve",
-                "root": str(llm.model_dir), "parent": None, "max_model_len": llm.max_model_len, "permission": []}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card(served(None))]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        """One model's card (the SDK's `models.retrieve`); ids may contain slashes, as HF names do."""
+        return model_card(served(model_id))
 
     @app.post("/v1/chat/completions", responses=SSE_RESPONSE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import openai
+import pytest
+
 import engine
 from tests.server.conftest import LiveServer
 
@@ -9,6 +12,14 @@ from tests.server.conftest import LiveServer
 def test_health_is_200_once_loaded_and_version_reports_the_engine_version(http):
     assert http.get("/health").status_code == 200
     assert http.get("/version").json() == {"version": engine.__version__}
+
+
+def test_models_retrieve_returns_the_card_or_an_openai_404(client, server: LiveServer, http):
+    card = client.models.retrieve(server.model)
+    assert card.id == server.model and card.object == "model"
+    assert http.get(f"/v1/models/{server.model}").json() == http.get("/v1/models").json()["data"][0]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("org/no-such-model")
 
 
 def test_models_lists_the_served_model_with_root_and_context_length(client, server: LiveServer, http):
