@@ -5,38 +5,20 @@ choice never depends on its batch. Random draws are Gumbel-max with noise from a
 hash of (seed, token position, vocab index): no generator state is shared or advanced, so the
 same seed gives the same tokens whatever else runs, and a preempted and recomputed request draws
 exactly what it drew before.
+
+Rows that only need greedy or temperature sampling (the common case) are sampled where the logits
+are, in one `kernels.sample_tokens` call; on a GPU only their token ids reach the host. A row with
+penalties, a logit bias, a min_tokens ban or a top-k/top-p/min-p filter is processed on the host,
+one row at a time. Logprobs are computed on the device for the rows that ask for them.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import kernels
-from engine.request import Request, TokenLogprob
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_POSITION_STRIDE = np.uint64(0xD1B54A32D192ED03)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def uniform_noise(seed: int, position: int, vocab_size: int) -> np.ndarray:
-    """Uniforms in (0, 1), float64, one per vocab index: a pure function of (seed, position, index)."""
-    with np.errstate(over="ignore"):
-        base = _splitmix64(np.array([seed], dtype=np.uint64) ^ (np.uint64(position) * _POSITION_STRIDE))
-        z = _splitmix64(base + np.arange(vocab_size, dtype=np.uint64) * _GOLDEN)
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-
-
-def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
-    return torch.from_numpy(-np.log(-np.log(uniform_noise(seed, position, vocab_size))))
+from engine.request import Request, SamplingParams, TokenLogprob
+from kernels.reference import gumbel_noise
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
@@ -82,30 +64,73 @@ def _filtered(logits: torch.Tensor, request: Request) -> torch.Tensor:
     return scaled
 
 
+def _needs_host(request: Request) -> bool:
+    """Whether the row needs the per-row host path: anything beyond logits / temperature."""
+    p = request.params
+    return bool(
+        p.logit_bias
+        or request.num_output_tokens < p.min_tokens
+        or p.repetition_penalty != 1.0
+        or ((p.presence_penalty or p.frequency_penalty) and request.output_token_ids)
+        or (not p.greedy and (p.top_k or p.top_p < 1.0 or p.min_p > 0.0))
+    )
+
+
+def _sample_on_host(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> int:
+    row = apply_penalties_and_bias(logits, request, eos_token_ids)
+    if request.params.greedy:
+        return int(torch.argmax(row))
+    noise = gumbel_noise(request.seed, request.num_tokens, row.shape[0])
+    return int(torch.argmax(_filtered(row, request) + noise))
+
+
+def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], params: list[SamplingParams]) -> list[TokenLogprob]:
+    """The chosen token's logprob and the top-k alternatives for the given rows of logits [S, V].
+
+    Top-k lists are ordered by logprob, then token id, so ties read the same on every device.
+    """
+    device = logits.device
+    logprobs = kernels.log_softmax(logits[torch.tensor(rows, device=device)])  # [R, V] float32
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0].tolist()
+    max_k = max(p.logprobs for p in params)
+    if max_k:
+        top_values, top_ids = (t.tolist() for t in torch.topk(logprobs, max_k))
+    else:
+        top_values = top_ids = [[] for _ in rows]
+    entries = []
+    for token, logprob, values, ids, p in zip(tokens, chosen, top_values, top_ids, params):
+        top = sorted(zip(ids, values), key=lambda pair: (-pair[1], pair[0]))[: p.logprobs]
+        entries.append(TokenLogprob(token_id=token, logprob=logprob, top=top))
+    return entries
+
+
 def sample(
     logits: torch.Tensor, requests: list[Request], eos_token_ids: tuple[int, ...]
 ) -> list[tuple[int, TokenLogprob | None]]:
     """Pick the next token for each row of logits [S, V] (row i belongs to requests[i])."""
-    logits = logits.float().cpu()
-    want_logprobs = any(r.params.logprobs is not None for r in requests)
-    logprobs = kernels.log_softmax(logits) if want_logprobs else None
-    results: list[tuple[int, TokenLogprob | None]] = []
-    for i, request in enumerate(requests):
-        row = apply_penalties_and_bias(logits[i], request, eos_token_ids)
-        if request.params.greedy:
-            token = int(torch.argmax(row))
-        else:
-            noise = gumbel_noise(request.seed, request.num_tokens, row.shape[0])
-            token = int(torch.argmax(_filtered(row, request) + noise))
-        entry = None
-        if logprobs is not None and request.params.logprobs is not None:
-            row_lp = logprobs[i]
-            k = request.params.logprobs
-            top = torch.topk(row_lp, k) if k else None
-            entry = TokenLogprob(
-                token_id=token,
-                logprob=float(row_lp[token]),
-                top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
-            )
-        results.append((token, entry))
+    logits = logits.float()
+    device = logits.device
+    tokens = [0] * len(requests)
+    needs_host = [_needs_host(r) for r in requests]
+    on_device = [i for i, host in enumerate(needs_host) if not host]
+    if on_device:
+        picked = kernels.sample_tokens(
+            logits[torch.tensor(on_device, device=device)],
+            torch.tensor([requests[i].params.temperature for i in on_device], dtype=torch.float64, device=device),
+            torch.tensor([requests[i].seed for i in on_device], dtype=torch.int64, device=device),
+            torch.tensor([requests[i].num_tokens for i in on_device], dtype=torch.int64, device=device),
+        )
+        for i, token in zip(on_device, picked.tolist()):
+            tokens[i] = token
+    on_host = [i for i, host in enumerate(needs_host) if host]
+    if on_host:
+        host_rows = logits[torch.tensor(on_host, device=device)].cpu()
+        for i, row in zip(on_host, host_rows):
+            tokens[i] = _sample_on_host(row, requests[i], eos_token_ids)
+    results: list[tuple[int, TokenLogprob | None]] = [(token, None) for token in tokens]
+    wanting = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if wanting:
+        entries = _logprobs(logits, wanting, [tokens[i] for i in wanting], [requests[i].params for i in wanting])
+        for i, entry in zip(wanting, entries):
+            results[i] = (tokens[i], entry)
     return results

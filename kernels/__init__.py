@@ -6,7 +6,7 @@ the current context and restores the previous one afterwards, even on error.
 
 On CPU both modes run the pure-PyTorch ops in `reference.py`. On a CUDA tensor, `fast` is plain
 torch (cuBLAS, SDPA) and `invariant` runs the Triton kernels (matmul.py, rmsnorm.py,
-paged_attention.py, sampling.py) with the tile configs pinned for the GPU's arch in configs.py,
+paged_attention.py, sampling.py's log-softmax) with the tile configs pinned for the GPU's arch in configs.py,
 when triton can be imported. Elementwise ops (RoPE, SiLU-mul, residual adds, kv_store) stay torch
 on the GPU in both modes: each output element is computed by the same formula whatever the shape,
 so they are exact per element and batch-invariant as they are. Reductions (matmul, RMSNorm,
@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _use_triton(x):
         from kernels import matmul
 
-        return matmul.linear(x, weight, bias, _triton_config(x.device).matmul)
+        return matmul.linear(x, weight, bias, _triton_config(x.device).matmul_for(*weight.shape))
     return (reference.linear_invariant if _invariant() else reference.linear_fast)(x, weight, bias)
 
 
@@ -115,6 +115,22 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
         return sampling.log_softmax(logits, _triton_config(logits.device).rows)
     return (reference.log_softmax_invariant if _invariant() else reference.log_softmax_fast)(logits)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Next token per row of logits [S, V]: Gumbel-max over (seed, position)-hashed noise, greedy at T = 0.
+
+    temperatures [S] float64, seeds and positions [S] int64, on the logits' device; returns [S]
+    int64 there. One implementation per device in both modes: it is row-wise by construction and
+    cheap, and on the GPU it keeps the [S, V] logits off the host (only S token ids cross).
+    """
+    if logits.is_cuda and _triton_available():
+        from kernels import sampling
+
+        return sampling.sample_tokens(logits, temperatures, seeds, positions, _triton_config(logits.device).rows)
+    return reference.sample_tokens(logits, temperatures, seeds, positions)
 
 
 def rope(
@@ -173,5 +189,6 @@ __all__ = [
     "mode",
     "rms_norm",
     "rope",
+    "sample_tokens",
     "silu_mul",
 ]

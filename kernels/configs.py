@@ -53,9 +53,14 @@ class RowConfig:
 
 @dataclass(frozen=True)
 class ArchConfig:
-    matmul: MatmulConfig
+    matmul: MatmulConfig  # for every weight shape without an entry below
     attention: AttentionConfig
     rows: RowConfig
+    matmul_by_shape: tuple[tuple[tuple[int, int], MatmulConfig], ...] = ()  # ((N, K), config): tuned per weight
+
+    def matmul_for(self, n: int, k: int) -> MatmulConfig:
+        """The one tiling for a weight [N, K]: a function of the weight's shape, never of M."""
+        return dict(self.matmul_by_shape).get((n, k), self.matmul)
 
 
 PINNED: dict[tuple[int, int], ArchConfig] = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -271,3 +272,47 @@ def _attend_splits(
         l = l * alpha + p.sum(-1, keepdim=True) * beta
         m = m_new
     return o, l
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_POSITION_STRIDE = np.uint64(0xD1B54A32D192ED03)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform_noise(seed: int, position: int, vocab_size: int) -> np.ndarray:
+    """Uniforms in (0, 1), float64, one per vocab index: a pure function of (seed, position, index)."""
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([seed], dtype=np.uint64) ^ (np.uint64(position) * _POSITION_STRIDE))
+        z = _splitmix64(base + np.arange(vocab_size, dtype=np.uint64) * _GOLDEN)
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), float64 [vocab_size], for Gumbel-max sampling."""
+    return torch.from_numpy(-np.log(-np.log(uniform_noise(seed, position, vocab_size))))
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Per row of logits [S, V]: argmax(logits / T + gumbel_noise(seed, position)) in float64, or
+    argmax(logits) where T = 0 (first index on a tie). Returns [S] int64 on the logits' device."""
+    rows = logits.float().cpu()
+    tokens = []
+    for row, temperature, seed, position in zip(rows, temperatures.tolist(), seeds.tolist(), positions.tolist()):
+        if temperature == 0:
+            tokens.append(int(torch.argmax(row)))
+        else:
+            keys = row.double() / temperature + gumbel_noise(seed, position, row.shape[0])
+            tokens.append(int(torch.argmax(keys)))
+    return torch.tensor(tokens, dtype=torch.int64, device=logits.device)

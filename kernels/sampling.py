@@ -1,8 +1,14 @@
-"""Batch-invariant row-wise log-softmax in Triton.
+"""Batch-invariant row-wise log-softmax and token sampling in Triton.
 
-One program owns one row and walks the vocab in fixed blocks, in order: a lane-wise running max
-and rescaled sum of exponentials (online softmax), folded across lanes once at the end. The
-blocks, lanes and fold never depend on the number of rows, so neither do a row's bits.
+One program owns one row and walks the vocab in fixed blocks, in order: for log-softmax a
+lane-wise running max and rescaled sum of exponentials (online softmax), folded across lanes once
+at the end; for sampling a lane-wise running argmax. The blocks, lanes and fold never depend on
+the number of rows, so neither do a row's bits.
+
+Sampling is Gumbel-max: argmax(logits / T + g) with g = -log(-log(u)) in float64, where u comes
+from a counter-based hash (splitmix64) of (seed, token position, vocab index), bit for bit the
+hash of `reference.uniform_noise`. No generator state exists, so a row's draw depends on nothing
+but its own seed and position, and only the chosen token ids leave the GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ from kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# splitmix64 and the stream constants of reference.uniform_noise
+GOLDEN: tl.constexpr = tl.constexpr(0x9E3779B97F4A7C15)
+MIX1: tl.constexpr = tl.constexpr(0xBF58476D1CE4E5B9)
+MIX2: tl.constexpr = tl.constexpr(0x94D049BB133111EB)
+POSITION_STRIDE: tl.constexpr = tl.constexpr(0xD1B54A32D192ED03)
+TWO_POW_MINUS_53: tl.constexpr = tl.constexpr(1.1102230246251565e-16)
 
 
 @triton.jit
@@ -48,6 +60,56 @@ def log_softmax(logits: torch.Tensor, config: RowConfig) -> torch.Tensor:
     if rows:
         _log_softmax_kernel[(rows,)](
             logits, out, vocab, logits.stride(0), out.stride(0),
+            BLOCK=config.softmax_block, num_warps=config.softmax_warps, **LAUNCH_OPTIONS,
+        )
+    return out
+
+
+@triton.jit
+def _splitmix64(z):
+    """The splitmix64 finalizer on uint64 (multiplications wrap, shifts are logical)."""
+    z = (z ^ (z >> 30)) * MIX1
+    z = (z ^ (z >> 27)) * MIX2
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, tokens_ptr, temperature_ptr, seed_ptr, position_ptr, V, stride, BLOCK: tl.constexpr):
+    """Program per row: argmax of logits / T + Gumbel(seed, position, index) in float64, or of the
+    logits when T = 0; the lowest index wins a tie, as in torch.argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    temperature = tl.load(temperature_ptr + row)  # float64
+    seed = tl.load(seed_ptr + row).to(tl.uint64, bitcast=True)
+    position = tl.load(position_ptr + row).to(tl.uint64, bitcast=True)
+    stream = _splitmix64(seed ^ (position * POSITION_STRIDE))
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float64)  # per lane: the first maximum it met
+    best_index = offs
+    for start in range(0, V, BLOCK):
+        index = start + offs
+        x = tl.load(logits_ptr + row * stride + index, mask=index < V, other=float("-inf")).to(tl.float64)
+        if temperature > 0:
+            z = _splitmix64(stream + index.to(tl.uint64) * GOLDEN)
+            u = ((z >> 11).to(tl.float64) + 0.5) * TWO_POW_MINUS_53  # in (0, 1)
+            x = x / temperature - tl.log(-tl.log(u))
+        better = x > best
+        best = tl.where(better, x, best)
+        best_index = tl.where(better, index, best_index)
+    top = tl.max(best, axis=0)
+    tl.store(tokens_ptr + row, tl.min(tl.where(best == top, best_index, V), axis=0).to(tl.int64))
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, config: RowConfig
+) -> torch.Tensor:
+    """Token ids [S] int64 for logits [S, V]; temperatures [S] float64 (0 = greedy), seeds and
+    positions [S] int64, all on the logits' device."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        _sample_kernel[(rows,)](
+            logits, out, temperatures, seeds, positions, vocab, logits.stride(0),
             BLOCK=config.softmax_block, num_warps=config.softmax_warps, **LAUNCH_OPTIONS,
         )
     return out

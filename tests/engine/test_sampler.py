@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.request import FinishReason, Request, SamplingParams
-from engine.sampler import apply_penalties_and_bias, sample, uniform_noise
+from engine.sampler import apply_penalties_and_bias, sample
+from kernels.reference import uniform_noise
 from engine.tokenizer import StopChecker
 
 VOCAB = 1000

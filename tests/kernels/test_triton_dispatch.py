@@ -25,6 +25,15 @@ def test_triton_digest_changes_with_the_pinned_tiles_and_the_triton_version() ->
     assert repr(retiled) not in sm90
 
 
+def test_a_matmul_tiling_pinned_for_one_weight_shape_applies_to_that_shape_alone() -> None:
+    sm90 = configs.PINNED[(9, 0)]
+    tuned = dataclasses.replace(sm90.matmul, block_n=256)
+    arch = dataclasses.replace(sm90, matmul_by_shape=(((14336, 4096), tuned),))
+    assert arch.matmul_for(14336, 4096) == tuned
+    assert arch.matmul_for(4096, 14336) == arch.matmul_for(4096, 4096) == sm90.matmul
+    assert repr(tuned) in repr(arch) and repr(tuned) not in repr(sm90)  # and so in the fingerprint's digest
+
+
 @pytest.mark.parametrize("mode", kernels.MODES)
 def test_add_rms_norm_on_cpu_gives_the_bits_of_the_add_then_the_norm(mode: str) -> None:
     g = torch.Generator().manual_seed(0)

@@ -53,7 +53,7 @@ def _randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("k,n", LAYER_SHAPES)
 def test_matmul_rows_are_batch_invariant_for_m_from_1_to_8192(k: int, n: int) -> None:
-    config = _arch().matmul
+    config = _arch().matmul_for(n, k)
     x, w = _randn(8192, k, seed=k), _randn(n, k, seed=n, scale=k**-0.5)
     full = matmul.linear(x, w, None, config)
     for m in M_VALUES:
@@ -67,7 +67,7 @@ def test_matmul_rows_are_batch_invariant_for_m_from_1_to_8192(k: int, n: int) ->
 @pytest.mark.parametrize("k,n", LAYER_SHAPES)
 @pytest.mark.parametrize("m", [1, 64, 1000])
 def test_matmul_parallel_and_sequential_split_launches_agree(k: int, n: int, m: int) -> None:
-    config = _arch().matmul
+    config = _arch().matmul_for(n, k)
     x, w, b = _randn(m, k, seed=1), _randn(n, k, seed=2, scale=k**-0.5), _randn(n, seed=3)
     parallel = matmul.linear(x, w, b, config, launch="parallel")
     assert torch.equal(parallel, matmul.linear(x, w, b, config, launch="sequential"))
@@ -75,7 +75,7 @@ def test_matmul_parallel_and_sequential_split_launches_agree(k: int, n: int, m: 
 
 def test_matmul_matches_float64_in_bfloat16() -> None:
     x, w, b = _randn(64, 4096, seed=4), _randn(1024, 4096, seed=5, scale=4096**-0.5), _randn(1024, seed=6)
-    out = matmul.linear(x, w, b, _arch().matmul)
+    out = matmul.linear(x, w, b, _arch().matmul_for(1024, 4096))
     ref = x.double() @ w.double().T + b.double()
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-2
 
@@ -101,6 +101,18 @@ def test_log_softmax_is_batch_invariant_over_a_llama3_vocab() -> None:
     for m in (1, 7, 33):
         assert torch.equal(sampling.log_softmax(logits[:m], rows), full[:m])
     assert (full.double() - torch.log_softmax(logits.double(), -1)).abs().max() < 1e-4
+
+
+def test_sampling_over_a_llama3_vocab_ignores_the_batch_and_matches_the_host_reference() -> None:
+    rows = _arch().rows
+    logits = _randn(64, 128256, seed=14, scale=3.0).float()
+    temperatures = torch.tensor([(0.0, 0.6, 1.0, 1.3)[i % 4] for i in range(64)], dtype=torch.float64, device=DEVICE)
+    seeds = torch.arange(64, dtype=torch.int64, device=DEVICE) * 7_919_000_003
+    positions = torch.arange(64, dtype=torch.int64, device=DEVICE) + 4000
+    full = sampling.sample_tokens(logits, temperatures, seeds, positions, rows)
+    for m in (1, 7, 33):
+        assert torch.equal(sampling.sample_tokens(logits[:m], temperatures[:m], seeds[:m], positions[:m], rows), full[:m])
+    assert torch.equal(full.cpu(), kernels.reference.sample_tokens(logits, temperatures, seeds, positions).cpu())
 
 
 def _attention_cache(seed: int) -> PagedCache:
@@ -153,7 +165,7 @@ def test_attention_launches_agree_on_a_crowded_decode_and_prefill_step() -> None
 def test_invariant_mode_on_cuda_dispatches_to_triton_and_fingerprints_its_configs() -> None:
     x, w = _randn(5, 4096, seed=12), _randn(1024, 4096, seed=13)
     with kernels.mode("invariant"):
-        assert torch.equal(kernels.linear(x, w), matmul.linear(x, w, None, _arch().matmul))
+        assert torch.equal(kernels.linear(x, w), matmul.linear(x, w, None, _arch().matmul_for(1024, 4096)))
     with kernels.mode("fast"):
         assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w))
     assert repr(_arch()) in kernels.config_digest()

@@ -1,4 +1,4 @@
-"""Triton row-wise reductions (RMSNorm, fused add + RMSNorm, log-softmax): batch-invariant, accurate.
+"""Triton row-wise reductions (RMSNorm, fused add + RMSNorm, log-softmax, sampling): batch-invariant, accurate.
 
 Runs in the Triton interpreter without a GPU, compiled on a GPU.
 """
@@ -14,7 +14,7 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-from kernels import configs, rmsnorm, sampling  # noqa: E402
+from kernels import configs, reference, rmsnorm, sampling  # noqa: E402
 
 ROWS = configs.PINNED[(9, 0)].rows
 DTYPES = [torch.float16, torch.float32]
@@ -83,3 +83,43 @@ def test_log_softmax_matches_float64_and_keeps_banned_tokens_at_minus_infinity(d
     assert torch.equal(torch.isinf(out), torch.isinf(expected))
     finite = torch.isfinite(expected)
     assert (out.double()[finite] - expected[finite]).abs().max() < 1e-5
+
+
+def _sampling_inputs(num_rows: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Temperatures cycling through greedy and three sampling temperatures, 63-bit seeds, positions."""
+    g = torch.Generator().manual_seed(seed)
+    temperatures = torch.tensor([(0.0, 0.7, 1.0, 1.6)[i % 4] for i in range(num_rows)], dtype=torch.float64)
+    seeds = torch.randint(0, 2**63 - 1, (num_rows,), generator=g, dtype=torch.int64)
+    positions = torch.randint(0, 100_000, (num_rows,), generator=g, dtype=torch.int64)
+    return tuple(t.to(DEVICE) for t in (temperatures, seeds, positions))
+
+
+def test_sampled_tokens_equal_the_reference_gumbel_max_and_greedy_choices() -> None:
+    # On a GPU the float64 log is libdevice's, not numpy's; a choice could only flip if two keys
+    # of a row lay within a few ulps of each other, which random logits do not produce.
+    logits = _rows(12, 9000, torch.float32, 11, scale=2.0)
+    logits[1, ::3] = float("-inf")  # banned tokens are never drawn
+    logits[4, [17, 4000, 8999]] = 50.0  # a three-way tie at the top: the lowest index wins, greedy or not
+    logits[8, [5, 6]] = 90.0
+    temperatures, seeds, positions = _sampling_inputs(12, 0)
+    tokens = sampling.sample_tokens(logits, temperatures, seeds, positions, ROWS)
+    assert torch.equal(tokens.cpu(), reference.sample_tokens(logits, temperatures, seeds, positions).cpu())
+    assert tokens[4] == 17 and tokens[8] == 5 and tokens[1] % 3 != 0
+
+
+@SETTINGS
+@given(company=companies())
+def test_a_rows_sampled_token_is_independent_of_batch(company) -> None:
+    batch_size, position, seed = company
+    batch_size, position = min(batch_size, 8), min(position, 7, batch_size - 1)
+    logits = _rows(batch_size, 3000, torch.float32, seed, scale=0.5)  # flat logits: the noise decides
+    temperatures, seeds, positions = _sampling_inputs(batch_size, seed)
+    one = slice(position, position + 1)
+    alone = sampling.sample_tokens(logits[one], temperatures[one], seeds[one], positions[one], ROWS)
+    assert alone[0] == sampling.sample_tokens(logits, temperatures, seeds, positions, ROWS)[position]
+
+
+def test_a_row_with_every_token_banned_picks_token_zero_like_torch_argmax() -> None:
+    logits = torch.full((2, 5000), float("-inf"), device=DEVICE)
+    temperatures, seeds, positions = _sampling_inputs(2, 1)
+    assert sampling.sample_tokens(logits, temperatures, seeds, positions, ROWS).tolist() == [0, 0]
