@@ -3,7 +3,9 @@
 # pytest and hypothesis already installed: installs nothing, needs no network and no gguf.
 #   1. the `gpu` tests: bf16 invariance at Llama-3-8B shapes and a whole random-weight 8B model;
 #   2. the interpreter-sized Triton tests, here compiled for this GPU (fp16/fp32, small tiles);
-#   3. bench.kernels: invariant kernels vs cuBLAS / SDPA, timed in the same run.
+#   3. bench.kernels: invariant kernels vs cuBLAS / SDPA, timed in the same run;
+#   4. bench.kernels --sweep: candidate tilings, each checked invariant, timed against cuBLAS, and the
+#      best per weight shape printed as configs.py entries (pin them, then rerun step 3).
 # A summary table comes last; the exit status is nonzero if a step failed.
 # Usage, from anywhere: bash bench/gpu_check.sh   (PYTHON=/path/to/python to pick the interpreter)
 set -uo pipefail
@@ -31,20 +33,22 @@ run_step gpu_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kerne
 run_step compiled_small_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
     tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py tests/kernels/test_triton_attention.py
 run_step bench "$PYTHON" -m bench.kernels
+run_step sweep "$PYTHON" -m bench.kernels --sweep
 
 echo
 echo "== gpu_check summary =="
 status=0
 printf '%-22s %-4s %s\n' step rc result
-for name in gpu_tests compiled_small_tests bench; do
+for name in gpu_tests compiled_small_tests bench sweep; do
     rc=$(cat "$logs/$name.rc")
     [ "$rc" = 0 ] || status=1
-    if [ "$name" = bench ]; then
+    if [ "$name" = bench ] || [ "$name" = sweep ]; then
         result=$([ "$rc" = 0 ] && echo "table below" || tail -n 1 "$logs/$name.log")
     else
         result=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$logs/$name.log" | tail -n 1)
     fi
     printf '%-22s %-4s %s\n' "$name" "$rc" "$result"
 done
+sed -n '/^best invariant tiling/,$p' "$logs/sweep.log"
 sed -n '/^== summary/,$p' "$logs/bench.log"
 exit $status

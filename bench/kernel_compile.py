@@ -6,7 +6,10 @@ interpreter cannot: that each kernel compiles at its pinned configuration for sm
 and sm_80 (the default tiles) with real model shapes, whether the matmul reached Hopper's
 warpgroup MMA (`wgmma`) or fell back to `mma.sync`, and each kernel's registers, spills and
 shared memory. Arguments are specialised as a real launch specialises them (unit strides become
-constants, pointers are 16-byte aligned), so the binaries are the ones a launch would build.
+constants, integers divisible by 16 carry that fact, pointers are 16-byte aligned) with the values
+an 8B-shape step passes, so the binaries are the ones a launch would build. That matters: without
+the divisibility of K the compiler cannot vectorize the K-masked loads, and the matmul then shows
+255 registers and spills that a real launch never has.
 
 Run it with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
 """
@@ -27,10 +30,9 @@ from typing import Any
 
 # Pointers that are not in the activation dtype.
 _POINTER_DTYPES = {"part_ptr": "fp32", "part_o_ptr": "fp32", "part_ml_ptr": "fp32", "tables_ptr": "i32",
-                   "items_ptr": "i32", "programs_ptr": "i32"}
-_UNALIGNED = {"programs_ptr"}  # a view into the step's item table at any int32 offset
+                   "items_ptr": "i32", "programs_ptr": "i32", "logits_ptr": "fp32", "tokens_ptr": "i64",
+                   "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64"}
 _FLOAT_ARGS = {"eps", "qk_scale"}
-_UNIT_STRIDES = {"stride_ak", "stride_bk"}  # contiguous rows: a launch specialises these to the constant 1
 
 
 @dataclass
@@ -44,9 +46,13 @@ class CompiledKernel:
     stack_bytes: int  # per thread; nonzero = register spills
     shared_bytes: int
     mma: str  # "wgmma", "mma.sync" or "none"
+    async_copy_bytes: list[int]  # distinct sizes of its global -> shared async copies (16 = vectorized)
 
 
-def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any]) -> Any:
+def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any], ints: dict[str, int]) -> Any:
+    """The kernel as a launch with these integer arguments would specialise it (Triton's rule: an
+    integer equal to 1 becomes a constant, one divisible by 16 is marked so, a pointer is marked
+    16-byte aligned; never for parameters the kernel excludes from specialisation)."""
     from triton.compiler import ASTSource
 
     signature, constants, attrs = {}, {}, {}
@@ -54,15 +60,21 @@ def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any]) -> Any:
         if param.is_constexpr:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
-        elif name in _UNIT_STRIDES:
-            signature[name] = "constexpr"
-            constants[(i,)] = 1
         elif name.endswith("_ptr"):
             signature[name] = "*" + _POINTER_DTYPES.get(name, dtype)
-            if name not in _UNALIGNED:
+            if not (param.do_not_specialize or param.do_not_specialize_on_alignment):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif param.do_not_specialize:
+            signature[name] = "i32"
+        elif ints[name] == 1:
+            signature[name] = "constexpr"
+            constants[(i,)] = 1
         else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
 
 
@@ -86,17 +98,29 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple]:
-    """(kernel, variant, constexprs(config), launch options(config)) for every kernel an 8B-shape model runs."""
+    """(kernel, variant, constexprs(config), launch options(config), integer arguments(config)) for
+    every kernel an 8B-shape model runs; the integers are those of one decode step (the o_proj matmul,
+    a q view of the fused qkv output, a 16-token page) and decide the launch's specialisation."""
     import triton
 
     from kernels import matmul, paged_attention, rmsnorm, sampling
 
+    def o_proj(config):
+        return config.matmul_for(hidden, hidden)
+
     def mm(config, has_bias):
-        return dict(BM=config.matmul.block_m, BN=config.matmul.block_n, BK=config.matmul.block_k,
-                    PRECISION="tf32", HAS_BIAS=has_bias, GROUP_M=config.matmul.group_m)
+        tiles = o_proj(config)
+        return dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, PRECISION="tf32", HAS_BIAS=has_bias,
+                    GROUP_M=tiles.group_m)
 
     def mm_opts(config):
-        return dict(num_warps=config.matmul.num_warps, num_stages=config.matmul.num_stages)
+        return dict(num_warps=o_proj(config).num_warps, num_stages=o_proj(config).num_stages)
+
+    def mm_ints(config):
+        splits = matmul.num_k_splits(hidden, hidden, o_proj(config))
+        k_per_split = triton.cdiv(triton.cdiv(hidden, o_proj(config).block_k), splits) * o_proj(config).block_k
+        return dict(N=hidden, K=hidden, S=splits, K_PER_SPLIT=k_per_split, stride_am=hidden, stride_ak=1,
+                    stride_bn=hidden, stride_bk=1)
 
     def attn(config):
         return dict(G=heads // kv_heads, BLOCK_M=config.attention.block_m, BLOCK_N=config.attention.block_n,
@@ -105,21 +129,29 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     def attn_opts(config):
         return dict(num_warps=config.attention.num_warps, num_stages=config.attention.num_stages)
 
+    def attn_ints(config):
+        return dict(stride_qt=(heads + 2 * kv_heads) * head_dim, stride_qh=head_dim, stride_ot=heads * head_dim,
+                    stride_oh=head_dim, stride_slot=kv_heads * head_dim, stride_head=head_dim, page_size=16,
+                    D=head_dim, H=heads)
+
     norm_block = triton.next_power_of_2(hidden)
-    del intermediate, vocab  # shapes enter the kernels at run time only; tiles are fixed per arch
+    rows = dict(D=hidden, stride_x=hidden, stride_res=hidden, stride_out=hidden, stride_sum=hidden)
+    del intermediate  # shapes enter the kernels at run time only; tiles are fixed per arch
     return [
-        (matmul._matmul_sequential_splits_kernel, "sequential splits", lambda c: mm(c, False), mm_opts),
-        (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts),
+        (matmul._matmul_sequential_splits_kernel, "sequential splits", lambda c: mm(c, False), mm_opts, mm_ints),
+        (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts, mm_ints),
         (matmul._fold_splits_kernel, "fold", lambda c: dict(HAS_BIAS=True, BLOCK=matmul._REDUCE_BLOCK),
-         lambda c: dict(num_warps=4)),
+         lambda c: dict(num_warps=4), mm_ints),
         (rmsnorm._rms_norm_kernel, "with residual", lambda c: dict(HAS_RESIDUAL=True, BLOCK=norm_block),
-         lambda c: dict(num_warps=max(1, min(norm_block // 512, c.rows.norm_max_warps)))),
+         lambda c: dict(num_warps=max(1, min(norm_block // 512, c.rows.norm_max_warps))), lambda c: rows),
         (sampling._log_softmax_kernel, "", lambda c: dict(BLOCK=c.rows.softmax_block),
-         lambda c: dict(num_warps=c.rows.softmax_warps)),
-        (paged_attention._attention_sequential_kernel, "sequential", attn, attn_opts),
-        (paged_attention._attention_split_kernel, "split", attn, attn_opts),
+         lambda c: dict(num_warps=c.rows.softmax_warps), lambda c: dict(V=vocab, stride_x=vocab, stride_out=vocab)),
+        (sampling._sample_kernel, "", lambda c: dict(BLOCK=c.rows.softmax_block),
+         lambda c: dict(num_warps=c.rows.softmax_warps), lambda c: dict(V=vocab, stride=vocab)),
+        (paged_attention._attention_sequential_kernel, "sequential", attn, attn_opts, attn_ints),
+        (paged_attention._attention_split_kernel, "split", attn, attn_opts, attn_ints),
         (paged_attention._attention_merge_kernel, "merge",
-         lambda c: {k: v for k, v in attn(c).items() if k in ("G", "BLOCK_M", "HEAD")}, attn_opts),
+         lambda c: {k: v for k, v in attn(c).items() if k in ("G", "BLOCK_M", "HEAD")}, attn_opts, attn_ints),
     ]
 
 
@@ -134,28 +166,29 @@ def compile_all(capabilities: list[tuple[int, int]], dtype: str, shapes: dict[st
     results = []
     for major, minor in capabilities:
         config = configs.for_capability((major, minor))
-        for fn, variant, constexprs, options in plans(**shapes):
+        for fn, variant, constexprs, options, ints in plans(**shapes):
             started = time.perf_counter()
             compiled = triton.compile(
-                _ast_source(fn, dtype, constexprs(config)),
+                _ast_source(fn, dtype, constexprs(config), ints(config)),
                 target=GPUTarget("cuda", major * 10 + minor, 32),
                 options={**options(config), **configs.LAUNCH_OPTIONS},
             )
             ptx = compiled.asm["ptx"]
             registers, stack = _resource_usage(compiled.asm["cubin"])
             mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+            copies = sorted({int(size, 0) for size in re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]+\], \[[^]]+\], (\w+)", ptx)})
             results.append(CompiledKernel(
                 arch=f"sm_{major}{minor}", kernel=fn.__name__.strip("_"), variant=variant, dtype=dtype,
                 seconds=round(time.perf_counter() - started, 2), registers=registers, stack_bytes=stack,
-                shared_bytes=compiled.metadata.shared, mma=mma,
+                shared_bytes=compiled.metadata.shared, mma=mma, async_copy_bytes=copies,
             ))
     return results
 
 
 def table(results: list[CompiledKernel]) -> str:
-    headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "compile s"]
+    headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "async copy B", "compile s"]
     rows = [[r.arch, r.kernel, r.variant, r.dtype, r.registers, r.stack_bytes, round(r.shared_bytes / 1024, 1),
-             r.mma, r.seconds] for r in results]
+             r.mma, ",".join(map(str, r.async_copy_bytes)) or "-", r.seconds] for r in results]
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

@@ -6,6 +6,11 @@ cuBLAS (`F.linear`) at Llama-3-8B layer shapes; attention against torch SDPA on 
 bfloat16 with the configs pinned for this GPU. Every ratio compares two timings from the same run
 (triton.testing.do_bench medians). Per-shape lines come first, a short summary table last.
 Prints numbers; asserts nothing.
+
+`--sweep` times candidate tilings instead, to choose what configs.py pins: per weight shape,
+each matmul candidate at every M (with its bitwise invariance across M and across the two
+split-K launches checked first), and each attention candidate on the decode cases (with its two
+launches checked equal). It ends with the best invariant candidate per shape, ready to paste.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 if __name__ == "__main__" and not __package__:  # run as a file: import the repo's `kernels`, not this one
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -32,15 +39,44 @@ PREFILL = [(1, 2048), (4, 1024)]  # (sequences, prompt tokens each)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B attention
 
 
+def _matmul_candidate(bm: int, bn: int, bk: int, warps: int, stages: int, programs: int, min_tiles: int) -> configs.MatmulConfig:
+    return configs.MatmulConfig(
+        block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages,
+        target_programs=programs, max_splits=16, min_k_tiles_per_split=min_tiles,
+    )
+
+
+# Hopper tilings to sweep (132 SMs: one or two waves of split-K programs at decode sizes).
+MATMUL_CANDIDATES = [
+    _matmul_candidate(128, 128, 64, 8, 3, 132, 8),  # the pinned default
+    _matmul_candidate(128, 128, 64, 8, 4, 132, 8),
+    _matmul_candidate(128, 128, 64, 8, 3, 264, 4),
+    _matmul_candidate(128, 128, 64, 4, 3, 132, 8),
+    _matmul_candidate(128, 256, 64, 8, 3, 132, 8),
+    _matmul_candidate(128, 64, 64, 4, 4, 264, 8),
+    _matmul_candidate(64, 128, 64, 4, 4, 132, 8),
+    _matmul_candidate(64, 64, 128, 4, 3, 264, 4),
+]
+ATTENTION_CANDIDATES = [
+    configs.AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # the pinned default
+    configs.AttentionConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+    configs.AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
+    configs.AttentionConfig(block_m=64, block_n=128, num_warps=8, num_stages=2),
+    configs.AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+]
+
+
 def _ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def bench_matmul(config: configs.MatmulConfig) -> list[tuple[str, int, float, float]]:
+def bench_matmul(arch: configs.ArchConfig) -> list[tuple[str, int, float, float]]:
     rows = []
-    print(f"\nmatmul bf16, invariant Triton vs cuBLAS F.linear  ({config})")
+    print("\nmatmul bf16, invariant Triton vs cuBLAS F.linear")
     print(f"{'K x N':>13} {'M':>5} {'S':>3} {'launch':>10} {'ours ms':>9} {'cuBLAS ms':>9} {'ours TF/s':>9} {'ratio':>6}")
     for k, n in MATMUL_SHAPES:
+        config = arch.matmul_for(n, k)
+        print(f"{k:>6} x {n:<5} {config}")
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         splits = matmul.num_k_splits(n, k, config)
         for m in MATMUL_M:
@@ -111,15 +147,113 @@ def _fresh(meta: AttentionMetadata) -> AttentionMetadata:
     return AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.block_size, meta.zero_slot)
 
 
+@dataclass
+class MatmulTrial:
+    """One candidate tiling on one weight shape: its time over cuBLAS's per M, and whether it is invariant."""
+
+    k: int
+    n: int
+    config: configs.MatmulConfig
+    invariant: bool
+    ratios: list[float]  # per M of the sweep, ours / cuBLAS; empty when not invariant (never timed)
+
+    @property
+    def worst(self) -> float:
+        return max(self.ratios) if self.ratios else math.inf
+
+    @property
+    def geomean(self) -> float:
+        return math.exp(sum(map(math.log, self.ratios)) / len(self.ratios)) if self.ratios else math.inf
+
+
+def matmul_is_invariant(x: torch.Tensor, w: torch.Tensor, m_values: list[int], config: configs.MatmulConfig) -> bool:
+    """Rows of every M equal the same rows of the largest batch, and both split-K launches agree."""
+    full = matmul.linear(x, w, None, config)
+    if not all(torch.equal(matmul.linear(x[:m], w, None, config), full[:m]) for m in m_values):
+        return False
+    small = x[: min(m_values)]
+    return torch.equal(
+        matmul.linear(small, w, None, config, launch="parallel"), matmul.linear(small, w, None, config, launch="sequential")
+    )
+
+
+def sweep_matmul(
+    candidates: list[configs.MatmulConfig], shapes: list[tuple[int, int]], m_values: list[int],
+    timer: Callable[[Callable[[], object]], float], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+) -> list[MatmulTrial]:
+    """Every candidate on every (K, N) shape; `timer(fn)` returns fn's time (do_bench on the GPU)."""
+    trials = []
+    for k, n in shapes:
+        g = torch.Generator(device=device).manual_seed(k * 100_003 + n)
+        w = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
+        x = torch.randn(max(m_values), k, generator=g, device=device).to(dtype)
+        cublas = {m: timer(lambda m=m: F.linear(x[:m], w)) for m in m_values}
+        for config in candidates:
+            invariant = matmul_is_invariant(x, w, m_values, config)
+            ratios = [timer(lambda m=m: matmul.linear(x[:m], w, None, config)) / cublas[m] for m in m_values] if invariant else []
+            trials.append(MatmulTrial(k, n, config, invariant, ratios))
+    return trials
+
+
+def best_matmul_per_shape(trials: list[MatmulTrial]) -> dict[tuple[int, int], MatmulTrial]:
+    """Per (K, N): the invariant candidate with the lowest worst-case ratio over M (then geomean)."""
+    best: dict[tuple[int, int], MatmulTrial] = {}
+    for trial in trials:
+        if trial.invariant:
+            current = best.get((trial.k, trial.n))
+            if current is None or (trial.worst, trial.geomean) < (current.worst, current.geomean):
+                best[(trial.k, trial.n)] = trial
+    return best
+
+
+def print_matmul_sweep(trials: list[MatmulTrial], candidates: list[configs.MatmulConfig], m_values: list[int]) -> None:
+    print("\n== matmul sweep: ours / cuBLAS per M (x = not batch-invariant, not timed) ==")
+    print(f"{'K x N':>13} {'#':>2} " + " ".join(f"{'M=' + str(m):>6}" for m in m_values) + f" {'worst':>6} {'geo':>5}  config")
+    for trial in trials:
+        index = candidates.index(trial.config)
+        cells = " ".join(f"{r:6.2f}" for r in trial.ratios) if trial.invariant else " ".join(f"{'x':>6}" for _ in m_values)
+        print(f"{trial.k:>6} x {trial.n:<5} {index:>2} {cells} {trial.worst:6.2f} {trial.geomean:5.2f}  {trial.config}")
+    print("\nbest invariant tiling per weight, as configs.ArchConfig.matmul_by_shape entries ((N, K), config):")
+    for (k, n), trial in sorted(best_matmul_per_shape(trials).items()):
+        print(f"    (({n}, {k}), {trial.config!r}),  # worst {trial.worst:.2f}x, geomean {trial.geomean:.2f}x cuBLAS")
+
+
+def sweep_attention(candidates: list[configs.AttentionConfig]) -> None:
+    """Each candidate's decode bandwidth, after checking its two launches agree on a mixed step."""
+    scale = HEAD_DIM**-0.5
+    print("\n== attention sweep: decode GB/s of K+V read (x = launches disagree, not timed) ==")
+    print(f"{'#':>2} " + " ".join(f"{f'{b}x{n}':>9}" for b, n in DECODE) + "  config")
+    for index, config in enumerate(candidates):
+        q, k_cache, v_cache, meta = _paged(8, 700, 3)
+        runs = [paged_attention.paged_attention(q, k_cache, v_cache, _fresh(meta), scale, config, launch)
+                for launch in ("parallel", "sequential")]
+        if not torch.equal(*runs):
+            print(f"{index:>2} " + " ".join(f"{'x':>9}" for _ in DECODE) + f"  {config}")
+            continue
+        cells = []
+        for batch, seq_len in DECODE:
+            q, k_cache, v_cache, meta = _paged(batch, seq_len, 1)
+            ms = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config))
+            cells.append(2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2 / ms / 1e6)
+        print(f"{index:>2} " + " ".join(f"{c:9.0f}" for c in cells) + f"  {config}")
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the pinned ones")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
     capability = torch.cuda.get_device_capability()
     arch = configs.for_capability(capability)
     print(f"{torch.cuda.get_device_name()} sm_{capability[0]}{capability[1]}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"KV split size {KV_SPLIT_SIZE}; configs pinned for this arch: {capability in configs.PINNED}")
-    mm = bench_matmul(arch.matmul)
+    if args.sweep:
+        sweep_attention(ATTENTION_CANDIDATES)
+        trials = sweep_matmul(MATMUL_CANDIDATES, MATMUL_SHAPES, MATMUL_M, _ms)
+        print_matmul_sweep(trials, MATMUL_CANDIDATES, MATMUL_M)
+        return
+    mm = bench_matmul(arch)
     attn = bench_attention(arch.attention)
 
     print("\n== summary: time ratio invariant / torch (below 1 = faster than torch) ==")

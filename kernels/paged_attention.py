@@ -131,7 +131,9 @@ def _load_queries(q_ptr, tok, head, stride_qt, stride_qh, D, HEAD: tl.constexpr)
     return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)  # [BLOCK_M, HEAD]
 
 
-@triton.jit
+# The step's block-table width and item table offsets vary with the batch: kept out of Triton's
+# specialisation so that every step runs one binary per model.
+@triton.jit(do_not_specialize=["stride_table"])
 def _attention_sequential_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, items_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot, stride_head, page_size, qk_scale, D,
@@ -155,7 +157,7 @@ def _attention_sequential_kernel(
     _store_out(out_ptr, o, l, tok, head, row_ok, stride_ot, stride_oh, D, HEAD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["programs_ptr"])
 def _attention_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, items_ptr, programs_ptr, part_o_ptr, part_ml_ptr,
     stride_qt, stride_qh, stride_table, stride_slot, stride_head, page_size, qk_scale, D, H,

@@ -1,0 +1,59 @@
+"""The tiling sweep of `bench.kernels --sweep`: its checks, its choice and its paste-ready output.
+
+Runs the real sweep code in the Triton interpreter at tiny shapes with a stand-in timer, so the GPU
+session that runs it for timings spends no device time on its bugs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.kernels.test_triton_matmul import SMALL
+from tests.kernels.triton_setup import DEVICE
+
+pytest.importorskip("triton")
+
+from bench import kernels as bench  # noqa: E402
+from kernels import configs  # noqa: E402
+
+WIDER = dataclasses.replace(SMALL, block_n=64)
+
+
+def _trial(config: configs.MatmulConfig, ratios: list[float], invariant: bool = True) -> bench.MatmulTrial:
+    return bench.MatmulTrial(64, 96, config, invariant, ratios if invariant else [])
+
+
+def test_sweep_checks_each_candidate_and_times_it_at_every_m() -> None:
+    calls = []
+
+    def timer(fn) -> float:
+        calls.append(fn())
+        return float(len(calls))
+
+    trials = bench.sweep_matmul([SMALL, WIDER], [(64, 96)], [1, 5, 40], timer, device=DEVICE, dtype=torch.float32)
+    assert [(t.k, t.n, t.config, t.invariant) for t in trials] == [(64, 96, SMALL, True), (64, 96, WIDER, True)]
+    assert len(calls) == 3 * 3  # cuBLAS, then each candidate, at each M
+    assert [tuple(c.shape) for c in calls[:3]] == [(1, 96), (5, 96), (40, 96)]
+    assert trials[0].ratios == [4 / 1, 5 / 2, 6 / 3] and trials[1].ratios == [7 / 1, 8 / 2, 9 / 3]
+
+
+def test_the_invariance_check_rejects_a_kernel_whose_rows_change_with_m(monkeypatch) -> None:
+    x, w = torch.randn(40, 64, device=DEVICE), torch.randn(96, 64, device=DEVICE)
+    assert bench.matmul_is_invariant(x, w, [1, 5, 40], SMALL)
+    linear = bench.matmul.linear
+    monkeypatch.setattr(bench.matmul, "linear", lambda x, w, b, c, launch="auto": linear(x, w, b, c) + x.shape[0] * 1e-3)
+    assert not bench.matmul_is_invariant(x, w, [1, 5, 40], SMALL)
+
+
+def test_the_best_tiling_is_the_invariant_one_with_the_lowest_worst_ratio(capsys) -> None:
+    steady, spiky, broken = SMALL, WIDER, dataclasses.replace(SMALL, num_warps=8)
+    trials = [_trial(steady, [1.08, 1.05, 1.02]), _trial(spiky, [0.9, 0.9, 1.3]), _trial(broken, [0.5], invariant=False)]
+    assert bench.best_matmul_per_shape(trials) == {(64, 96): trials[0]}
+    bench.print_matmul_sweep(trials, [steady, spiky, broken], [1, 8, 32])
+    out = capsys.readouterr().out
+    assert f"((96, 64), {steady!r}),  # worst 1.08x, geomean 1.05x cuBLAS" in out
+    pinned = eval(out.split("((96, 64), ")[1].split("),  #")[0], {"MatmulConfig": configs.MatmulConfig})
+    assert pinned == steady  # the printed entry pastes back into configs.py as the same config
