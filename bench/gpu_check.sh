@@ -31,7 +31,8 @@ run_step() {  # run_step NAME CMD...: show the output, keep a log and the exit s
 
 run_step gpu_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
 run_step compiled_small_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
-    tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py tests/kernels/test_triton_attention.py
+    tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py tests/kernels/test_triton_attention.py \
+    tests/kernels/test_triton_elementwise.py
 run_step bench "$PYTHON" -m bench.kernels
 run_step sweep "$PYTHON" -m bench.kernels --sweep
 

@@ -31,7 +31,8 @@ from typing import Any
 # Pointers that are not in the activation dtype.
 _POINTER_DTYPES = {"part_ptr": "fp32", "part_o_ptr": "fp32", "part_ml_ptr": "fp32", "tables_ptr": "i32",
                    "items_ptr": "i32", "programs_ptr": "i32", "logits_ptr": "fp32", "tokens_ptr": "i64",
-                   "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64"}
+                   "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64",
+                   "pos_ptr": "i64", "cos_sin_ptr": "fp32"}
 _FLOAT_ARGS = {"eps", "qk_scale"}
 
 
@@ -103,7 +104,7 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     a q view of the fused qkv output, a 16-token page) and decide the launch's specialisation."""
     import triton
 
-    from kernels import matmul, paged_attention, rmsnorm, sampling
+    from kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
 
     def o_proj(config):
         return config.matmul_for(hidden, hidden)
@@ -134,9 +135,14 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
                     stride_oh=head_dim, stride_slot=kv_heads * head_dim, stride_head=head_dim, page_size=16,
                     D=head_dim, H=heads)
 
+    def rope_ints(config):
+        q_width, k_width = heads * head_dim, kv_heads * head_dim
+        return dict(H=heads, HKV=kv_heads, half=head_dim // 2, stride_qt=q_width + 2 * k_width, stride_qh=head_dim,
+                    stride_kt=q_width + 2 * k_width, stride_kh=head_dim, stride_qot=q_width, stride_qoh=head_dim,
+                    stride_kot=k_width, stride_koh=head_dim, stride_cs=head_dim)
+
     norm_block = triton.next_power_of_2(hidden)
     rows = dict(D=hidden, stride_x=hidden, stride_res=hidden, stride_out=hidden, stride_sum=hidden)
-    del intermediate  # shapes enter the kernels at run time only; tiles are fixed per arch
     return [
         (matmul._matmul_sequential_splits_kernel, "sequential splits", lambda c: mm(c, False), mm_opts, mm_ints),
         (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts, mm_ints),
@@ -148,6 +154,12 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
          lambda c: dict(num_warps=c.rows.softmax_warps), lambda c: dict(V=vocab, stride_x=vocab, stride_out=vocab)),
         (sampling._sample_kernel, "", lambda c: dict(BLOCK=c.rows.softmax_block),
          lambda c: dict(num_warps=c.rows.softmax_warps), lambda c: dict(V=vocab, stride=vocab)),
+        (elementwise._silu_mul_kernel, "", lambda c: dict(BLOCK=elementwise._SILU_BLOCK),
+         lambda c: dict(num_warps=elementwise._SILU_WARPS),
+         lambda c: dict(I=intermediate, stride_x=2 * intermediate, stride_out=intermediate)),
+        (elementwise._rope_kernel, "", lambda c: dict(BLOCK_H=elementwise._ROPE_HEADS,
+                                                      BLOCK_D=triton.next_power_of_2(head_dim // 2)),
+         lambda c: dict(num_warps=elementwise._ROPE_WARPS), rope_ints),
         (paged_attention._attention_sequential_kernel, "sequential", attn, attn_opts, attn_ints),
         (paged_attention._attention_split_kernel, "split", attn, attn_opts, attn_ints),
         (paged_attention._attention_merge_kernel, "merge",

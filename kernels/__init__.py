@@ -6,11 +6,14 @@ the current context and restores the previous one afterwards, even on error.
 
 On CPU both modes run the pure-PyTorch ops in `reference.py`. On a CUDA tensor, `fast` is plain
 torch (cuBLAS, SDPA) and `invariant` runs the Triton kernels (matmul.py, rmsnorm.py,
-paged_attention.py, sampling.py's log-softmax) with the tile configs pinned for the GPU's arch in configs.py,
-when triton can be imported. Elementwise ops (RoPE, SiLU-mul, residual adds, kv_store) stay torch
-on the GPU in both modes: each output element is computed by the same formula whatever the shape,
-so they are exact per element and batch-invariant as they are. Reductions (matmul, RMSNorm,
-attention, log-softmax) are where the batch leaks in, hence the Triton kernels.
+paged_attention.py, sampling.py's log-softmax, elementwise.py) with the tile configs pinned for
+the GPU's arch in configs.py, when triton can be imported. Reductions (matmul, RMSNorm, attention,
+log-softmax) are where the batch leaks in, hence those kernels. Elementwise ops compute each
+output element by the same formula whatever the shape, so they are batch-invariant as they are:
+RoPE and SiLU-mul run in Triton for fusion (one launch instead of several torch kernels and
+temporaries), while residual adds and kv_store stay torch in both modes. Token sampling
+(`sample_tokens`) has one implementation per device, used in both modes: on CUDA its Triton
+kernel keeps the logits on the GPU.
 """
 
 from __future__ import annotations
@@ -103,7 +106,11 @@ def add_rms_norm(
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I]."""
-    if x.is_cuda:  # per-element exact on the GPU: one whole-batch call in both modes
+    if _use_triton(x):
+        from kernels import elementwise
+
+        return elementwise.silu_mul(x)
+    if x.is_cuda:  # fast mode (or no triton): exact per element on the GPU, so one whole-batch torch call
         return reference.silu_mul_fast(x)
     return (reference.silu_mul_invariant if _invariant() else reference.silu_mul_fast)(x)
 
@@ -136,7 +143,11 @@ def sample_tokens(
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding; elementwise and exact, so the same in both modes."""
+    """Rotary position embedding of q [T, H, D] and k [T, Hkv, D]; exact per element, same bits in both modes."""
+    if _use_triton(q):
+        from kernels import elementwise
+
+        return elementwise.rope(q, k, positions, cos_sin)
     return reference.rope(q, k, positions, cos_sin)
 
 
