@@ -9,8 +9,9 @@ Prints numbers; asserts nothing.
 
 `--sweep` times candidate tilings instead, to choose what configs.py pins: per weight shape,
 each matmul candidate at every M (with its bitwise invariance across M and across the two
-split-K launches checked first), and each attention candidate on the decode cases (with its two
-launches checked equal). It ends with the best invariant candidate per shape, ready to paste.
+split-K launches checked first, and which earlier candidate, if any, gave exactly its bits), and
+each attention candidate on the decode cases (with its two launches checked equal). It ends with
+the best invariant candidate per shape, ready to paste.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class MatmulTrial:
     config: configs.MatmulConfig
     invariant: bool
     ratios: list[float]  # per M of the sweep, ours / cuBLAS; empty when not invariant (never timed)
+    same_bits_as: int | None = None  # the first earlier candidate whose output had exactly these bits
 
     @property
     def worst(self) -> float:
@@ -188,10 +190,13 @@ def sweep_matmul(
         w = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
         x = torch.randn(max(m_values), k, generator=g, device=device).to(dtype)
         cublas = {m: timer(lambda m=m: F.linear(x[:m], w)) for m in m_values}
+        outputs: list[torch.Tensor] = []
         for config in candidates:
             invariant = matmul_is_invariant(x, w, m_values, config)
             ratios = [timer(lambda m=m: matmul.linear(x[:m], w, None, config)) / cublas[m] for m in m_values] if invariant else []
-            trials.append(MatmulTrial(k, n, config, invariant, ratios))
+            outputs.append(matmul.linear(x, w, None, config))
+            same = next((i for i, earlier in enumerate(outputs[:-1]) if torch.equal(earlier, outputs[-1])), None)
+            trials.append(MatmulTrial(k, n, config, invariant, ratios, same))
     return trials
 
 
@@ -208,11 +213,13 @@ def best_matmul_per_shape(trials: list[MatmulTrial]) -> dict[tuple[int, int], Ma
 
 def print_matmul_sweep(trials: list[MatmulTrial], candidates: list[configs.MatmulConfig], m_values: list[int]) -> None:
     print("\n== matmul sweep: ours / cuBLAS per M (x = not batch-invariant, not timed) ==")
-    print(f"{'K x N':>13} {'#':>2} " + " ".join(f"{'M=' + str(m):>6}" for m in m_values) + f" {'worst':>6} {'geo':>5}  config")
+    print("(=#: gave exactly the bits of candidate #, so the two tilings could serve different M ranges)")
+    print(f"{'K x N':>13} {'#':>2} {'=#':>2} " + " ".join(f"{'M=' + str(m):>6}" for m in m_values) + f" {'worst':>6} {'geo':>5}  config")
     for trial in trials:
         index = candidates.index(trial.config)
+        same = "-" if trial.same_bits_as is None else str(trial.same_bits_as)
         cells = " ".join(f"{r:6.2f}" for r in trial.ratios) if trial.invariant else " ".join(f"{'x':>6}" for _ in m_values)
-        print(f"{trial.k:>6} x {trial.n:<5} {index:>2} {cells} {trial.worst:6.2f} {trial.geomean:5.2f}  {trial.config}")
+        print(f"{trial.k:>6} x {trial.n:<5} {index:>2} {same:>2} {cells} {trial.worst:6.2f} {trial.geomean:5.2f}  {trial.config}")
     print("\nbest invariant tiling per weight, as configs.ArchConfig.matmul_by_shape entries ((N, K), config):")
     for (k, n), trial in sorted(best_matmul_per_shape(trials).items()):
         print(f"    (({n}, {k}), {trial.config!r}),  # worst {trial.worst:.2f}x, geomean {trial.geomean:.2f}x cuBLAS")

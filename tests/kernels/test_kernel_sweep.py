@@ -40,6 +40,14 @@ def test_sweep_checks_each_candidate_and_times_it_at_every_m() -> None:
     assert trials[0].ratios == [4 / 1, 5 / 2, 6 / 3] and trials[1].ratios == [7 / 1, 8 / 2, 9 / 3]
 
 
+def test_sweep_names_the_candidates_that_give_identical_bits() -> None:
+    # Same split count and K tile: each output element is summed in the same order, whatever the
+    # N tile. A shorter K tile changes that order.
+    shorter_k = dataclasses.replace(SMALL, block_k=16, min_k_tiles_per_split=2)
+    trials = bench.sweep_matmul([SMALL, WIDER, shorter_k], [(64, 96)], [1, 40], lambda fn: 1.0, DEVICE, torch.float32)
+    assert [t.same_bits_as for t in trials] == [None, 0, None]
+
+
 def test_the_invariance_check_rejects_a_kernel_whose_rows_change_with_m(monkeypatch) -> None:
     x, w = torch.randn(40, 64, device=DEVICE), torch.randn(96, 64, device=DEVICE)
     assert bench.matmul_is_invariant(x, w, [1, 5, 40], SMALL)

@@ -100,13 +100,15 @@ def test_silu_mul_matches_float64_where_intermediate_is_not_a_multiple_of_the_bl
 
 
 def test_silu_mul_in_float16_rounds_silu_before_the_multiply_as_torch_does() -> None:
-    """Same bits as torch's F.silu(gate) * up but where exp's last fp32 bit tips silu's fp16 rounding.
+    """Same bits as torch's F.silu(gate) * up but where exp's last fp32 bits tip silu's fp16 rounding.
 
-    Multiplying by up before rounding silu would change about a quarter of the outputs.
+    Multiplying by up before rounding silu would change about a quarter of the outputs. The bound
+    leaves room for the GPU's approximate exp (a few fp32 ulps off numpy's, several more at large
+    |gate|), which tips a rounding far more often than the interpreter's one-ulp differences do.
     """
     x = _randn(5, 2 * 1500, dtype=torch.float16, seed=2, scale=4.0)
     out, expected = elementwise.silu_mul(x).cpu(), reference.silu_mul_fast(x.cpu())
-    assert (out != expected).float().mean() < 1e-3
+    assert (out != expected).float().mean() < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
