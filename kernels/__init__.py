@@ -63,9 +63,14 @@ def _triton_config(device: torch.device) -> configs.ArchConfig:
     return configs.for_capability(torch.cuda.get_device_capability(device))
 
 
+def _triton_device(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x: a CUDA tensor, with triton importable."""
+    return x.is_cuda and _triton_available()
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    """Invariant mode on a CUDA tensor with triton importable: run the Triton kernels."""
-    return x.is_cuda and _invariant() and _triton_available()
+    """Invariant mode on a Triton device: run the Triton kernels."""
+    return _invariant() and _triton_device(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +138,7 @@ def sample_tokens(
     int64 there. One implementation per device in both modes: it is row-wise by construction and
     cheap, and on the GPU it keeps the [S, V] logits off the host (only S token ids cross).
     """
-    if logits.is_cuda and _triton_available():
+    if _triton_device(logits):
         from kernels import sampling
 
         return sampling.sample_tokens(logits, temperatures, seeds, positions, _triton_config(logits.device).rows)

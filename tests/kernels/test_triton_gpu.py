@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.kernels.model_probe import probe_logits
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 from tests.kernels.triton_setup import DEVICE
 
@@ -192,67 +193,11 @@ def llama_8b(tmp_path_factory):
     torch.cuda.empty_cache()
 
 
-def _step(engine, work: list[tuple[object, int, int]]) -> torch.Tensor:
-    """One invariant forward over (request, start, num_tokens) chunks; the last row's logits of each."""
-    from engine.scheduler import ScheduledRequest, SchedulerOutput
-
-    for request, start, n in work:
-        engine.block_manager.allocate(request, start + n)
-    step = SchedulerOutput([ScheduledRequest(r, start, n, True) for r, start, n in work], True, [])
-    batch = engine.runner.prepare(step)
-    with kernels.mode("invariant"):
-        logits = engine.runner.model.compute_logits(engine.runner.model(batch, engine.runner.kv_caches))
-    for request, start, n in work:
-        request.num_computed_tokens = start + n
-    return logits
-
-
-def _requests(prefix: str, prompts: list[list[int]]):
-    from engine.request import Request, SamplingParams
-
-    return [Request(f"{prefix}{i}", p, SamplingParams(), True, seed=0) for i, p in enumerate(prompts)]
-
-
-def _probe_logits(engine, prompt: list[int], num_others: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the probe's prompt and of its first decode step, amid `num_others` other requests.
-
-    With company, the probe's prompt goes in two chunks (the first beside the others' prefills,
-    the second beside their decodes) and its decode step sits at a random row among their decodes.
-    """
-    rng = random.Random(seed)
-    [probe] = _requests(f"probe{seed}-", [prompt])
-    prompts = [[rng.randrange(128000) for _ in range(rng.randint(1, 60))] for _ in range(num_others)]
-    others = _requests(f"other{seed}-", prompts)
-    try:
-        if num_others == 0:
-            prefill = _step(engine, [(probe, 0, len(prompt))])[-1]
-        else:
-            cut = rng.randint(1, len(prompt) - 1)
-            _step(engine, [(probe, 0, cut)] + [(o, 0, o.num_prompt_tokens) for o in others])
-            for o in others:
-                o.output_token_ids.append(rng.randrange(128000))
-            work = [(o, o.num_computed_tokens, 1) for o in others]
-            position = rng.randint(0, len(work))
-            work.insert(position, (probe, cut, len(prompt) - cut))
-            prefill = _step(engine, work)[position]
-        probe.output_token_ids.append(int(prefill.argmax()))
-        for o in others:
-            o.output_token_ids.append(rng.randrange(128000))
-        work = [(o, o.num_computed_tokens, 1) for o in others]
-        position = rng.randint(0, len(work))
-        work.insert(position, (probe, len(prompt), 1))
-        decode = _step(engine, work)[position]
-    finally:
-        for request in [probe] + others:
-            engine.block_manager.free(request)
-    return prefill, decode
-
-
 def test_llama_8b_logits_are_bitwise_equal_alone_and_amid_1_to_255_other_requests(llama_8b) -> None:
     prompt = [random.Random(1).randrange(128000) for _ in range(2 * KV_SPLIT_SIZE + 90)]
-    alone = _probe_logits(llama_8b, prompt, 0, seed=0)
+    alone = probe_logits(llama_8b, prompt, 0, seed=0)
     assert torch.isfinite(alone[0]).all() and torch.isfinite(alone[1]).all()
     for num_others in (1, 3, 31, 255):
-        prefill, decode = _probe_logits(llama_8b, prompt, num_others, seed=num_others)
+        prefill, decode = probe_logits(llama_8b, prompt, num_others, seed=num_others)
         assert torch.equal(prefill, alone[0]), f"prefill logits differ amid {num_others} others"
         assert torch.equal(decode, alone[1]), f"decode logits differ amid {num_others} others"
