@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
 # GPU acceptance check for the invariant Triton kernels, for a CUDA machine with torch, triton,
 # pytest and hypothesis already installed: installs nothing, needs no network and no gguf.
-#   1. the `gpu` tests: bf16 invariance at Llama-3-8B shapes and a whole random-weight 8B model;
-#   2. the interpreter-sized Triton tests, here compiled for this GPU (fp16/fp32, small tiles);
-#   3. bench.kernels: invariant kernels vs cuBLAS / SDPA, timed in the same run;
-#   4. bench.kernels --sweep: candidate tilings, each checked invariant, timed against cuBLAS, and the
-#      best per weight shape printed as configs.py entries (pin them, then rerun step 3).
+# Steps, in order (name them as arguments to run a subset, e.g. to fit a 10-minute call):
+#   gpu_tests             the `gpu` tests: bf16 invariance at Llama-3-8B shapes, sampling over a
+#                         Llama-3 vocab, and a whole random-weight 8B model alone vs in batches;
+#   compiled_small_tests  the interpreter-sized Triton tests, here compiled for this GPU;
+#   bench                 bench.kernels: invariant kernels vs cuBLAS / SDPA, eager and in CUDA graphs,
+#                         and decode attention as a share of the measured HBM bandwidth;
+#   sweep                 bench.kernels --sweep: candidate tilings, each checked invariant, timed
+#                         against cuBLAS, the best per weight shape printed as configs.py entries
+#                         (pin them, then rerun `bench`);
+#   engine                bench.engine_step: whole-engine decode steps of a random 8B model, invariant
+#                         vs fast, at batch 1, 16, 64 and 256.
 # A summary table comes last; the exit status is nonzero if a step failed.
-# Usage, from anywhere: bash bench/gpu_check.sh   (PYTHON=/path/to/python to pick the interpreter)
+# Usage, from anywhere: bash bench/gpu_check.sh [STEP...]
+#   PYTHON=/path/to/python picks the interpreter; GPU_CHECK_LOGS=DIR keeps each step's full log there.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-logs=$(mktemp -d)
+logs=${GPU_CHECK_LOGS:-$(mktemp -d)}
+mkdir -p "$logs"
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests compiled_small_tests bench sweep engine)
+for step in "${steps[@]}"; do
+    case $step in
+        gpu_tests | compiled_small_tests | bench | sweep | engine) ;;
+        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine)" >&2; exit 2 ;;
+    esac
+done
 
 "$PYTHON" -c '
 import torch, triton
@@ -29,27 +45,36 @@ run_step() {  # run_step NAME CMD...: show the output, keep a log and the exit s
     echo "${PIPESTATUS[0]}" >"$logs/$name.rc"
 }
 
-run_step gpu_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
-run_step compiled_small_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
-    tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py tests/kernels/test_triton_attention.py \
-    tests/kernels/test_triton_elementwise.py
-run_step bench "$PYTHON" -m bench.kernels
-run_step sweep "$PYTHON" -m bench.kernels --sweep
+for step in "${steps[@]}"; do
+    case $step in
+        gpu_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
+        compiled_small_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
+            tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py \
+            tests/kernels/test_triton_attention.py tests/kernels/test_triton_elementwise.py ;;
+        bench) run_step "$step" "$PYTHON" -m bench.kernels ;;
+        sweep) run_step "$step" "$PYTHON" -m bench.kernels --sweep ;;
+        engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;
+    esac
+done
 
 echo
 echo "== gpu_check summary =="
 status=0
 printf '%-22s %-4s %s\n' step rc result
-for name in gpu_tests compiled_small_tests bench sweep; do
+for name in "${steps[@]}"; do
     rc=$(cat "$logs/$name.rc")
     [ "$rc" = 0 ] || status=1
-    if [ "$name" = bench ] || [ "$name" = sweep ]; then
-        result=$([ "$rc" = 0 ] && echo "table below" || tail -n 1 "$logs/$name.log")
-    else
-        result=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$logs/$name.log" | tail -n 1)
-    fi
+    case $name in
+        *tests) result=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$logs/$name.log" | tail -n 1) ;;
+        *) result=$([ "$rc" = 0 ] && echo "table below" || tail -n 1 "$logs/$name.log") ;;
+    esac
     printf '%-22s %-4s %s\n' "$name" "$rc" "$result"
 done
-sed -n '/^best invariant tiling/,$p' "$logs/sweep.log"
-sed -n '/^== summary/,$p' "$logs/bench.log"
+for name in "${steps[@]}"; do
+    case $name in
+        sweep) sed -n '/^best invariant tiling/,$p' "$logs/sweep.log" ;;
+        bench) sed -n '/^== summary/,$p' "$logs/bench.log" ;;
+        engine) sed -n '/^== engine decode step/,$p' "$logs/engine.log" ;;
+    esac
+done
 exit $status

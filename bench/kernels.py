@@ -29,7 +29,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the repo
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
 
@@ -68,26 +68,54 @@ ATTENTION_CANDIDATES = [
 
 
 def _ms(fn) -> float:
+    """Median eager time of fn: launch overhead included, L2 flushed before every run (do_bench)."""
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def bench_matmul(arch: configs.ArchConfig) -> list[tuple[str, int, float, float]]:
+def _graph_ms(fn, calls: int = 1) -> float:
+    """Median time of one of fn's `calls` kernel calls, replayed in a CUDA graph: GPU time alone,
+    as an engine that captures its steps in graphs would pay. Nothing flushes L2 between replays,
+    so fn should cycle through more weight bytes than L2 holds (`_weight_copies`)."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") / calls
+
+
+def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight and enough copies that cycling through them streams over twice L2 from HBM."""
+    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
+    count = min(8, math.ceil(2 * l2_bytes / (weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(count - 1)]
+
+
+def measured_bandwidth_gbs() -> float:
+    """HBM bandwidth as a large device-to-device copy achieves it (bytes read + written / time)."""
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * source.numel() / _ms(lambda: target.copy_(source)) / 1e6
+
+
+def bench_matmul(arch: configs.ArchConfig) -> list[tuple[str, int, float, float, float, float]]:
+    """Per shape and M: (shape, M, ours, cuBLAS) eager, then (ours, cuBLAS) in CUDA graphs."""
     rows = []
-    print("\nmatmul bf16, invariant Triton vs cuBLAS F.linear")
-    print(f"{'K x N':>13} {'M':>5} {'S':>3} {'launch':>10} {'ours ms':>9} {'cuBLAS ms':>9} {'ours TF/s':>9} {'ratio':>6}")
+    print("\nmatmul bf16, invariant Triton vs cuBLAS F.linear; eager (do_bench, L2 flushed) and in CUDA graphs")
+    print(f"{'K x N':>13} {'M':>5} {'S':>3} {'launch':>10} {'ours ms':>9} {'cuBLAS ms':>9} {'ratio':>6}"
+          f" {'graph ms':>9} {'cuBLAS':>9} {'ratio':>6} {'TF/s':>6}")
     for k, n in MATMUL_SHAPES:
         config = arch.matmul_for(n, k)
         print(f"{k:>6} x {n:<5} {config}")
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        weights = _weight_copies(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5)
+        w = weights[0]
         splits = matmul.num_k_splits(n, k, config)
         for m in MATMUL_M:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ours = _ms(lambda: matmul.linear(x, w, None, config))
             cublas = _ms(lambda: F.linear(x, w))
+            ours_graph = _graph_ms(lambda: [matmul.linear(x, wi, None, config) for wi in weights], len(weights))
+            cublas_graph = _graph_ms(lambda: [F.linear(x, wi) for wi in weights], len(weights))
             launch = "parallel" if matmul.uses_parallel_splits(m, n, splits, config) else "sequential"
-            tflops = 2 * m * n * k / ours / 1e9
-            print(f"{k:>6} x {n:<5} {m:>5} {splits:>3} {launch:>10} {ours:9.4f} {cublas:9.4f} {tflops:9.1f} {ours / cublas:6.2f}")
-            rows.append((f"{k}x{n}", m, ours, cublas))
+            tflops = 2 * m * n * k / ours_graph / 1e9
+            print(f"{k:>6} x {n:<5} {m:>5} {splits:>3} {launch:>10} {ours:9.4f} {cublas:9.4f} {ours / cublas:6.2f}"
+                  f" {ours_graph:9.4f} {cublas_graph:9.4f} {ours_graph / cublas_graph:6.2f} {tflops:6.0f}")
+            rows.append((f"{k}x{n}", m, ours, cublas, ours_graph, cublas_graph))
     return rows
 
 
@@ -111,12 +139,15 @@ def _paged(batch: int, seq_len: int, q_len: int) -> tuple[torch.Tensor, torch.Te
     return q, k_cache, v_cache, meta
 
 
-def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, float, float]]:
-    """Decode: achieved HBM bandwidth (K and V bytes read / time). Prefill: time only."""
+def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, float, float, float | None]]:
+    """Decode: achieved HBM bandwidth (K and V bytes read / time), eager and, where K and V are
+    over twice L2 (so replays cannot hit in L2), in CUDA graphs. Prefill: time only."""
     rows = []
     scale = HEAD_DIM**-0.5
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\nattention bf16 (32 q heads, 8 KV heads, d=128), invariant paged Triton vs SDPA on contiguous K/V  ({config})")
-    print(f"{'case':>22} {'ours ms':>9} {'SDPA ms':>9} {'ours GB/s':>9} {'SDPA GB/s':>9} {'ratio':>6} {'plan ms':>8}")
+    print(f"{'case':>22} {'ours ms':>9} {'SDPA ms':>9} {'ours GB/s':>9} {'SDPA GB/s':>9} {'ratio':>6} {'plan ms':>8}"
+          f" {'graph GB/s':>10}")
     for kind, cases in (("decode", DECODE), ("prefill", PREFILL)):
         for batch, seq_len in cases:
             q_len = 1 if kind == "decode" else seq_len
@@ -126,9 +157,13 @@ def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, f
             sdpa = _sdpa_ms(q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2), seq_len, kind == "prefill", scale)
             kv_bytes = 2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2
             case = f"{kind} {batch} x {seq_len}"
+            graph = None
+            if kind == "decode" and kv_bytes > 2 * l2_bytes:
+                graph = kv_bytes / _graph_ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config)) / 1e6
             bandwidth = f"{kv_bytes / ours / 1e6:9.0f} {kv_bytes / sdpa / 1e6:9.0f}" if kind == "decode" else f"{'':9} {'':9}"
-            print(f"{case:>22} {ours:9.4f} {sdpa:9.4f} {bandwidth} {ours / sdpa:6.2f} {max(plan - ours, 0.0):8.3f}")
-            rows.append((case, ours, sdpa, kv_bytes / ours / 1e6))
+            shown = f"{graph:10.0f}" if graph else f"{'-':>10}"
+            print(f"{case:>22} {ours:9.4f} {sdpa:9.4f} {bandwidth} {ours / sdpa:6.2f} {max(plan - ours, 0.0):8.3f} {shown}")
+            rows.append((case, ours, sdpa, kv_bytes / ours / 1e6, graph))
     return rows
 
 
@@ -181,19 +216,28 @@ def matmul_is_invariant(x: torch.Tensor, w: torch.Tensor, m_values: list[int], c
 
 def sweep_matmul(
     candidates: list[configs.MatmulConfig], shapes: list[tuple[int, int]], m_values: list[int],
-    timer: Callable[[Callable[[], object]], float], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+    timer: Callable[[Callable[[], object], int], float], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+    replicate: Callable[[torch.Tensor], list[torch.Tensor]] = lambda w: [w],
 ) -> list[MatmulTrial]:
-    """Every candidate on every (K, N) shape; `timer(fn)` returns fn's time (do_bench on the GPU)."""
+    """Every candidate on every (K, N) shape. `timer(fn, calls)` returns the time of one of the
+    `calls` products fn runs, one per copy of the weight that `replicate` makes (`_graph_ms` and
+    `_weight_copies` on the GPU, so that every product streams its weight from HBM)."""
     trials = []
     for k, n in shapes:
         g = torch.Generator(device=device).manual_seed(k * 100_003 + n)
-        w = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
+        weights = replicate((torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype))
+        w = weights[0]
         x = torch.randn(max(m_values), k, generator=g, device=device).to(dtype)
-        cublas = {m: timer(lambda m=m: F.linear(x[:m], w)) for m in m_values}
+
+        def time_each(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[int, float]:
+            return {m: timer(lambda m=m: [product(x[:m], wi) for wi in weights], len(weights)) for m in m_values}
+
+        cublas = time_each(F.linear)
         outputs: list[torch.Tensor] = []
         for config in candidates:
             invariant = matmul_is_invariant(x, w, m_values, config)
-            ratios = [timer(lambda m=m: matmul.linear(x[:m], w, None, config)) / cublas[m] for m in m_values] if invariant else []
+            ours = time_each(lambda a, b, config=config: matmul.linear(a, b, None, config)) if invariant else {}
+            ratios = [ours[m] / cublas[m] for m in m_values] if invariant else []
             outputs.append(matmul.linear(x, w, None, config))
             same = next((i for i, earlier in enumerate(outputs[:-1]) if torch.equal(earlier, outputs[-1])), None)
             trials.append(MatmulTrial(k, n, config, invariant, ratios, same))
@@ -257,22 +301,27 @@ def main() -> None:
     print(f"KV split size {KV_SPLIT_SIZE}; configs pinned for this arch: {capability in configs.PINNED}")
     if args.sweep:
         sweep_attention(ATTENTION_CANDIDATES)
-        trials = sweep_matmul(MATMUL_CANDIDATES, MATMUL_SHAPES, MATMUL_M, _ms)
+        trials = sweep_matmul(MATMUL_CANDIDATES, MATMUL_SHAPES, MATMUL_M, _graph_ms, replicate=_weight_copies)
         print_matmul_sweep(trials, MATMUL_CANDIDATES, MATMUL_M)
         return
+    hbm = measured_bandwidth_gbs()
+    print(f"HBM bandwidth measured by a 1 GiB device-to-device copy: {hbm:.0f} GB/s")
     mm = bench_matmul(arch)
     attn = bench_attention(arch.attention)
 
     print("\n== summary: time ratio invariant / torch (below 1 = faster than torch) ==")
-    print(f"{'matmul K x N':>14} " + " ".join(f"{'M=' + str(m):>6}" for m in MATMUL_M) + f" {'geomean':>8}")
-    for shape in dict.fromkeys(s for s, *_ in mm):
-        ratios = [ours / ref for s, _, ours, ref in mm if s == shape]
-        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        print(f"{shape:>14} " + " ".join(f"{r:6.2f}" for r in ratios) + f" {geomean:8.2f}")
-    print(f"{'attention':>22} {'ratio':>6} {'ours GB/s':>9}")
-    for case, ours, ref, bandwidth in attn:
-        shown = f"{bandwidth:9.0f}" if case.startswith("decode") else f"{'-':>9}"
-        print(f"{case:>22} {ours / ref:6.2f} {shown}")
+    for title, ours_at, ref_at in (("CUDA graphs (kernel time)", 4, 5), ("eager (launch overhead included)", 2, 3)):
+        print(f"matmul, {title}")
+        print(f"{'K x N':>14} " + " ".join(f"{'M=' + str(m):>6}" for m in MATMUL_M) + f" {'geomean':>8} {'worst':>6}")
+        for shape in dict.fromkeys(row[0] for row in mm):
+            ratios = [row[ours_at] / row[ref_at] for row in mm if row[0] == shape]
+            geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            print(f"{shape:>14} " + " ".join(f"{r:6.2f}" for r in ratios) + f" {geomean:8.2f} {max(ratios):6.2f}")
+    print(f"{'attention':>22} {'ratio':>6} {'ours GB/s':>9} {'% of HBM':>8} {'in graphs':>9}")
+    for case, ours, ref, bandwidth, graph in attn:
+        shown = f"{bandwidth:9.0f} {100 * bandwidth / hbm:7.0f}%" if case.startswith("decode") else f"{'-':>9} {'-':>8}"
+        in_graphs = f"{100 * graph / hbm:8.0f}%" if graph else f"{'-':>9}"
+        print(f"{case:>22} {ours / ref:6.2f} {shown} {in_graphs}")
 
 
 if __name__ == "__main__":

@@ -29,14 +29,16 @@ def _trial(config: configs.MatmulConfig, ratios: list[float], invariant: bool = 
 def test_sweep_checks_each_candidate_and_times_it_at_every_m() -> None:
     calls = []
 
-    def timer(fn) -> float:
-        calls.append(fn())
+    def timer(fn, num_products: int) -> float:
+        calls.append((fn(), num_products))
         return float(len(calls))
 
-    trials = bench.sweep_matmul([SMALL, WIDER], [(64, 96)], [1, 5, 40], timer, device=DEVICE, dtype=torch.float32)
+    trials = bench.sweep_matmul([SMALL, WIDER], [(64, 96)], [1, 5, 40], timer, device=DEVICE, dtype=torch.float32,
+                                replicate=lambda w: [w, w.clone()])
     assert [(t.k, t.n, t.config, t.invariant) for t in trials] == [(64, 96, SMALL, True), (64, 96, WIDER, True)]
     assert len(calls) == 3 * 3  # cuBLAS, then each candidate, at each M
-    assert [tuple(c.shape) for c in calls[:3]] == [(1, 96), (5, 96), (40, 96)]
+    assert [[tuple(out.shape) for out in outs] + [n] for outs, n in calls[:3]] == [
+        [(1, 96), (1, 96), 2], [(5, 96), (5, 96), 2], [(40, 96), (40, 96), 2]]  # one product per weight copy
     assert trials[0].ratios == [4 / 1, 5 / 2, 6 / 3] and trials[1].ratios == [7 / 1, 8 / 2, 9 / 3]
 
 
@@ -44,7 +46,7 @@ def test_sweep_names_the_candidates_that_give_identical_bits() -> None:
     # Same split count and K tile: each output element is summed in the same order, whatever the
     # N tile. A shorter K tile changes that order.
     shorter_k = dataclasses.replace(SMALL, block_k=16, min_k_tiles_per_split=2)
-    trials = bench.sweep_matmul([SMALL, WIDER, shorter_k], [(64, 96)], [1, 40], lambda fn: 1.0, DEVICE, torch.float32)
+    trials = bench.sweep_matmul([SMALL, WIDER, shorter_k], [(64, 96)], [1, 40], lambda fn, n: 1.0, DEVICE, torch.float32)
     assert [t.same_bits_as for t in trials] == [None, 0, None]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.engine_step import LLAMA3_8B
 from tests.kernels.model_probe import probe_logits
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 from tests.kernels.triton_setup import DEVICE
@@ -24,21 +25,6 @@ from kernels import KV_SPLIT_SIZE, configs, matmul, paged_attention, rmsnorm, sa
 
 pytestmark = pytest.mark.gpu
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-}
 LAYER_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): o/q, gate/up, down, k/v
 M_VALUES = [1, 2, 3, 8, 31, 64, 127, 128, 129, 300, 512, 1000, 2048, 4097, 8192]
 

@@ -1,0 +1,145 @@
+"""What determinism costs end to end: the engine's decode-step time, invariant kernels vs fast.
+
+Builds an engine on a random-weight model of a real shape (Llama-3-8B's config by default: a
+config.json in a temporary folder, `load_format="dummy"`, nothing to download) and, for each
+batch size, admits that many requests with distinct random prompts, runs their prefill, and then
+times whole `engine.step()` calls while every request decodes: scheduling, input preparation,
+the forward pass, sampling and detokenization, synchronized with the device. The same engine
+serves both modes, since determinism is per request. Prints the median step time and the decode
+throughput of each mode and their ratio, a short table last.
+
+Run from the repo root: `python -m bench.engine_step` (on a GPU; `--device cpu --config ...` for
+a small model on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the repo's packages
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+@dataclass
+class StepTiming:
+    batch: int
+    deterministic: bool
+    step_ms: float  # median over the timed decode steps
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.step_ms * 1e3
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: int, deterministic: bool,
+                      seed: int = 0) -> StepTiming:
+    """Median time of `steps` engine steps in which `batch` greedy requests each decode one token."""
+    rng = random.Random(seed)
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, deterministic=deterministic)
+    requests = [
+        engine.add_request(f"bench-{deterministic}-{batch}-{i}", [rng.randrange(vocab) for _ in range(prompt_tokens)],
+                           params)
+        for i in range(batch)
+    ]
+    while any(r.num_output_tokens == 0 for r in requests):  # prefill, untimed
+        engine.step()
+    device = engine.runner.device
+    times = []
+    for _ in range(steps):
+        _synchronize(device)
+        started = time.perf_counter()
+        engine.step()
+        _synchronize(device)
+        times.append((time.perf_counter() - started) * 1e3)
+    for r in requests:
+        engine.abort_request(r.request_id)
+    return StepTiming(batch, deterministic, statistics.median(times))
+
+
+def table(timings: list[StepTiming]) -> str:
+    lines = [f"{'batch':>5} {'invariant ms':>12} {'fast ms':>8} {'ratio':>6} {'invariant tok/s':>15} {'fast tok/s':>10}"]
+    by_key = {(t.batch, t.deterministic): t for t in timings}
+    for batch in dict.fromkeys(t.batch for t in timings):
+        inv, fast = by_key[(batch, True)], by_key[(batch, False)]
+        lines.append(f"{batch:>5} {inv.step_ms:12.2f} {fast.step_ms:8.2f} {inv.step_ms / fast.step_ms:6.2f}"
+                     f" {inv.tokens_per_second:15.0f} {fast.tokens_per_second:10.0f}")
+    return "\n".join(lines)
+
+
+def run(config_json: dict, device: str, dtype: str, batch_sizes: list[int], prompt_tokens: int, steps: int) -> list[StepTiming]:
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config_json))
+        engine = LLMEngine(EngineConfig(
+            model=folder, load_format="dummy", device=device, dtype=dtype,
+            kv_cache_tokens=max(batch_sizes) * (prompt_tokens + steps + 16), max_num_seqs=max(batch_sizes),
+            max_num_batched_tokens=max(2048, max(batch_sizes)), enable_prefix_caching=False,
+        ))
+        timings = []
+        for batch in batch_sizes:
+            for deterministic in (True, False):
+                timings.append(time_decode_steps(engine, batch, prompt_tokens, steps, deterministic))
+                print(f"batch {batch:>4} {'invariant' if deterministic else 'fast':>9}: {timings[-1].step_ms:.2f} ms/step",
+                      flush=True)
+        assert not engine.has_unfinished_requests()
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="a model config.json (default: Llama-3-8B's)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-sizes", default="1,16,64,256", help="(default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch and mode (default: %(default)s)")
+    args = parser.parse_args(argv)
+    config_json = json.loads(args.config.read_text()) if args.config else LLAMA3_8B
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench.engine_step: no CUDA device (use --device cpu with a small --config)")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    timings = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"\n== engine decode step, {config_json['hidden_size']}-wide x {config_json['num_hidden_layers']} layers,"
+          f" {args.dtype}, {args.prompt_tokens}-token prompts, {where} ==")
+    print(table(timings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

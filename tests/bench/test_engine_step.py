@@ -1,0 +1,32 @@
+"""bench.engine_step on a tiny random-weight model on CPU: it times both modes and leaves the engine idle."""
+
+from __future__ import annotations
+
+import json
+
+from bench import engine_step
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+
+
+def test_engine_step_bench_times_each_batch_in_both_modes_and_prints_their_ratio(tmp_path, capsys) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    args = ["--config", str(config), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1,3",
+            "--prompt-tokens", "12", "--steps", "3"]
+    assert engine_step.main(args) == 0
+    out = capsys.readouterr().out
+    rows = out.split("== engine decode step")[1].splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["1", "3"]
+    for row in rows:
+        invariant_ms, fast_ms, ratio = map(float, row.split()[1:4])
+        assert invariant_ms > 0 and fast_ms > 0 and abs(ratio - invariant_ms / fast_ms) < 0.01
+
+
+def test_each_timed_step_decodes_one_token_for_every_request() -> None:
+    timings = engine_step.run(TINY, "cpu", "float32", [2], prompt_tokens=5, steps=2)
+    assert [(t.batch, t.deterministic) for t in timings] == [(2, True), (2, False)]
+    assert all(t.tokens_per_second == 2 / t.step_ms * 1e3 for t in timings)
