@@ -48,6 +48,7 @@ class CompiledKernel:
     shared_bytes: int
     mma: str  # "wgmma", "mma.sync" or "none"
     async_copy_bytes: list[int]  # distinct sizes of its global -> shared async copies (16 = vectorized)
+    tma: bool  # loads tiles with Hopper's bulk tensor copies (cp.async.bulk.tensor)
 
 
 def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any], ints: dict[str, int]) -> Any:
@@ -109,10 +110,10 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     def o_proj(config):
         return config.matmul_for(hidden, hidden)
 
-    def mm(config, has_bias):
+    def mm(config, has_bias, tma=False):
         tiles = o_proj(config)
         return dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, PRECISION="tf32", HAS_BIAS=has_bias,
-                    GROUP_M=tiles.group_m)
+                    GROUP_M=tiles.group_m, TMA=tma or tiles.tma)
 
     def mm_opts(config):
         return dict(num_warps=o_proj(config).num_warps, num_stages=o_proj(config).num_stages)
@@ -146,6 +147,8 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     return [
         (matmul._matmul_sequential_splits_kernel, "sequential splits", lambda c: mm(c, False), mm_opts, mm_ints),
         (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts, mm_ints),
+        (matmul._matmul_sequential_splits_kernel, "sequential, tma", lambda c: mm(c, False, True), mm_opts, mm_ints),
+        (matmul._matmul_parallel_splits_kernel, "parallel, tma", lambda c: mm(c, False, True), mm_opts, mm_ints),
         (matmul._fold_splits_kernel, "fold", lambda c: dict(HAS_BIAS=True, BLOCK=matmul._REDUCE_BLOCK),
          lambda c: dict(num_warps=4), mm_ints),
         (rmsnorm._rms_norm_kernel, "with residual", lambda c: dict(HAS_RESIDUAL=True, BLOCK=norm_block),
@@ -193,14 +196,16 @@ def compile_all(capabilities: list[tuple[int, int]], dtype: str, shapes: dict[st
                 arch=f"sm_{major}{minor}", kernel=fn.__name__.strip("_"), variant=variant, dtype=dtype,
                 seconds=round(time.perf_counter() - started, 2), registers=registers, stack_bytes=stack,
                 shared_bytes=compiled.metadata.shared, mma=mma, async_copy_bytes=copies,
+                tma="cp.async.bulk.tensor" in ptx,
             ))
     return results
 
 
 def table(results: list[CompiledKernel]) -> str:
-    headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "async copy B", "compile s"]
+    headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "async copy B", "tma",
+               "compile s"]
     rows = [[r.arch, r.kernel, r.variant, r.dtype, r.registers, r.stack_bytes, round(r.shared_bytes / 1024, 1),
-             r.mma, ",".join(map(str, r.async_copy_bytes)) or "-", r.seconds] for r in results]
+             r.mma, ",".join(map(str, r.async_copy_bytes)) or "-", "yes" if r.tma else "-", r.seconds] for r in results]
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

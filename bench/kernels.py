@@ -40,10 +40,12 @@ PREFILL = [(1, 2048), (4, 1024)]  # (sequences, prompt tokens each)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B attention
 
 
-def _matmul_candidate(bm: int, bn: int, bk: int, warps: int, stages: int, programs: int, min_tiles: int) -> configs.MatmulConfig:
+def _matmul_candidate(
+    bm: int, bn: int, bk: int, warps: int, stages: int, programs: int, min_tiles: int, tma: bool = False
+) -> configs.MatmulConfig:
     return configs.MatmulConfig(
         block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages,
-        target_programs=programs, max_splits=16, min_k_tiles_per_split=min_tiles,
+        target_programs=programs, max_splits=16, min_k_tiles_per_split=min_tiles, tma=tma,
     )
 
 
@@ -57,6 +59,9 @@ MATMUL_CANDIDATES = [
     _matmul_candidate(128, 64, 64, 4, 4, 264, 8),
     _matmul_candidate(64, 128, 64, 4, 4, 132, 8),
     _matmul_candidate(64, 64, 128, 4, 3, 264, 4),
+    _matmul_candidate(128, 128, 64, 8, 3, 132, 8, tma=True),  # TMA twins: expected to give the bits of #0, #4, #6
+    _matmul_candidate(128, 256, 64, 8, 3, 132, 8, tma=True),
+    _matmul_candidate(64, 128, 64, 4, 4, 132, 8, tma=True),
 ]
 ATTENTION_CANDIDATES = [
     configs.AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # the pinned default

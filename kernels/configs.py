@@ -30,6 +30,7 @@ class MatmulConfig:
     target_programs: int  # about one wave of programs: caps S, and picks the parallel-split launch
     max_splits: int
     min_k_tiles_per_split: int  # a split shorter than this pays more in pipeline restarts than it gains
+    tma: bool = False  # load tiles with Hopper's bulk tensor copies (TMA) instead of per-thread copies
 
 
 @dataclass(frozen=True)

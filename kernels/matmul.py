@@ -1,7 +1,9 @@
 """Batch-invariant matmul `x @ weight.T (+ bias)` in Triton, with a fixed split-K.
 
 A row's bits depend only on the row, the weight and the pinned config, never on M:
-- one tiling (BM, BN, BK, warps, stages) for every M, so every tile runs the same MMA shape;
+- one tiling (BM, BN, BK, warps, stages) for every M, so every tile runs the same MMA shape
+  (tiles arrive through plain loads, or on Hopper through TMA bulk copies: either way the same
+  tiles meet the same MMA);
 - K is cut into S splits, S a pure function of (N, K) and the config; each split accumulates its
   BK-tiles in order starting from zero (`_split_dot`), and the splits are summed in order 0..S-1
   starting from zero, in fp32; the bias is added after the fold, then the sum is cast once.
@@ -49,28 +51,50 @@ def uses_parallel_splits(m: int, n: int, splits: int, config: MatmulConfig) -> b
 
 
 @triton.jit
-def _split_dot(
-    a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """fp32 [BM, BN] = A[offs_m, k_lo:k_hi] @ B[k_lo:k_hi, offs_n], BK-tiles in order from zero.
+def _operands(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              TMA: tl.constexpr):
+    """What `_split_dot` reads A and B through: the pointers, or (TMA) tensor descriptors whose
+    bulk copies zero-fill outside [M, K] and [N, K] as the masked loads do."""
+    if TMA:
+        a_src = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
+        b_src = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
+    else:
+        a_src = a_ptr
+        b_src = b_ptr
+    return a_src, b_src
 
-    The one inner loop both launches run: its accumulation order is what makes them agree.
+
+@triton.jit
+def _split_dot(
+    a_src, b_src, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, off_m, off_n,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    """fp32 [BM, BN] = A[off_m:+BM, k_lo:k_hi] @ B[k_lo:k_hi, off_n:+BN], BK-tiles in order from zero.
+
+    The one inner loop both launches run: its accumulation order is what makes them agree. Splits
+    start at multiples of BK, so a TMA box never reads into the next split: only past K, where it
+    reads zeros.
     """
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
-        ks = k + offs_k
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
-            mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi),
-            other=0.0,
-        )  # [BM, BK]
-        b = tl.load(
-            b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=(ks[:, None] < k_hi) & (offs_n[None, :] < N),
-            other=0.0,
-        )  # [BK, BN]
+        if TMA:
+            a = a_src.load([off_m, k])  # [BM, BK]
+            b = b_src.load([off_n, k]).T  # [BK, BN]
+        else:
+            ks = k + offs_k
+            a = tl.load(
+                a_src + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi),
+                other=0.0,
+            )  # [BM, BK]
+            b = tl.load(
+                b_src + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                mask=(ks[:, None] < k_hi) & (offs_n[None, :] < N),
+                other=0.0,
+            )  # [BK, BN]
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
@@ -78,20 +102,23 @@ def _split_dot(
 @triton.jit(do_not_specialize=["M"])
 def _matmul_parallel_splits_kernel(
     a_ptr, b_ptr, part_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bn, stride_bk,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Program (tile, split s): partials[s, tile] = split s of the K reduction, fp32."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BN)
-    offs_m = (pid // num_pid_n) * BM + tl.arange(0, BM)
-    offs_n = (pid % num_pid_n) * BN + tl.arange(0, BN)
+    off_m = (pid // num_pid_n) * BM
+    off_n = (pid % num_pid_n) * BN
     k_lo = split * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    a_src, b_src = _operands(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, BM, BN, BK, TMA)
     acc = _split_dot(
-        a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
-        BM, BN, BK, PRECISION,
+        a_src, b_src, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, off_m, off_n,
+        BM, BN, BK, PRECISION, TMA,
     )
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)
     ptrs = part_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + offs_n[None, :]
     tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -115,7 +142,7 @@ def _fold_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, S, HAS_BIAS: tl.const
 def _matmul_sequential_splits_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, S, K_PER_SPLIT, stride_am, stride_ak, stride_bn, stride_bk,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Program per output tile; the S splits run one after another and fold in order.
 
@@ -130,17 +157,18 @@ def _matmul_sequential_splits_kernel(
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % group_rows
     pid_n = (pid % group) // group_rows
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    a_src, b_src = _operands(a_ptr, b_ptr, M, N, K, stride_am, stride_bn, BM, BN, BK, TMA)
     total = tl.zeros((BM, BN), dtype=tl.float32)
     for split in range(0, S):
         k_lo = split * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         acc = _split_dot(
-            a_ptr, b_ptr, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, offs_m, offs_n,
-            BM, BN, BK, PRECISION,
+            a_src, b_src, M, N, k_lo, k_hi, stride_am, stride_ak, stride_bn, stride_bk, pid_m * BM, pid_n * BN,
+            BM, BN, BK, PRECISION, TMA,
         )
         total = total + acc
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     if HAS_BIAS:
         total = total + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     rows = offs_m.to(tl.int64)
@@ -151,13 +179,24 @@ def _matmul_sequential_splits_kernel(
     )
 
 
+def _tma_can_read(t: torch.Tensor) -> bool:
+    """A bulk tensor copy needs contiguous rows, 16-byte row strides and a 16-byte-aligned base."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory where TMA programs write their tensor descriptors (Triton asks at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig, launch: Launch = "auto"
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias[N]) -> [M, N] in x's dtype, fp32 accumulation.
 
     `launch` forces one of the two launches (for tests); "auto" picks by M, which is safe because
-    both give the same bits.
+    both give the same bits. A `tma` config reads through tensor descriptors where the operands
+    allow a bulk copy, else through pointers: the same tiles into the same dot either way.
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -178,7 +217,10 @@ def linear(
     parallel = uses_parallel_splits(m, n, splits, config) if launch == "auto" else launch == "parallel"
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
-    meta = dict(BM=config.block_m, BN=config.block_n, BK=config.block_k, PRECISION=precision)
+    tma = config.tma and _tma_can_read(x) and _tma_can_read(weight)
+    if tma:
+        triton.set_allocator(_descriptor_scratch)
+    meta = dict(BM=config.block_m, BN=config.block_n, BK=config.block_k, PRECISION=precision, TMA=tma)
     launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     if parallel:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)

@@ -6,6 +6,7 @@ the tile configs pinned for the GPU's arch: a row's bits alone equal its bits in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -58,6 +59,16 @@ def test_matmul_parallel_and_sequential_split_launches_agree(k: int, n: int, m: 
     x, w, b = _randn(m, k, seed=1), _randn(n, k, seed=2, scale=k**-0.5), _randn(n, seed=3)
     parallel = matmul.linear(x, w, b, config, launch="parallel")
     assert torch.equal(parallel, matmul.linear(x, w, b, config, launch="sequential"))
+
+
+@pytest.mark.parametrize("k,n", LAYER_SHAPES)
+def test_matmul_tma_tiles_give_the_bits_of_pointer_loads(k: int, n: int) -> None:
+    """So a TMA tiling may fall back to pointer loads where a bulk copy cannot read the rows."""
+    config = _arch().matmul_for(n, k)
+    tma, pointers = dataclasses.replace(config, tma=True), dataclasses.replace(config, tma=False)
+    x, w = _randn(1000, k, seed=15), _randn(n, k, seed=16, scale=k**-0.5)
+    for m in (1, 64, 1000):
+        assert torch.equal(matmul.linear(x[:m], w, None, tma), matmul.linear(x[:m], w, None, pointers)), f"M={m}"
 
 
 def test_matmul_matches_float64_in_bfloat16() -> None:

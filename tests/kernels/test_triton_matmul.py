@@ -6,6 +6,8 @@ splits and tiles), compiled on a GPU. Bitwise checks use torch.equal; accuracy i
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -61,6 +63,25 @@ def test_a_row_has_the_same_bits_alone_and_anywhere_in_any_batch(dtype, shape, d
     alone = matmul.linear(x[position : position + 1], w, b, SMALL)
     in_batch = matmul.linear(x, w, b, SMALL)  # the launch picked by M: different for m = 1 and m = 40
     assert torch.equal(alone[0], in_batch[position])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_tma_tiles_give_the_bits_of_pointer_loads_in_both_launches(dtype, shape, bias: bool, seed: int) -> None:
+    m, n, k = shape
+    k = max(8, k // 8 * 8)  # 16-byte rows, as a bulk tensor copy needs; M, N and K still end mid-tile
+    x, w, b = _operands(m, n, k, dtype, seed, bias)
+    tma = dataclasses.replace(SMALL, tma=True)
+    for launch in ("parallel", "sequential"):
+        assert torch.equal(matmul.linear(x, w, b, tma, launch), matmul.linear(x, w, b, SMALL, launch)), launch
+
+
+def test_a_tma_tiling_reads_rows_a_bulk_copy_cannot_through_pointers() -> None:
+    x, w, b = _operands(9, 40, 70, torch.float16, seed=4)  # 140-byte rows
+    tma = dataclasses.replace(SMALL, tma=True)
+    assert not matmul._tma_can_read(x)
+    assert torch.equal(matmul.linear(x, w, b, tma), matmul.linear(x, w, b, SMALL))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,7 +26,10 @@ def _row_invariant_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     from triton.runtime.interpreter import TensorHandle
 
     acc = d.data.dtype
-    products = a.data.astype(acc)[..., :, :, None] * b.data.astype(acc)[..., None, :, :]
+    # Contiguous copies: numpy's summation order follows the memory layout, and a tile that is a
+    # transposed view (a TMA tile's .T) must be summed like the same tile loaded directly.
+    a_data, b_data = np.ascontiguousarray(a.data, dtype=acc), np.ascontiguousarray(b.data, dtype=acc)
+    products = a_data[..., :, :, None] * b_data[..., None, :, :]
     return TensorHandle(products.sum(axis=-2, dtype=acc) + d.data, d.dtype.scalar)
 
 
