@@ -146,14 +146,26 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> 
     return cache[block_table[:num_blocks].long()].reshape(-1, *cache.shape[2:])[:seq_len]
 
 
+FAST_DECODE_KEYS = 1 << 18
+"""Keys gathered per batched decode SDPA call in fast mode: bounds its temporary K/V copy."""
+
+
 def attention_fast(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over each sequence's cached keys, with torch SDPA."""
+    """Causal attention of q [T, H, D] over each sequence's cached keys, with torch SDPA.
+
+    Decodes (one query each) share SDPA calls, a group of them per call (`_attend_decodes`);
+    longer query runs take one call per sequence.
+    """
     out = torch.empty_like(q)
+    decodes: list[int] = []
     for b in range(meta.num_seqs):
         start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
         seq_len, q_len = meta.seq_lens[b], end - start
+        if q_len == 1:
+            decodes.append(b)
+            continue
         k = _gather_kv(k_cache, meta.block_tables[b], seq_len)
         v = _gather_kv(v_cache, meta.block_tables[b], seq_len)
         group = q.shape[1] // k.shape[1]
@@ -164,7 +176,40 @@ def attention_fast(
             q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
         )
         out[start:end] = o.transpose(0, 1)
+    group: list[int] = []
+    for b in decodes:
+        if group and (len(group) + 1) * max(meta.seq_lens[g] for g in group + [b]) > FAST_DECODE_KEYS:
+            _attend_decodes(q, k_cache, v_cache, meta, group, scale, out)
+            group = []
+        group.append(b)
+    if group:
+        _attend_decodes(q, k_cache, v_cache, meta, group, scale, out)
     return out
+
+
+def _attend_decodes(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+    scale: float, out: torch.Tensor,
+) -> None:
+    """One SDPA call for the decode steps of `seqs`, written into their rows of out [T, H, D].
+
+    Their keys are gathered into a batch padded to the longest (padding masked out), and each
+    sequence's query heads become G queries of its KV head: GQA without a copy of K/V per head.
+    """
+    device = q.device
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
+    positions = torch.arange(max(meta.seq_lens[b] for b in seqs), device=device)
+    visible = positions[None, :] < lengths[:, None]  # [B, L]
+    tables = meta.block_tables[torch.tensor(seqs, device=device)].long()  # [B, max_blocks]
+    slots = tables[:, positions // meta.block_size] * meta.block_size + positions % meta.block_size
+    slots = torch.where(visible, slots, meta.zero_slot)  # [B, L]
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+    rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
+    queries = q[rows].view(len(seqs), num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    o = F.scaled_dot_product_attention(queries, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+    out[rows] = o.reshape(len(seqs), -1, head_dim)
 
 
 @dataclass

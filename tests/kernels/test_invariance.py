@@ -191,3 +191,20 @@ def test_mode_is_restored_after_an_error() -> None:
         with kernels.mode("fast"):
             raise RuntimeError("boom")
     assert kernels.current_mode() == "invariant"
+
+
+def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays_accurate(monkeypatch) -> None:
+    # A small key budget forces several decode groups; stale keys of released blocks must not leak in.
+    monkeypatch.setattr(kernels.reference, "FAST_DECODE_KEYS", 700)
+    cache = _cache(num_blocks=256, mode="fast")
+    cache.step([("stale", *_sequence(300, seed=99), 0)])
+    cache.release("stale")
+    lengths = {"a": 1, "b": 17, "c": 300, "d": 64, "e": 129}
+    seqs = {name: _sequence(n, seed=i) for i, (name, n) in enumerate(lengths.items())}
+    cache.step([(name, *(t[:-1] for t in seqs[name]), 0) for name, n in lengths.items() if n > 1])
+    prefill = _sequence(40, seed=50)
+    decodes = [(name, *(t[-1:] for t in seqs[name]), n - 1) for name, n in lengths.items()]
+    outs = cache.step(decodes[:2] + [("p", *prefill, 0)] + decodes[2:])
+    for out, name in zip(outs[:2] + outs[3:], lengths):
+        assert torch.allclose(out.double(), attention_float64(*seqs[name], 0.125)[-1:], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(outs[2].double(), attention_float64(*prefill, 0.125), rtol=1e-5, atol=1e-5)
