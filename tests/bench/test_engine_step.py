@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bench import engine_step
 
@@ -23,7 +24,8 @@ def test_engine_step_bench_times_each_batch_in_both_modes_and_prints_their_ratio
     assert [row.split()[0] for row in rows] == ["1", "3"]
     for row in rows:
         invariant_ms, fast_ms, ratio = map(float, row.split()[1:4])
-        assert invariant_ms > 0 and fast_ms > 0 and abs(ratio - invariant_ms / fast_ms) < 0.01
+        # the printed times are rounded to 0.01 ms, and a tiny model's steps take about 1 ms
+        assert invariant_ms > 0 and fast_ms > 0 and math.isclose(ratio, invariant_ms / fast_ms, rel_tol=0.05)
 
 
 def test_each_timed_step_decodes_one_token_for_every_request() -> None:
