@@ -113,7 +113,7 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     def mm(config, has_bias, tma=False):
         tiles = o_proj(config)
         return dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, PRECISION="tf32", HAS_BIAS=has_bias,
-                    GROUP_M=tiles.group_m, TMA=tma or tiles.tma)
+                    GROUP_M=tiles.group_m, TMA=tma)
 
     def mm_opts(config):
         return dict(num_warps=o_proj(config).num_warps, num_stages=o_proj(config).num_stages)
