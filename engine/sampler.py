@@ -18,7 +18,7 @@ import torch
 
 import kernels
 from engine.request import Request, SamplingParams, TokenLogprob
-from kernels.reference import gumbel_noise
+from kernels.reference import gumbel_max
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
@@ -80,8 +80,7 @@ def _sample_on_host(logits: torch.Tensor, request: Request, eos_token_ids: tuple
     row = apply_penalties_and_bias(logits, request, eos_token_ids)
     if request.params.greedy:
         return int(torch.argmax(row))
-    noise = gumbel_noise(request.seed, request.num_tokens, row.shape[0])
-    return int(torch.argmax(_filtered(row, request) + noise))
+    return gumbel_max(_filtered(row, request), request.seed, request.num_tokens)
 
 
 def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], params: list[SamplingParams]) -> list[TokenLogprob]:

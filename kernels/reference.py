@@ -43,6 +43,7 @@ class AttentionMetadata:
     block_size: int
     zero_slot: int  # a cache slot that always holds zeros (reads past a sequence land there)
     invariant_plan: list | None = field(default=None, repr=False)  # built on first use, shared by layers
+    fast_plan: list | None = field(default=None, repr=False)  # fast mode's decode groups, likewise
 
     @property
     def num_seqs(self) -> int:
@@ -159,12 +160,10 @@ def attention_fast(
     longer query runs take one call per sequence.
     """
     out = torch.empty_like(q)
-    decodes: list[int] = []
     for b in range(meta.num_seqs):
         start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
         seq_len, q_len = meta.seq_lens[b], end - start
         if q_len == 1:
-            decodes.append(b)
             continue
         k = _gather_kv(k_cache, meta.block_tables[b], seq_len)
         v = _gather_kv(v_cache, meta.block_tables[b], seq_len)
@@ -176,40 +175,66 @@ def attention_fast(
             q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
         )
         out[start:end] = o.transpose(0, 1)
-    group: list[int] = []
-    for b in decodes:
-        if group and (len(group) + 1) * max(meta.seq_lens[g] for g in group + [b]) > FAST_DECODE_KEYS:
-            _attend_decodes(q, k_cache, v_cache, meta, group, scale, out)
-            group = []
-        group.append(b)
-    if group:
-        _attend_decodes(q, k_cache, v_cache, meta, group, scale, out)
+    for decodes in _decode_groups(meta, q.device):
+        _attend_decodes(q, k_cache, v_cache, decodes, scale, out)
     return out
 
 
+@dataclass
+class _DecodeGroup:
+    """Decode steps that share one fast-mode SDPA call, and where their queries and keys are."""
+
+    rows: torch.Tensor  # [B] flat query row of each decode
+    slots: torch.Tensor  # [B, L] cache slots of each sequence's keys, padded with the always-zero slot
+    visible: torch.Tensor  # [B, L] True at real keys
+
+
+def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list[_DecodeGroup]:
+    """The step's decodes in groups of at most FAST_DECODE_KEYS padded keys, built once per step
+    and shared by every layer (cached in `meta.fast_plan`)."""
+    if meta.fast_plan is not None:
+        return meta.fast_plan
+    groups: list[list[int]] = []
+    longest = 0
+    for b in range(meta.num_seqs):
+        if meta.query_start_loc[b + 1] - meta.query_start_loc[b] != 1:
+            continue
+        if groups and (len(groups[-1]) + 1) * max(longest, meta.seq_lens[b]) <= FAST_DECODE_KEYS:
+            groups[-1].append(b)
+            longest = max(longest, meta.seq_lens[b])
+        else:
+            groups.append([b])
+            longest = meta.seq_lens[b]
+    bs = meta.block_size
+    plan = []
+    for seqs in groups:
+        lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
+        positions = torch.arange(max(meta.seq_lens[b] for b in seqs), device=device)
+        visible = positions[None, :] < lengths[:, None]  # [B, L]
+        tables = meta.block_tables[torch.tensor(seqs, device=device)].long()  # [B, max_blocks]
+        slots = torch.where(visible, tables[:, positions // bs] * bs + positions % bs, meta.zero_slot)
+        rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
+        plan.append(_DecodeGroup(rows, slots, visible))
+    meta.fast_plan = plan
+    return plan
+
+
 def _attend_decodes(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
-    scale: float, out: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decodes: _DecodeGroup, scale: float,
+    out: torch.Tensor,
 ) -> None:
-    """One SDPA call for the decode steps of `seqs`, written into their rows of out [T, H, D].
+    """One SDPA call for a group of decode steps, written into their rows of out [T, H, D].
 
     Their keys are gathered into a batch padded to the longest (padding masked out), and each
     sequence's query heads become G queries of its KV head: GQA without a copy of K/V per head.
     """
-    device = q.device
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
-    positions = torch.arange(max(meta.seq_lens[b] for b in seqs), device=device)
-    visible = positions[None, :] < lengths[:, None]  # [B, L]
-    tables = meta.block_tables[torch.tensor(seqs, device=device)].long()  # [B, max_blocks]
-    slots = tables[:, positions // meta.block_size] * meta.block_size + positions % meta.block_size
-    slots = torch.where(visible, slots, meta.zero_slot)  # [B, L]
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
-    rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
-    queries = q[rows].view(len(seqs), num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
-    o = F.scaled_dot_product_attention(queries, k, v, attn_mask=visible[:, None, None, :], scale=scale)
-    out[rows] = o.reshape(len(seqs), -1, head_dim)
+    k = k_cache.view(-1, num_kv_heads, head_dim)[decodes.slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[decodes.slots].transpose(1, 2)
+    batch = decodes.rows.shape[0]
+    queries = q[decodes.rows].view(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    o = F.scaled_dot_product_attention(queries, k, v, attn_mask=decodes.visible[:, None, None, :], scale=scale)
+    out[decodes.rows] = o.reshape(batch, -1, head_dim)
 
 
 @dataclass
@@ -347,17 +372,20 @@ def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(-np.log(-np.log(uniform_noise(seed, position, vocab_size))))
 
 
+def gumbel_max(scaled: torch.Tensor, seed: int, position: int) -> int:
+    """The seeded draw from float64 logits already divided by the temperature (and filtered):
+    argmax(scaled + gumbel_noise(seed, position)), first index on a tie."""
+    return int(torch.argmax(scaled + gumbel_noise(seed, position, scaled.shape[0])))
+
+
 def sample_tokens(
     logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """Per row of logits [S, V]: argmax(logits / T + gumbel_noise(seed, position)) in float64, or
-    argmax(logits) where T = 0 (first index on a tie). Returns [S] int64 on the logits' device."""
+    """Per row of logits [S, V]: the Gumbel-max draw from logits / T in float64, or argmax(logits)
+    where T = 0 (first index on a tie). Returns [S] int64 on the logits' device."""
     rows = logits.float().cpu()
-    tokens = []
-    for row, temperature, seed, position in zip(rows, temperatures.tolist(), seeds.tolist(), positions.tolist()):
-        if temperature == 0:
-            tokens.append(int(torch.argmax(row)))
-        else:
-            keys = row.double() / temperature + gumbel_noise(seed, position, row.shape[0])
-            tokens.append(int(torch.argmax(keys)))
+    tokens = [
+        int(torch.argmax(row)) if temperature == 0 else gumbel_max(row.double() / temperature, seed, position)
+        for row, temperature, seed, position in zip(rows, temperatures.tolist(), seeds.tolist(), positions.tolist())
+    ]
     return torch.tensor(tokens, dtype=torch.int64, device=logits.device)

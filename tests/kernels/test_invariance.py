@@ -204,7 +204,11 @@ def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays
     cache.step([(name, *(t[:-1] for t in seqs[name]), 0) for name, n in lengths.items() if n > 1])
     prefill = _sequence(40, seed=50)
     decodes = [(name, *(t[-1:] for t in seqs[name]), n - 1) for name, n in lengths.items()]
-    outs = cache.step(decodes[:2] + [("p", *prefill, 0)] + decodes[2:])
+    q, meta = cache.store(decodes[:2] + [("p", *prefill, 0)] + decodes[2:])
+    out = _attend("fast")(q, cache.k, cache.v, meta)
+    assert len(meta.fast_plan) == 3  # groups [a, b], [c, d], [e], planned once for every layer
+    assert torch.equal(_attend("fast")(q, cache.k, cache.v, meta), out)
+    outs = [out[meta.query_start_loc[i] : meta.query_start_loc[i + 1]] for i in range(meta.num_seqs)]
     for out, name in zip(outs[:2] + outs[3:], lengths):
         assert torch.allclose(out.double(), attention_float64(*seqs[name], 0.125)[-1:], rtol=1e-5, atol=1e-5)
     assert torch.allclose(outs[2].double(), attention_float64(*prefill, 0.125), rtol=1e-5, atol=1e-5)
