@@ -30,7 +30,7 @@ from typing import Any
 
 # Pointers that are not in the activation dtype.
 _POINTER_DTYPES = {"part_ptr": "fp32", "part_o_ptr": "fp32", "part_ml_ptr": "fp32", "tables_ptr": "i32",
-                   "items_ptr": "i32", "programs_ptr": "i32", "logits_ptr": "fp32", "tokens_ptr": "i64",
+                   "items_ptr": "i32", "programs_ptr": "i32", "arrivals_ptr": "i32", "logits_ptr": "fp32", "tokens_ptr": "i64",
                    "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64",
                    "pos_ptr": "i64", "cos_sin_ptr": "fp32"}
 _FLOAT_ARGS = {"eps", "qk_scale"}
@@ -49,6 +49,7 @@ class CompiledKernel:
     mma: str  # "wgmma", "mma.sync" or "none"
     async_copy_bytes: list[int]  # distinct sizes of its global -> shared async copies (16 = vectorized)
     tma: bool  # loads tiles with Hopper's bulk tensor copies (cp.async.bulk.tensor)
+    atomics: list[str]  # distinct global atomic instructions, with their scope and ordering
 
 
 def _ast_source(fn: Any, dtype: str, constexprs: dict[str, Any], ints: dict[str, int]) -> Any:
@@ -110,10 +111,10 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     def o_proj(config):
         return config.matmul_for(hidden, hidden)
 
-    def mm(config, has_bias, tma=False):
+    def mm(config, has_bias, tma=False, last_folds=False):
         tiles = o_proj(config)
         return dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, PRECISION="tf32", HAS_BIAS=has_bias,
-                    GROUP_M=tiles.group_m, TMA=tma)
+                    GROUP_M=tiles.group_m, TMA=tma, LAST_FOLDS=last_folds)
 
     def mm_opts(config):
         return dict(num_warps=o_proj(config).num_warps, num_stages=o_proj(config).num_stages)
@@ -149,6 +150,8 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
         (matmul._matmul_parallel_splits_kernel, "parallel splits", lambda c: mm(c, False), mm_opts, mm_ints),
         (matmul._matmul_sequential_splits_kernel, "sequential, tma", lambda c: mm(c, False, True), mm_opts, mm_ints),
         (matmul._matmul_parallel_splits_kernel, "parallel, tma", lambda c: mm(c, False, True), mm_opts, mm_ints),
+        (matmul._matmul_parallel_splits_kernel, "parallel, last split folds",
+         lambda c: mm(c, False, last_folds=True), mm_opts, mm_ints),
         (matmul._fold_splits_kernel, "fold", lambda c: dict(HAS_BIAS=True, BLOCK=matmul._REDUCE_BLOCK),
          lambda c: dict(num_warps=4), mm_ints),
         (rmsnorm._rms_norm_kernel, "with residual", lambda c: dict(HAS_RESIDUAL=True, BLOCK=norm_block),
@@ -196,16 +199,17 @@ def compile_all(capabilities: list[tuple[int, int]], dtype: str, shapes: dict[st
                 arch=f"sm_{major}{minor}", kernel=fn.__name__.strip("_"), variant=variant, dtype=dtype,
                 seconds=round(time.perf_counter() - started, 2), registers=registers, stack_bytes=stack,
                 shared_bytes=compiled.metadata.shared, mma=mma, async_copy_bytes=copies,
-                tma="cp.async.bulk.tensor" in ptx,
+                tma="cp.async.bulk.tensor" in ptx, atomics=sorted(set(re.findall(r"\batom\.global\.[\w.]+", ptx))),
             ))
     return results
 
 
 def table(results: list[CompiledKernel]) -> str:
     headers = ["arch", "kernel", "variant", "dtype", "regs", "stack B", "smem KiB", "mma", "async copy B", "tma",
-               "compile s"]
+               "atomics", "compile s"]
     rows = [[r.arch, r.kernel, r.variant, r.dtype, r.registers, r.stack_bytes, round(r.shared_bytes / 1024, 1),
-             r.mma, ",".join(map(str, r.async_copy_bytes)) or "-", "yes" if r.tma else "-", r.seconds] for r in results]
+             r.mma, ",".join(map(str, r.async_copy_bytes)) or "-", "yes" if r.tma else "-",
+             ",".join(r.atomics) or "-", r.seconds] for r in results]
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

@@ -43,11 +43,13 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B att
 
 
 def _matmul_candidate(
-    bm: int, bn: int, bk: int, warps: int, stages: int, programs: int, min_tiles: int, tma: bool = False
+    bm: int, bn: int, bk: int, warps: int, stages: int, programs: int, min_tiles: int, tma: bool = False,
+    last_folds: bool = False,
 ) -> configs.MatmulConfig:
     return configs.MatmulConfig(
         block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages,
         target_programs=programs, max_splits=16, min_k_tiles_per_split=min_tiles, tma=tma,
+        last_split_folds=last_folds,
     )
 
 
@@ -66,6 +68,11 @@ MATMUL_CANDIDATES = [
     _matmul_candidate(128, 128, 64, 8, 3, 132, 8, tma=True),  # TMA twins: expected to give the bits of #0, #5, #6
     _matmul_candidate(128, 64, 64, 4, 4, 264, 8, tma=True),
     _matmul_candidate(64, 128, 64, 4, 4, 132, 8, tma=True),
+    # One launch at decode sizes (the tile's last split program folds): expected to give the bits
+    # of #0, #2 and #5, minus the fold kernel's launch.
+    _matmul_candidate(128, 128, 64, 8, 3, 132, 8, last_folds=True),
+    _matmul_candidate(128, 128, 64, 8, 3, 264, 4, last_folds=True),
+    _matmul_candidate(128, 64, 64, 4, 4, 264, 8, last_folds=True),
 ]
 ATTENTION_CANDIDATES = [
     configs.AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # the pinned default

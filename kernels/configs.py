@@ -31,6 +31,7 @@ class MatmulConfig:
     max_splits: int
     min_k_tiles_per_split: int  # a split shorter than this pays more in pipeline restarts than it gains
     tma: bool = False  # load tiles with Hopper's bulk tensor copies (TMA) instead of per-thread copies
+    last_split_folds: bool = False  # parallel splits: a tile's last program folds them (no second launch)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ A row's bits depend only on the row, the weight and the pinned config, never on 
 - K is cut into S splits, S a pure function of (N, K) and the config; each split accumulates its
   BK-tiles in order starting from zero (`_split_dot`), and the splits are summed in order 0..S-1
   starting from zero, in fp32; the bias is added after the fold, then the sum is cast once.
-Small M runs the S splits as parallel programs writing fp32 partials and a reduce kernel folds
-them; large M runs the same S splits one after another inside each tile's program. Both launches
-execute the same `_split_dot` and the same fold, so the launch may depend on M and the bits not.
+Small M runs the S splits as parallel programs writing fp32 partials, folded by a second kernel or
+(`last_split_folds`) by whichever of a tile's S programs finishes last; large M runs the same S
+splits one after another inside each tile's program. All of them execute the same `_split_dot`
+and the same fold, so the launch may depend on M and the bits not.
 """
 
 from __future__ import annotations
@@ -99,12 +100,32 @@ def _split_dot(
     return acc
 
 
+@triton.jit
+def _store_tile(total, bias_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
+    """out[tile] = cast(total (+ bias)): the end of every fold, after the splits are summed."""
+    if HAS_BIAS:
+        total = total + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)
+    tl.store(
+        out_ptr + rows[:, None] * N + offs_n[None, :],
+        total.to(out_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_parallel_splits_kernel(
-    a_ptr, b_ptr, part_ptr, M, N, K, K_PER_SPLIT, stride_am, stride_ak, stride_bn, stride_bk,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    a_ptr, b_ptr, part_ptr, bias_ptr, out_ptr, arrivals_ptr, M, N, K, S, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bn, stride_bk,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr, LAST_FOLDS: tl.constexpr,
 ):
-    """Program (tile, split s): partials[s, tile] = split s of the K reduction, fp32."""
+    """Program (tile, split s): partials[s, tile] = split s of the K reduction, fp32.
+
+    With LAST_FOLDS, the tile's last program to finish (its arrival count says so) folds the S
+    partials in order 0..S-1 and writes the output; otherwise `_fold_splits_kernel` does. Which
+    program arrives last varies from run to run; the fold it runs does not.
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BN)
@@ -119,9 +140,21 @@ def _matmul_parallel_splits_kernel(
     )
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
-    rows = offs_m.to(tl.int64)
-    ptrs = part_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + offs_n[None, :]
-    tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    plane = M.to(tl.int64) * N
+    tile = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(tile + split.to(tl.int64) * plane, acc, mask=in_bounds)
+    if LAST_FOLDS:
+        # All of this program's partial stores precede the arrival, which releases them at GPU
+        # scope; the last arrival acquires every split's stores before it reads them (from L2).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == S - 1:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(0, S):
+                total = total + tl.load(tile + s * plane, mask=in_bounds, other=0.0, cache_modifier=".cg")
+            tl.store(arrivals_ptr + pid, 0)  # reset for the next launch, which the stream orders after this one
+            _store_tile(total, bias_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -169,14 +202,7 @@ def _matmul_sequential_splits_kernel(
         total = total + acc
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    if HAS_BIAS:
-        total = total + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    rows = offs_m.to(tl.int64)
-    tl.store(
-        out_ptr + rows[:, None] * N + offs_n[None, :],
-        total.to(out_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-    )
+    _store_tile(total, bias_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)
 
 
 def _tma_can_read(t: torch.Tensor) -> bool:
@@ -187,6 +213,24 @@ def _tma_can_read(t: torch.Tensor) -> bool:
 def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     """Global memory where TMA programs write their tensor descriptors (Triton asks at launch)."""
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+_arrivals: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counts(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per output tile, for `last_split_folds` launches.
+
+    Allocated once per device and kept zero by the folding programs, so a launch costs no memset.
+    Sharing them is safe because launches on one stream run in order (the engine uses one stream).
+    """
+    counts = _arrivals.get(device)
+    if counts is None or counts.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("matmul: run each shape once before CUDA graph capture (arrival counters)")
+        counts = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _arrivals[device] = counts
+    return counts
 
 
 def linear(
@@ -224,13 +268,17 @@ def linear(
     launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     if parallel:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        last_folds = config.last_split_folds
+        arrivals = _arrival_counts(tiles, x.device) if last_folds else partials  # never touched without LAST_FOLDS
         _matmul_parallel_splits_kernel[(tiles, splits)](
-            x, weight, partials, m, n, k, k_per_split, *strides, **meta, **launch_opts
+            x, weight, partials, bias_arg, out, arrivals, m, n, k, splits, k_per_split, *strides,
+            HAS_BIAS=has_bias, LAST_FOLDS=last_folds, **meta, **launch_opts,
         )
-        _fold_splits_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            partials, bias_arg, out, m, n, splits, HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=4,
-            **LAUNCH_OPTIONS,
-        )
+        if not last_folds:
+            _fold_splits_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                partials, bias_arg, out, m, n, splits, HAS_BIAS=has_bias, BLOCK=_REDUCE_BLOCK, num_warps=4,
+                **LAUNCH_OPTIONS,
+            )
     else:
         _matmul_sequential_splits_kernel[(tiles,)](
             x, weight, bias_arg, out, m, n, k, splits, k_per_split, *strides,

@@ -71,6 +71,21 @@ def test_matmul_tma_tiles_give_the_bits_of_pointer_loads(k: int, n: int) -> None
         assert torch.equal(matmul.linear(x[:m], w, None, tma), matmul.linear(x[:m], w, None, pointers)), f"M={m}"
 
 
+@pytest.mark.parametrize("k,n", LAYER_SHAPES)
+def test_matmul_last_split_fold_gives_the_fold_kernels_bits_however_programs_race(k: int, n: int) -> None:
+    """The tile's last program to arrive folds; which one that is changes from run to run, so
+    repeat the decode-sized launches (where splits run in parallel) to meet many orders."""
+    config = _arch().matmul_for(n, k)
+    last_folds = dataclasses.replace(config, last_split_folds=True)
+    two_launches = dataclasses.replace(config, last_split_folds=False)
+    x, w, b = _randn(64, k, seed=17), _randn(n, k, seed=18, scale=k**-0.5), _randn(n, seed=19)
+    for m in (1, 8, 64):
+        expected = matmul.linear(x[:m], w, b, two_launches, launch="parallel")
+        for attempt in range(50):
+            got = matmul.linear(x[:m], w, b, last_folds, launch="parallel")
+            assert torch.equal(got, expected), f"M={m}, attempt {attempt}"
+
+
 def test_matmul_matches_float64_in_bfloat16() -> None:
     x, w, b = _randn(64, 4096, seed=4), _randn(1024, 4096, seed=5, scale=4096**-0.5), _randn(1024, seed=6)
     out = matmul.linear(x, w, b, _arch().matmul_for(1024, 4096))

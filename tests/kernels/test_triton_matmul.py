@@ -77,6 +77,19 @@ def test_tma_tiles_give_the_bits_of_pointer_loads_in_both_launches(dtype, shape,
         assert torch.equal(matmul.linear(x, w, b, tma, launch), matmul.linear(x, w, b, SMALL, launch)), launch
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_last_split_program_folds_to_the_bits_of_the_fold_kernel(dtype, shape, bias: bool, seed: int) -> None:
+    m, n, k = shape
+    x, w, b = _operands(m, n, k, dtype, seed, bias)
+    last_folds = dataclasses.replace(SMALL, last_split_folds=True)
+    expected = matmul.linear(x, w, b, SMALL, launch="parallel")
+    # Twice: the folding programs must leave their arrival counters at zero for the next launch.
+    for _ in range(2):
+        assert torch.equal(matmul.linear(x, w, b, last_folds, launch="parallel"), expected)
+
+
 def test_a_tma_tiling_reads_rows_a_bulk_copy_cannot_through_pointers() -> None:
     x, w, b = _operands(9, 40, 70, torch.float16, seed=4)  # 140-byte rows
     tma = dataclasses.replace(SMALL, tma=True)
