@@ -80,6 +80,10 @@ ATTENTION_CANDIDATES = [
     configs.AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
     configs.AttentionConfig(block_m=64, block_n=128, num_warps=8, num_stages=2),
     configs.AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    # Decode-sized row tiles (a decode item fills G of them): less idle MMA and smaller programs,
+    # mma.sync instead of wgmma, so prefill pays; the sweep shows both sides.
+    configs.AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=2),
+    configs.AttentionConfig(block_m=32, block_n=64, num_warps=4, num_stages=2),
 ]
 
 
@@ -286,23 +290,25 @@ def print_matmul_sweep(trials: list[MatmulTrial], candidates: list[configs.Matmu
 
 
 def sweep_attention(candidates: list[configs.AttentionConfig]) -> None:
-    """Each candidate's decode bandwidth, after checking its two launches agree on a mixed step."""
+    """Each candidate's decode bandwidth and prefill time, after checking its two launches agree
+    on a mixed step (one config serves both, so a decode win must not cost prefill too much)."""
     scale = HEAD_DIM**-0.5
-    print("\n== attention sweep: decode GB/s of K+V read (x = launches disagree, not timed) ==")
-    print(f"{'#':>2} " + " ".join(f"{f'{b}x{n}':>9}" for b, n in DECODE) + "  config")
+    print("\n== attention sweep: decode GB/s of K+V read, prefill ms (x = launches disagree, not timed) ==")
+    cases = [f"{b}x{n}" for b, n in DECODE] + [f"pre {b}x{n}" for b, n in PREFILL]
+    print(f"{'#':>2} " + " ".join(f"{case:>10}" for case in cases) + "  config")
     for index, config in enumerate(candidates):
         q, k_cache, v_cache, meta = _paged(8, 700, 3)
         runs = [paged_attention.paged_attention(q, k_cache, v_cache, _fresh(meta), scale, config, launch)
                 for launch in ("parallel", "sequential")]
         if not torch.equal(*runs):
-            print(f"{index:>2} " + " ".join(f"{'x':>9}" for _ in DECODE) + f"  {config}")
+            print(f"{index:>2} " + " ".join(f"{'x':>10}" for _ in cases) + f"  {config}")
             continue
         cells = []
-        for batch, seq_len in DECODE:
-            q, k_cache, v_cache, meta = _paged(batch, seq_len, 1)
+        for batch, seq_len, q_len in [(b, n, 1) for b, n in DECODE] + [(b, n, n) for b, n in PREFILL]:
+            q, k_cache, v_cache, meta = _paged(batch, seq_len, q_len)
             ms = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config))
-            cells.append(2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2 / ms / 1e6)
-        print(f"{index:>2} " + " ".join(f"{c:9.0f}" for c in cells) + f"  {config}")
+            cells.append(f"{2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2 / ms / 1e6:10.0f}" if q_len == 1 else f"{ms:10.3f}")
+        print(f"{index:>2} " + " ".join(cells) + f"  {config}")
 
 
 def main() -> None:
