@@ -222,7 +222,9 @@ def _arrival_counts(tiles: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters, one per output tile, for `last_split_folds` launches.
 
     Allocated once per device and kept zero by the folding programs, so a launch costs no memset.
-    Sharing them is safe because launches on one stream run in order (the engine uses one stream).
+    Launches that share them must not overlap, which holds on one stream (the engine uses one).
+    Not one set per stream: CUDA graph capture runs on its own stream, after a warm-up on another,
+    and must find the counters the warm-up allocated (zeroing captured in a graph runs only on replay).
     """
     counts = _arrivals.get(device)
     if counts is None or counts.numel() < tiles:
