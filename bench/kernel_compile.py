@@ -125,9 +125,9 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
         return dict(N=hidden, K=hidden, S=splits, K_PER_SPLIT=k_per_split, stride_am=hidden, stride_ak=1,
                     stride_bn=hidden, stride_bk=1)
 
-    def attn(config):
+    def attn(config, last_merges=False):
         return dict(G=heads // kv_heads, BLOCK_M=config.attention.block_m, BLOCK_N=config.attention.block_n,
-                    HEAD=triton.next_power_of_2(head_dim), PRECISION="tf32")
+                    HEAD=triton.next_power_of_2(head_dim), PRECISION="tf32", LAST_MERGES=last_merges)
 
     def attn_opts(config):
         return dict(num_warps=config.attention.num_warps, num_stages=config.attention.num_stages)
@@ -168,6 +168,8 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
          lambda c: dict(num_warps=elementwise._ROPE_WARPS), rope_ints),
         (paged_attention._attention_sequential_kernel, "sequential", attn, attn_opts, attn_ints),
         (paged_attention._attention_split_kernel, "split", attn, attn_opts, attn_ints),
+        (paged_attention._attention_split_kernel, "split, last split merges", lambda c: attn(c, True), attn_opts,
+         attn_ints),
         (paged_attention._attention_merge_kernel, "merge",
          lambda c: {k: v for k, v in attn(c).items() if k in ("G", "BLOCK_M", "HEAD")}, attn_opts, attn_ints),
     ]

@@ -84,6 +84,10 @@ ATTENTION_CANDIDATES = [
     # mma.sync instead of wgmma, so prefill pays; the sweep shows both sides.
     configs.AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=2),
     configs.AttentionConfig(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    # One launch for decode (an item's last split program merges): twins of #0, #1 and #5.
+    configs.AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, last_split_merges=True),
+    configs.AttentionConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, last_split_merges=True),
+    configs.AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, last_split_merges=True),
 ]
 
 

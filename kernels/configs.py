@@ -42,6 +42,7 @@ class AttentionConfig:
     block_n: int  # keys per tile; must divide KV_SPLIT_SIZE so tiles never straddle a split
     num_warps: int
     num_stages: int
+    last_split_merges: bool = False  # decode splits: an item's last split program merges them (no second launch)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counts
 from kernels.configs import LAUNCH_OPTIONS, MatmulConfig
 
 Launch = Literal["auto", "parallel", "sequential"]
@@ -215,26 +216,6 @@ def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counts(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile, for `last_split_folds` launches.
-
-    Allocated once per device and kept zero by the folding programs, so a launch costs no memset.
-    Launches that share them must not overlap, which holds on one stream (the engine uses one).
-    Not one set per stream: CUDA graph capture runs on its own stream, after a warm-up on another,
-    and must find the counters the warm-up allocated (zeroing captured in a graph runs only on replay).
-    """
-    counts = _arrivals.get(device)
-    if counts is None or counts.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("matmul: run each shape once before CUDA graph capture (arrival counters)")
-        counts = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _arrivals[device] = counts
-    return counts
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig, launch: Launch = "auto"
 ) -> torch.Tensor:
@@ -271,7 +252,7 @@ def linear(
     if parallel:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         last_folds = config.last_split_folds
-        arrivals = _arrival_counts(tiles, x.device) if last_folds else partials  # never touched without LAST_FOLDS
+        arrivals = arrival_counts(tiles, x.device) if last_folds else partials  # never touched without LAST_FOLDS
         _matmul_parallel_splits_kernel[(tiles, splits)](
             x, weight, partials, bias_arg, out, arrivals, m, n, k, splits, k_per_split, *strides,
             HAS_BIAS=has_bias, LAST_FOLDS=last_folds, **meta, **launch_opts,

@@ -15,7 +15,8 @@ A query's bits depend only on its own keys, never on its company:
 - one program serves BLOCK_M rows = query tokens x the query heads of one KV head (GQA), with the
   same tiles and warps on every launch, so each row meets the same MMA shapes wherever it sits.
 Decode-sized sequences run their splits as parallel programs writing fp32 partials, merged in
-order by a second kernel; longer query runs take the splits one after another in one program.
+order by a second kernel or (`last_split_merges`) by the item's last split program to finish;
+longer query runs take the splits one after another in one program.
 Both launches run `_attend_split` and `_merge`, compiled without FMA contraction so elementwise
 code in different kernels rounds identically: the launch may depend on the batch, the bits not.
 """
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counts
 from kernels.configs import LAUNCH_OPTIONS, AttentionConfig
 from kernels.reference import KV_SPLIT_SIZE, AttentionMetadata
 
@@ -131,6 +133,26 @@ def _load_queries(q_ptr, tok, head, stride_qt, stride_qh, D, HEAD: tl.constexpr)
     return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)  # [BLOCK_M, HEAD]
 
 
+@triton.jit
+def _merge_partials(
+    out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot, stride_oh, D, H,
+    BLOCK_M: tl.constexpr, HEAD: tl.constexpr,
+):
+    """An item's split partials merged in order 0, 1, 2, ..., normalized and stored (read from L2:
+    the last split program may run this right after other programs wrote them)."""
+    offs_d = tl.arange(0, HEAD)
+    o = tl.zeros((BLOCK_M, HEAD), dtype=tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for split in range(0, num_splits):
+        slot_head = (slot0 + qi * num_splits + split).to(tl.int64) * H + head
+        acc_j = tl.load(part_o_ptr + slot_head[:, None] * HEAD + offs_d[None, :], cache_modifier=".cg")
+        m_j = tl.load(part_ml_ptr + 2 * slot_head, cache_modifier=".cg")
+        l_j = tl.load(part_ml_ptr + 2 * slot_head + 1, cache_modifier=".cg")
+        o, m, l = _merge(o, m, l, acc_j, m_j, l_j)
+    _store_out(out_ptr, o, l, tok, head, row_ok, stride_ot, stride_oh, D, HEAD)
+
+
 # The step's block-table width and item table offsets vary with the batch: kept out of Triton's
 # specialisation so that every step runs one binary per model.
 @triton.jit(do_not_specialize=["stride_table"])
@@ -159,11 +181,16 @@ def _attention_sequential_kernel(
 
 @triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["programs_ptr"])
 def _attention_split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, items_ptr, programs_ptr, part_o_ptr, part_ml_ptr,
-    stride_qt, stride_qh, stride_table, stride_slot, stride_head, page_size, qk_scale, D, H,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, items_ptr, programs_ptr, part_o_ptr, part_ml_ptr, arrivals_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot, stride_head, page_size, qk_scale, D, H,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr,
+    LAST_MERGES: tl.constexpr,
 ):
-    """Program (item split, KV head): one split's (acc, m, l) into its partial slots, fp32."""
+    """Program (item split, KV head): one split's (acc, m, l) into its partial slots, fp32.
+
+    With LAST_MERGES, the last of the item's split programs to finish (for this KV head) merges
+    them, as `_attention_merge_kernel` does otherwise.
+    """
     kv_head = tl.program_id(1)
     item = tl.load(programs_ptr + 2 * tl.program_id(0))
     split = tl.load(programs_ptr + 2 * tl.program_id(0) + 1)
@@ -180,6 +207,17 @@ def _attention_split_kernel(
     tl.store(part_o_ptr + slot_head[:, None] * HEAD + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(part_ml_ptr + 2 * slot_head, m, mask=row_ok)
     tl.store(part_ml_ptr + 2 * slot_head + 1, l, mask=row_ok)
+    if LAST_MERGES:
+        # As in the matmul's last-split fold: the barrier orders every thread's stores before the
+        # GPU-scope release; the last arrival acquires all splits' stores before merging them.
+        tl.debug_barrier()
+        counter = arrivals_ptr + item * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.store(counter, 0)  # reset for the next launch
+            _merge_partials(
+                out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot, stride_oh,
+                D, H, BLOCK_M, HEAD,
+            )
 
 
 @triton.jit(do_not_specialize=["first_item"])
@@ -187,21 +225,14 @@ def _attention_merge_kernel(
     out_ptr, items_ptr, part_o_ptr, part_ml_ptr, first_item, stride_ot, stride_oh, D, H,
     G: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr,
 ):
-    """Program (item, KV head): the item's split partials merged in order 0, 1, 2, ..., then normalized."""
+    """Program (item, KV head): the item's split partials merged in order, then normalized."""
     kv_head = tl.program_id(1)
     _, tok0, num_rows, qpos0, num_splits, slot0 = _load_item(items_ptr, first_item + tl.program_id(0))
     qi, tok, head, _, row_ok = _query_rows(tok0, num_rows, qpos0, kv_head, G, BLOCK_M)
-    offs_d = tl.arange(0, HEAD)
-    o = tl.zeros((BLOCK_M, HEAD), dtype=tl.float32)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for split in range(0, num_splits):
-        slot_head = (slot0 + qi * num_splits + split).to(tl.int64) * H + head
-        acc_j = tl.load(part_o_ptr + slot_head[:, None] * HEAD + offs_d[None, :])
-        m_j = tl.load(part_ml_ptr + 2 * slot_head)
-        l_j = tl.load(part_ml_ptr + 2 * slot_head + 1)
-        o, m, l = _merge(o, m, l, acc_j, m_j, l_j)
-    _store_out(out_ptr, o, l, tok, head, row_ok, stride_ot, stride_oh, D, HEAD)
+    _merge_partials(
+        out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot, stride_oh, D, H,
+        BLOCK_M, HEAD,
+    )
 
 
 @dataclass
@@ -301,12 +332,18 @@ def paged_attention(
     if plan.num_parallel:
         part_o = torch.empty((plan.num_slots, num_heads, head), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((plan.num_slots, num_heads, 2), dtype=torch.float32, device=q.device)
+        last_merges = config.last_split_merges
+        # Counters indexed by (absolute item, KV head); never touched without LAST_MERGES.
+        pieces = (plan.num_sequential + plan.num_parallel) * num_kv_heads
+        arrivals = arrival_counts(pieces, q.device) if last_merges else part_ml
         _attention_split_kernel[(plan.programs.numel() // 2, num_kv_heads)](
-            q, k_cache, v_cache, tables, plan.items, plan.programs, part_o, part_ml, q.stride(0), q.stride(1),
-            *cache_args, num_heads, BLOCK_N=config.block_n, PRECISION=precision, **tiles, **launch_opts,
+            q, k_cache, v_cache, out, tables, plan.items, plan.programs, part_o, part_ml, arrivals,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_args, num_heads,
+            BLOCK_N=config.block_n, PRECISION=precision, LAST_MERGES=last_merges, **tiles, **launch_opts,
         )
-        _attention_merge_kernel[(plan.num_parallel, num_kv_heads)](
-            out, plan.items, part_o, part_ml, plan.num_sequential, out.stride(0), out.stride(1), head_dim, num_heads,
-            **tiles, **launch_opts,
-        )
+        if not last_merges:
+            _attention_merge_kernel[(plan.num_parallel, num_kv_heads)](
+                out, plan.items, part_o, part_ml, plan.num_sequential, out.stride(0), out.stride(1), head_dim,
+                num_heads, **tiles, **launch_opts,
+            )
     return out

@@ -6,6 +6,8 @@ Runs in the Triton interpreter without a GPU (small shapes: 4 query heads, 2 KV 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,7 +74,8 @@ def test_bits_ignore_chunking_and_whatever_else_is_in_the_batch(chunking, compan
 @pytest.mark.parametrize("dtype,num_heads", [(torch.float32, 4), (torch.float16, 4), (torch.float32, 6)])
 def test_parallel_and_sequential_split_launches_give_the_same_bits(dtype, num_heads: int) -> None:
     """One mixed step: decodes (1 to 3 splits, next to a split boundary), a short chunk, a long chunk;
-    2 or 3 query heads per KV head."""
+    2 or 3 query heads per KV head. The parallel launch merges in a second kernel or, with
+    `last_split_merges`, in the last split program of each item."""
     cache = _cache(dtype, seed=3, num_blocks=120)
     spans = {"decode-a": (529, 530), "decode-b": (256, 257), "decode-c": (1, 2), "chunk": (270, 280), "long": (220, 290)}
     seqs = {name: sequence(end, seed, num_heads=num_heads) for seed, (name, (_, end)) in enumerate(spans.items())}
@@ -82,6 +85,12 @@ def test_parallel_and_sequential_split_launches_give_the_same_bits(dtype, num_he
         paged_attention(q, cache.k, cache.v, meta, SCALE, SMALL, launch) for launch in ("parallel", "sequential", "auto")
     )
     assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
+    # Queries alternate, so a merge that ran before every split had arrived would read the other
+    # query's stale partials; each twice, so a counter left nonzero would skip the next merge.
+    last_merges = dataclasses.replace(SMALL, last_split_merges=True)
+    negated = paged_attention(-q, cache.k, cache.v, meta, SCALE, SMALL, "parallel")
+    for query, expected in [(q, parallel), (-q, negated)] * 2:
+        assert torch.equal(paged_attention(query, cache.k, cache.v, meta, SCALE, last_merges, "parallel"), expected)
 
 
 @pytest.mark.parametrize(

@@ -74,16 +74,17 @@ def test_matmul_tma_tiles_give_the_bits_of_pointer_loads(k: int, n: int) -> None
 @pytest.mark.parametrize("k,n", LAYER_SHAPES)
 def test_matmul_last_split_fold_gives_the_fold_kernels_bits_however_programs_race(k: int, n: int) -> None:
     """The tile's last program to arrive folds; which one that is changes from run to run, so
-    repeat the decode-sized launches (where splits run in parallel) to meet many orders."""
+    repeat the decode-sized launches (where splits run in parallel) to meet many orders. Inputs
+    alternate, so a fold that read a partial before it was written would see the other input's."""
     config = _arch().matmul_for(n, k)
     last_folds = dataclasses.replace(config, last_split_folds=True)
     two_launches = dataclasses.replace(config, last_split_folds=False)
-    x, w, b = _randn(64, k, seed=17), _randn(n, k, seed=18, scale=k**-0.5), _randn(n, seed=19)
+    xs, w, b = [_randn(64, k, seed=17), _randn(64, k, seed=20)], _randn(n, k, seed=18, scale=k**-0.5), _randn(n, seed=19)
     for m in (1, 8, 64):
-        expected = matmul.linear(x[:m], w, b, two_launches, launch="parallel")
+        expected = [matmul.linear(x[:m], w, b, two_launches, launch="parallel") for x in xs]
         for attempt in range(50):
-            got = matmul.linear(x[:m], w, b, last_folds, launch="parallel")
-            assert torch.equal(got, expected), f"M={m}, attempt {attempt}"
+            got = matmul.linear(xs[attempt % 2][:m], w, b, last_folds, launch="parallel")
+            assert torch.equal(got, expected[attempt % 2]), f"M={m}, attempt {attempt}"
 
 
 def test_matmul_matches_float64_in_bfloat16() -> None:
@@ -159,7 +160,7 @@ def test_attention_bits_ignore_chunking_decoding_and_company_at_8b_head_shapes()
     assert (one_prefill.double() - ref).abs().max() < 2e-2
 
 
-def test_attention_launches_agree_on_a_crowded_decode_and_prefill_step() -> None:
+def test_attention_launches_and_merges_agree_on_a_crowded_decode_and_prefill_step() -> None:
     cache = _attention_cache(3)
     rng = random.Random(0)
     lengths = {f"r{i}": rng.choice([2, 255, 256, 257, 600, 1100]) for i in range(48)}
@@ -173,6 +174,17 @@ def test_attention_launches_agree_on_a_crowded_decode_and_prefill_step() -> None
         for launch in ("parallel", "sequential", "auto")
     )
     assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
+    # An item's last split program to arrive merges; which one changes from run to run, so repeat,
+    # alternating queries so that a merge reading a partial before it was written would see the other's.
+    two_launches = dataclasses.replace(config, last_split_merges=False)
+    last_merges = dataclasses.replace(config, last_split_merges=True)
+    queries = [q, -q]
+    expected = [paged_attention.paged_attention(x, cache.k, cache.v, meta, 128**-0.5, two_launches, "parallel")
+                for x in queries]
+    for attempt in range(50):
+        got = paged_attention.paged_attention(queries[attempt % 2], cache.k, cache.v, meta, 128**-0.5, last_merges,
+                                              "parallel")
+        assert torch.equal(got, expected[attempt % 2]), f"attempt {attempt}"
 
 
 def test_invariant_mode_on_cuda_dispatches_to_triton_and_fingerprints_its_configs() -> None:

@@ -84,10 +84,11 @@ def test_the_last_split_program_folds_to_the_bits_of_the_fold_kernel(dtype, shap
     m, n, k = shape
     x, w, b = _operands(m, n, k, dtype, seed, bias)
     last_folds = dataclasses.replace(SMALL, last_split_folds=True)
-    expected = matmul.linear(x, w, b, SMALL, launch="parallel")
-    # Twice: the folding programs must leave their arrival counters at zero for the next launch.
-    for _ in range(2):
-        assert torch.equal(matmul.linear(x, w, b, last_folds, launch="parallel"), expected)
+    expected = {sign: matmul.linear(sign * x, w, b, SMALL, launch="parallel") for sign in (1, -1)}
+    # Inputs alternate, so a fold that ran before every split had arrived would read the other
+    # input's stale partials; each twice, so a counter left nonzero would skip the next fold.
+    for sign in (1, -1, 1, -1):
+        assert torch.equal(matmul.linear(sign * x, w, b, last_folds, launch="parallel"), expected[sign])
 
 
 def test_a_tma_tiling_reads_rows_a_bulk_copy_cannot_through_pointers() -> None:
