@@ -35,6 +35,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
 
+DEVICE, DTYPE = "cuda", torch.bfloat16  # what the tables measure (tests run the code in the Triton interpreter)
 MATMUL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 MATMUL_M = [1, 8, 32, 128, 512, 2048, 8192]
 DECODE = [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (64, 4096), (256, 1024)]  # (batch, keys per sequence)
@@ -103,16 +104,19 @@ def _graph_ms(fn, calls: int = 1) -> float:
     return do_bench_cudagraph(fn, rep=100, return_mode="median") / calls
 
 
+def _l2_bytes() -> int:
+    return torch.cuda.get_device_properties(DEVICE).L2_cache_size
+
+
 def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     """The weight and enough copies that cycling through them streams over twice L2 from HBM."""
-    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
-    count = min(8, math.ceil(2 * l2_bytes / (weight.numel() * weight.element_size())))
+    count = min(8, math.ceil(2 * _l2_bytes() / (weight.numel() * weight.element_size())))
     return [weight] + [weight.clone() for _ in range(count - 1)]
 
 
 def measured_bandwidth_gbs() -> float:
     """HBM bandwidth as a large device-to-device copy achieves it (bytes read + written / time)."""
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    source = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     target = torch.empty_like(source)
     return 2 * source.numel() / _ms(lambda: target.copy_(source)) / 1e6
 
@@ -120,17 +124,17 @@ def measured_bandwidth_gbs() -> float:
 def bench_matmul(arch: configs.ArchConfig) -> list[tuple[str, int, float, float, float, float]]:
     """Per shape and M: (shape, M, ours, cuBLAS) eager, then (ours, cuBLAS) in CUDA graphs."""
     rows = []
-    print("\nmatmul bf16, invariant Triton vs cuBLAS F.linear; eager (do_bench, L2 flushed) and in CUDA graphs")
+    print(f"\nmatmul {DTYPE}, invariant Triton vs cuBLAS F.linear; eager (do_bench, L2 flushed) and in CUDA graphs")
     print(f"{'K x N':>13} {'M':>5} {'S':>3} {'launch':>10} {'ours ms':>9} {'cuBLAS ms':>9} {'ratio':>6}"
           f" {'graph ms':>9} {'cuBLAS':>9} {'ratio':>6} {'TF/s':>6}")
     for k, n in MATMUL_SHAPES:
         config = arch.matmul_for(n, k)
         print(f"{k:>6} x {n:<5} {config}")
-        weights = _weight_copies(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5)
+        weights = _weight_copies(torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5)
         w = weights[0]
         splits = matmul.num_k_splits(n, k, config)
         for m in MATMUL_M:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
             ours = _ms(lambda: matmul.linear(x, w, None, config))
             cublas = _ms(lambda: F.linear(x, w))
             ours_graph = _graph_ms(lambda: [matmul.linear(x, wi, None, config) for wi in weights], len(weights))
@@ -144,15 +148,15 @@ def bench_matmul(arch: configs.ArchConfig) -> list[tuple[str, int, float, float,
 
 
 def _paged(batch: int, seq_len: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Random bf16 q for the last `q_len` tokens of `batch` sequences of `seq_len` keys each, and a
+    """Random q for the last `q_len` tokens of `batch` sequences of `seq_len` keys each, and a
     random paged cache holding those keys in scrambled blocks."""
     blocks_per_seq = triton.cdiv(seq_len, BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks + 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).to(torch.int32)
-    q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+    tables = torch.randperm(num_blocks, device=DEVICE).view(batch, blocks_per_seq).to(torch.int32)
+    q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
     meta = AttentionMetadata(
         query_start_loc=[b * q_len for b in range(batch + 1)],
         seq_lens=[seq_len] * batch,
@@ -168,8 +172,9 @@ def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, f
     over twice L2 (so replays cannot hit in L2), in CUDA graphs. Prefill: time only."""
     rows = []
     scale = HEAD_DIM**-0.5
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"\nattention bf16 (32 q heads, 8 KV heads, d=128), invariant paged Triton vs SDPA on contiguous K/V  ({config})")
+    l2_bytes = _l2_bytes()
+    print(f"\nattention {DTYPE} ({NUM_HEADS} q heads, {NUM_KV_HEADS} KV heads, d={HEAD_DIM}), invariant paged Triton"
+          f" vs SDPA on contiguous K/V  ({config})")
     print(f"{'case':>22} {'ours ms':>9} {'SDPA ms':>9} {'ours GB/s':>9} {'SDPA GB/s':>9} {'ratio':>6} {'plan ms':>8}"
           f" {'graph GB/s':>10}")
     for kind, cases in (("decode", DECODE), ("prefill", PREFILL)):
@@ -194,7 +199,7 @@ def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, f
 def _sdpa_ms(q: torch.Tensor, seq_len: int, causal: bool, scale: float) -> float:
     """The faster of SDPA with `enable_gqa` and SDPA on K/V expanded to all heads beforehand:
     whichever backend torch picks for GQA, the baseline is torch's best here."""
-    k = torch.randn(q.shape[0], NUM_KV_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(q.shape[0], NUM_KV_HEADS, seq_len, HEAD_DIM, device=DEVICE, dtype=DTYPE)
     v = torch.randn_like(k)
     gqa = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True))
     group = NUM_HEADS // NUM_KV_HEADS
@@ -240,7 +245,7 @@ def matmul_is_invariant(x: torch.Tensor, w: torch.Tensor, m_values: list[int], c
 
 def sweep_matmul(
     candidates: list[configs.MatmulConfig], shapes: list[tuple[int, int]], m_values: list[int],
-    timer: Callable[[Callable[[], object], int], float], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+    timer: Callable[[Callable[[], object], int], float], device: str, dtype: torch.dtype,
     replicate: Callable[[torch.Tensor], list[torch.Tensor]] = lambda w: [w],
 ) -> list[MatmulTrial]:
     """Every candidate on every (K, N) shape. `timer(fn, calls)` returns the time of one of the
@@ -315,21 +320,15 @@ def sweep_attention(candidates: list[configs.AttentionConfig]) -> None:
         print(f"{index:>2} " + " ".join(cells) + f"  {config}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the pinned ones")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench.kernels needs a CUDA GPU")
-    capability = torch.cuda.get_device_capability()
-    arch = configs.for_capability(capability)
-    print(f"{torch.cuda.get_device_name()} sm_{capability[0]}{capability[1]}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"KV split size {KV_SPLIT_SIZE}; configs pinned for this arch: {capability in configs.PINNED}")
-    if args.sweep:
-        sweep_attention(ATTENTION_CANDIDATES)
-        trials = sweep_matmul(MATMUL_CANDIDATES, MATMUL_SHAPES, MATMUL_M, _graph_ms, replicate=_weight_copies)
-        print_matmul_sweep(trials, MATMUL_CANDIDATES, MATMUL_M)
-        return
+def sweep() -> None:
+    """Every candidate tiling, attention then matmul, ending with the entries to pin."""
+    sweep_attention(ATTENTION_CANDIDATES)
+    trials = sweep_matmul(MATMUL_CANDIDATES, MATMUL_SHAPES, MATMUL_M, _graph_ms, DEVICE, DTYPE, _weight_copies)
+    print_matmul_sweep(trials, MATMUL_CANDIDATES, MATMUL_M)
+
+
+def report(arch: configs.ArchConfig) -> None:
+    """The pinned kernels against torch: per-shape lines, then the summary tables."""
     hbm = measured_bandwidth_gbs()
     print(f"HBM bandwidth measured by a 1 GiB device-to-device copy: {hbm:.0f} GB/s")
     mm = bench_matmul(arch)
@@ -348,6 +347,21 @@ def main() -> None:
         shown = f"{bandwidth:9.0f} {100 * bandwidth / hbm:7.0f}%" if case.startswith("decode") else f"{'-':>9} {'-':>8}"
         in_graphs = f"{100 * graph / hbm:8.0f}%" if graph else f"{'-':>9}"
         print(f"{case:>22} {ours / ref:6.2f} {shown} {in_graphs}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the pinned ones")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU")
+    capability = torch.cuda.get_device_capability()
+    print(f"{torch.cuda.get_device_name()} sm_{capability[0]}{capability[1]}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"KV split size {KV_SPLIT_SIZE}; configs pinned for this arch: {capability in configs.PINNED}")
+    if args.sweep:
+        sweep()
+    else:
+        report(configs.for_capability(capability))
 
 
 if __name__ == "__main__":
