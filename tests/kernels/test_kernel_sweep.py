@@ -21,6 +21,7 @@ from bench import kernels as bench  # noqa: E402
 from kernels import configs  # noqa: E402
 
 WIDER = dataclasses.replace(SMALL, block_n=64)
+ATTENTION = configs.AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 
 
 def _trial(config: configs.MatmulConfig, ratios: list[float], invariant: bool = True) -> bench.MatmulTrial:
@@ -87,8 +88,6 @@ def tiny_bench(monkeypatch) -> None:
     monkeypatch.setattr(bench, "_l2_bytes", lambda: 1000)
     monkeypatch.setattr(bench, "measured_bandwidth_gbs", lambda: 1000.0)
 
-
-ATTENTION = configs.AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 
 
 def test_the_report_prints_every_shape_and_the_summary_of_its_ratios(tiny_bench, capsys) -> None:
