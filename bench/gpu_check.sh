@@ -72,7 +72,7 @@ for name in "${steps[@]}"; do
 done
 for name in "${steps[@]}"; do
     case $name in
-        sweep) sed -n '/^best invariant tiling/,$p' "$logs/sweep.log" ;;
+        sweep) sed -n -e '/^== attention sweep/,/^$/p' -e '/^best invariant tiling/,$p' "$logs/sweep.log" ;;
         bench) sed -n '/^== summary/,$p' "$logs/bench.log" ;;
         engine) sed -n '/^== engine decode step/,$p' "$logs/engine.log" ;;
     esac
