@@ -30,8 +30,8 @@ from typing import Any
 
 # Pointers that are not in the activation dtype.
 _POINTER_DTYPES = {"part_ptr": "fp32", "part_o_ptr": "fp32", "part_ml_ptr": "fp32", "tables_ptr": "i32",
-                   "items_ptr": "i32", "programs_ptr": "i32", "arrivals_ptr": "i32", "logits_ptr": "fp32", "tokens_ptr": "i64",
-                   "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64",
+                   "items_ptr": "i32", "programs_ptr": "i32", "arrivals_ptr": "i32", "logits_ptr": "fp32",
+                   "tokens_ptr": "i64", "temperature_ptr": "fp64", "seed_ptr": "i64", "position_ptr": "i64",
                    "pos_ptr": "i64", "cos_sin_ptr": "fp32"}
 _FLOAT_ARGS = {"eps", "qk_scale"}
 

@@ -9,6 +9,8 @@ arrives last varies from run to run; the fold it runs does not, so neither do th
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -29,3 +31,19 @@ def arrival_counts(pieces: int, device: torch.device) -> torch.Tensor:
         counts = torch.zeros(max(pieces, 1024), dtype=torch.int32, device=device)
         _counters[device] = counts
     return counts
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, arrivals):
+    """Count this program in at `counter_ptr`; true for the last of `arrivals` programs, which then
+    resets the counter for the next launch (the stream orders that launch after this one).
+
+    Call it after the program's partial stores: the barrier puts every thread's stores before the
+    arrival, whose GPU-scope release publishes them; the last arrival's acquire makes every other
+    program's stores visible to it. Read the partials back through L2 (`cache_modifier=".cg"`).
+    """
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.arrivals import arrival_counts
+from kernels.arrivals import arrival_counts, last_to_arrive
 from kernels.configs import LAUNCH_OPTIONS, MatmulConfig
 
 Launch = Literal["auto", "parallel", "sequential"]
@@ -146,15 +146,10 @@ def _matmul_parallel_splits_kernel(
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(tile + split.to(tl.int64) * plane, acc, mask=in_bounds)
     if LAST_FOLDS:
-        # All of this program's partial stores precede the arrival, which releases them at GPU
-        # scope; the last arrival acquires every split's stores before it reads them (from L2).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == S - 1:
+        if last_to_arrive(arrivals_ptr + pid, S):
             total = tl.zeros((BM, BN), dtype=tl.float32)
             for s in range(0, S):
                 total = total + tl.load(tile + s * plane, mask=in_bounds, other=0.0, cache_modifier=".cg")
-            tl.store(arrivals_ptr + pid, 0)  # reset for the next launch, which the stream orders after this one
             _store_tile(total, bias_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)
 
 

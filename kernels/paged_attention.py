@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.arrivals import arrival_counts
+from kernels.arrivals import arrival_counts, last_to_arrive
 from kernels.configs import LAUNCH_OPTIONS, AttentionConfig
 from kernels.reference import KV_SPLIT_SIZE, AttentionMetadata
 
@@ -208,12 +208,7 @@ def _attention_split_kernel(
     tl.store(part_ml_ptr + 2 * slot_head, m, mask=row_ok)
     tl.store(part_ml_ptr + 2 * slot_head + 1, l, mask=row_ok)
     if LAST_MERGES:
-        # As in the matmul's last-split fold: the barrier orders every thread's stores before the
-        # GPU-scope release; the last arrival acquires all splits' stores before merging them.
-        tl.debug_barrier()
-        counter = arrivals_ptr + item * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)  # reset for the next launch
+        if last_to_arrive(arrivals_ptr + item * tl.num_programs(1) + kv_head, num_splits):
             _merge_partials(
                 out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot, stride_oh,
                 D, H, BLOCK_M, HEAD,
