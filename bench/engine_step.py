@@ -9,7 +9,7 @@ serves both modes, since determinism is per request. Prints the median step time
 throughput of each mode and their ratio, a short table last.
 
 Run from the repo root: `python -m bench.engine_step` (on a GPU; `--device cpu --config ...` for
-a small model on CPU).
+a small model on CPU, or `--device cpu --model default` for the default model's real weights).
 """
 
 from __future__ import annotations
@@ -102,11 +102,15 @@ def table(timings: list[StepTiming]) -> str:
     return "\n".join(lines)
 
 
-def run(config_json: dict, device: str, dtype: str, batch_sizes: list[int], prompt_tokens: int, steps: int) -> list[StepTiming]:
+def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int], prompt_tokens: int, steps: int,
+        model: str | None = None, quantization: str = "auto") -> list[StepTiming]:
+    """Time each batch size in both modes, on `config_json` with random weights, or else on `model`."""
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(config_json))
+        if config_json is not None:
+            (Path(folder) / "config.json").write_text(json.dumps(config_json))
         engine = LLMEngine(EngineConfig(
-            model=folder, load_format="dummy", device=device, dtype=dtype,
+            model=folder if config_json is not None else model, load_format="dummy" if config_json else "auto",
+            device=device, dtype=dtype, quantization=quantization,
             kv_cache_tokens=max(batch_sizes) * (prompt_tokens + steps + 16), max_num_seqs=max(batch_sizes),
             max_num_batched_tokens=max(2048, max(batch_sizes)), enable_prefix_caching=False,
         ))
@@ -122,21 +126,27 @@ def run(config_json: dict, device: str, dtype: str, batch_sizes: list[int], prom
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="a model config.json (default: Llama-3-8B's)")
+    parser.add_argument("--config", type=Path, help="a model config.json, random weights (default: Llama-3-8B's)")
+    parser.add_argument("--model", help="real weights instead: a folder or .gguf, or `default` for the default model")
+    parser.add_argument("--quantization", default="auto", help="as `detserve serve --quantization` (default: auto)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-sizes", default="1,16,64,256", help="(default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch and mode (default: %(default)s)")
     args = parser.parse_args(argv)
-    config_json = json.loads(args.config.read_text()) if args.config else LLAMA3_8B
+    config_json = json.loads(args.config.read_text()) if args.config else None if args.model else LLAMA3_8B
+    model = None if args.model in (None, "default") else args.model
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench.engine_step: no CUDA device (use --device cpu with a small --config)")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    timings = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"\n== engine decode step, {config_json['hidden_size']}-wide x {config_json['num_hidden_layers']} layers,"
-          f" {args.dtype}, {args.prompt_tokens}-token prompts, {where} ==")
+    timings = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps, model,
+                  args.quantization)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    what = (f"{config_json['hidden_size']}-wide x {config_json['num_hidden_layers']} layers" if config_json
+            else args.model)
+    print(f"\n== engine decode step, {what}, {args.dtype}, quantization {args.quantization},"
+          f" {args.prompt_tokens}-token prompts, {where} ==")
     print(table(timings))
     return 0
 

@@ -1,14 +1,20 @@
 """`detserve bench soak`: a bounded mixed load with client faults and bad input, watching memory, errors and bits.
 
-For `--duration` seconds, `--concurrency` workers send a mix of chat and text completions (streamed
-or not, n of 1 or 2, deterministic or fast, greedy or seeded), abandon streams after their first
-chunk, give up on requests mid-flight, and send malformed or invalid bodies. Meanwhile a greedy
-deterministic probe runs every `--probe-interval` seconds and must return the bits of the first
-probe, and the server's resident memory is sampled every second. At the end the server must be
-idle with no KV cache in use (read from its /metrics).
+`--concurrency` workers send a mix of chat and text completions (streamed or not, n of 1 or 2,
+deterministic or fast, greedy or seeded), abandon streams after their first chunk, give up on
+requests mid-flight, and send malformed or invalid bodies. Meanwhile a greedy deterministic probe
+runs every `--probe-interval` seconds and must return the bits of the first probe, and the server's
+resident memory is sampled after every completed request. At the end the server must be idle with
+no KV cache in use (read from its /metrics).
+
+The load stops once all of these hold: `--duration` seconds have passed, `--min-requests` requests
+have completed and `--min-probes` probes have run. The work minimums make a short soak check the
+same amount of work on a slow machine as on a fast one (tests use `--duration 0`); `--max-duration`
+only catches a server that stops making progress, and hitting it is a failure.
 
 A pass means: no 5xx, no bad input accepted, no probe mismatch, RSS growth after warm-up within
-`--max-rss-growth-mib`, and nothing left running or holding KV blocks.
+`--max-rss-growth-mib`, the work minimums met before `--max-duration`, and nothing left running or
+holding KV blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx2
 import psutil
@@ -73,21 +79,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-arg", action="append", default=[],
                         help="a flag for the launched server, e.g. --server-arg=--max-num-seqs=16 (repeatable)")
     parser.add_argument("--pid", type=int, help="the server's process id, for RSS (default: the launched one)")
-    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=300.0,
+                        help="least seconds of load; 0: stop once the work minimums are met (default: %(default)s)")
+    parser.add_argument("--min-requests", type=int, default=0,
+                        help="least completed requests before the load stops (default: %(default)s)")
+    parser.add_argument("--min-probes", type=int, default=1,
+                        help="least determinism probes before the load stops (default: %(default)s)")
+    parser.add_argument("--max-duration", type=float,
+                        help="seconds after which a load short of its minimums stops and fails, a hang "
+                             "(default: --duration + 600)")
     parser.add_argument("--concurrency", type=int, default=8, help="workers sending requests (default: %(default)s)")
     parser.add_argument("--probe-interval", type=float, default=5.0,
                         help="seconds between determinism probes (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=24, help="largest max_tokens a worker asks for (default: %(default)s)")
     parser.add_argument("--warmup-fraction", type=float, default=0.15,
-                        help="RSS growth counts from the end of this share of the run (default: %(default)s)")
+                        help="RSS growth counts from the end of this share of the RSS samples (default: %(default)s)")
     parser.add_argument("--max-rss-growth-mib", type=float, default=64.0,
                         help="most RSS growth after warm-up that still passes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the load mix (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.duration <= 0 or args.concurrency < 1 or args.probe_interval <= 0:
-        print("error: --duration, --concurrency and --probe-interval must be positive", file=sys.stderr)
+    if args.max_duration is None:
+        args.max_duration = args.duration + 600
+    if args.concurrency < 1 or args.probe_interval <= 0 or min(args.duration, args.min_requests, args.min_probes) < 0:
+        print("error: --concurrency and --probe-interval must be positive, the load bounds not negative",
+              file=sys.stderr)
+        return 2
+    if args.max_duration <= args.duration:
+        print("error: --max-duration must be longer than --duration", file=sys.stderr)
         return 2
     try:
         with _launched(args) if args.launch else contextlib.nullcontext():
@@ -116,8 +136,9 @@ class SoakFigures:
     other_errors: list[str] = field(default_factory=list)  # transport errors and the like, not injected
     probes: int = 0
     probe_mismatches: int = 0
-    rss_mib: list[float] = field(default_factory=list)  # one sample a second
+    rss_mib: list[float] = field(default_factory=list)  # one sample per completed request
     rss_warm_index: int = 0  # samples before this are warm-up
+    timed_out: bool = False  # the load hit --max-duration before its work minimums were met
     left_running: int | None = None  # after the load: running + waiting (None: no /metrics)
     kv_cache_usage: float | None = None
 
@@ -140,6 +161,8 @@ class SoakFigures:
             problems.append(f"{self.bad_inputs_accepted} bad inputs were accepted")
         if self.other_errors:
             problems.append(f"{len(self.other_errors)} requests failed: {self.other_errors[0]}")
+        if self.timed_out:
+            problems.append("the load hit --max-duration before its work minimums were met")
         if self.probes == 0 or self.probe_mismatches:
             problems.append(f"{self.probe_mismatches} of {self.probes} probes differed from the first")
         growth = self.rss_growth_mib
@@ -197,22 +220,28 @@ async def soak(args: argparse.Namespace) -> SoakFigures:
         model = args.model or await first_model(client)
         process = psutil.Process(args.pid) if args.pid else None
         start = time.monotonic()
-        deadline = start + args.duration
-        sampler = asyncio.create_task(_sample_rss(process, figures, deadline, start + args.duration * args.warmup_fraction))
-        probe = asyncio.create_task(_probe(client, model, figures, deadline, args.probe_interval))
-        workers = [_worker(client, model, figures, deadline, args, random.Random(args.seed * 1000 + i))
+
+        def done() -> bool:
+            """After --duration with the work minimums met; at --max-duration without them (a hang, a failure)."""
+            elapsed = time.monotonic() - start
+            met = sum(figures.served.values()) >= args.min_requests and figures.probes >= args.min_probes
+            figures.timed_out = figures.timed_out or (not met and elapsed >= args.max_duration)
+            return (met and elapsed >= args.duration) or figures.timed_out
+
+        probe = _probe(client, model, figures, done, args.probe_interval)
+        workers = [_worker(client, model, figures, done, process, args, random.Random(args.seed * 1000 + i))
                    for i in range(args.concurrency)]
         await asyncio.gather(*workers, probe)
-        await sampler
+        figures.rss_warm_index = int(len(figures.rss_mib) * args.warmup_fraction)
         figures.duration_s = round(time.monotonic() - start, 1)
         await _read_leftovers(client, figures)
     return figures
 
 
-async def _worker(client: httpx2.AsyncClient, model: str, figures: SoakFigures, deadline: float,
-                  args: argparse.Namespace, rng: random.Random) -> None:
-    first_rolls = [0.0, 0.2, 1.0]  # every worker opens with one bad input, one fault and one request
-    while time.monotonic() < deadline:
+async def _worker(client: httpx2.AsyncClient, model: str, figures: SoakFigures, done: Callable[[], bool],
+                  process: psutil.Process | None, args: argparse.Namespace, rng: random.Random) -> None:
+    first_rolls = [0.0, 0.2, 1.0]  # every worker opens with one bad input, one fault and one request, done or not
+    while first_rolls or not done():
         roll = first_rolls.pop(0) if first_rolls else rng.random()
         if roll < 0.15:
             await _bad_input(client, model, figures, rng)
@@ -222,7 +251,7 @@ async def _worker(client: httpx2.AsyncClient, model: str, figures: SoakFigures, 
             except httpx2.HTTPError as exc:
                 figures.other_errors.append(f"{type(exc).__name__}: {exc}")
         else:
-            await _generate(client, model, figures, args, rng)
+            await _generate(client, model, figures, process, args, rng)
 
 
 def _payload(model: str, args: argparse.Namespace, rng: random.Random, stream: bool) -> tuple[Endpoint, dict]:
@@ -236,14 +265,17 @@ def _payload(model: str, args: argparse.Namespace, rng: random.Random, stream: b
     return endpoint, body
 
 
-async def _generate(client: httpx2.AsyncClient, model: str, figures: SoakFigures, args: argparse.Namespace,
-                    rng: random.Random) -> None:
+async def _generate(client: httpx2.AsyncClient, model: str, figures: SoakFigures, process: psutil.Process | None,
+                    args: argparse.Namespace, rng: random.Random) -> None:
+    """One request; once it completes, a sample of the server's RSS (so the samples grow with the work)."""
     stream = rng.random() < 0.5
     endpoint, body = _payload(model, args, rng, stream)
     result = await send_request(client, endpoint, body)
     kind = f"{endpoint} {'stream' if stream else 'body'} {'det' if body['deterministic'] else 'fast'}"
     if result.ok:
         figures.served[kind] += 1
+        if process is not None:
+            figures.rss_mib.append(round(process.memory_info().rss / MIB, 1))
     else:
         _count_failure(figures, result.error)
 
@@ -295,13 +327,13 @@ def _count_failure(figures: SoakFigures, error: str) -> None:
         figures.other_errors.append(error)
 
 
-async def _probe(client: httpx2.AsyncClient, model: str, figures: SoakFigures, deadline: float,
+async def _probe(client: httpx2.AsyncClient, model: str, figures: SoakFigures, done: Callable[[], bool],
                  interval: float) -> None:
     """The same greedy deterministic request again and again: its tokens, logprobs and digest never change."""
     body = build_payload("completions", model, PROBE_PROMPT, 16, temperature=0.0, stream=False, logprobs=True,
                          extra={"deterministic": True, "ignore_eos": True})
     first = None
-    while time.monotonic() < deadline:
+    while not done():
         result = await send_request(client, "completions", body)
         if not result.ok:
             _count_failure(figures, result.error)
@@ -313,17 +345,7 @@ async def _probe(client: httpx2.AsyncClient, model: str, figures: SoakFigures, d
         await asyncio.sleep(interval)
 
 
-async def _sample_rss(process: psutil.Process | None, figures: SoakFigures, deadline: float, warm_at: float) -> None:
-    if process is None:
-        return
-    while time.monotonic() < deadline:
-        if time.monotonic() >= warm_at and not figures.rss_warm_index:
-            figures.rss_warm_index = len(figures.rss_mib)
-        figures.rss_mib.append(round(process.memory_info().rss / MIB, 1))
-        await asyncio.sleep(1.0)
-
-
-async def _read_leftovers(client: httpx2.AsyncClient, figures: SoakFigures, timeout: float = 60.0) -> None:
+async def _read_leftovers(client: httpx2.AsyncClient, figures: SoakFigures, timeout: float = 300.0) -> None:
     """Wait for the server to go idle (abandoned requests finish or abort), then read its gauges."""
     root = str(client.base_url).rstrip("/").removesuffix("/v1")
     deadline = time.monotonic() + timeout

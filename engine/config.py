@@ -16,6 +16,8 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,11 +99,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     default_deterministic: bool = True
     seed: int = 0  # seeds dummy weights
+    quantization: str = "auto"  # auto (as stored; a GGUF's 4/8-bit blocks on CPU) | none | int8 | int4
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {self.quantization!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, not {self.dtype!r}")
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -118,6 +123,15 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolved_quantization(self) -> str:
+        """The quantization to load with. The 4/8-bit kernels are the CPU's: on a GPU, `auto` means
+        float weights, and asking for int4/int8 is an error."""
+        if self.torch_device().type == "cpu":
+            return self.quantization
+        if self.quantization in ("int4", "int8"):
+            raise ValueError(f"--quantization {self.quantization} runs on CPU only; use none or auto on a GPU")
+        return "none"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -13,9 +13,10 @@ import kernels
 from engine import sampler, weights
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_batch import ForwardBatch
-from engine.models.llama import LlamaModel
+from engine.models.llama import LlamaModel, dummy_state_dict
 from engine.request import TokenLogprob
 from engine.scheduler import SchedulerOutput
+from kernels.quantized import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,20 @@ def _default_tensor_type(device: torch.device, dtype: torch.dtype) -> Iterator[N
         torch.set_default_dtype(previous)
 
 
+def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
+    """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32+int8` or `torch.float32`."""
+    layer = model.layers[0]
+    formats = []
+    for weight in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, model.lm_head):
+        if isinstance(weight, PackedWeight):
+            name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 else "")
+        else:
+            name = str(dtype)
+        if name not in formats:
+            formats.append(name)
+    return "+".join(formats)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int) -> None:
         self.config = config
@@ -38,12 +53,16 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
+        self.quantization = config.resolved_quantization()
+        tie = model_config.tie_word_embeddings
         with _default_tensor_type(self.device, self.dtype):
             self.model = LlamaModel(model_config, max_positions=max_model_len)
-        if config.load_format == "dummy":
-            self.model.init_dummy_weights(config.seed)
-        else:
-            self.model.load_weights(weights.load_state_dict(model_dir))
+            if config.load_format == "dummy":
+                state = weights.convert_state(dummy_state_dict(model_config, config.seed), self.quantization, tie)
+            else:
+                state = weights.load_weights(model_dir, self.quantization, tie)
+            self.model.load_weights(state)
+        self.weight_format = _weight_format(self.model, self.dtype)
         mc = model_config
         # One block more than the block manager hands out: it stays zero, for reads past a sequence.
         self.zero_slot = config.num_kv_blocks * config.block_size
@@ -56,6 +75,7 @@ class ModelRunner:
             for _ in range(mc.num_layers)
         ]
         kv_bytes = 2 * mc.num_layers * config.num_kv_blocks * config.block_size * mc.num_kv_heads * mc.head_dim
+        logger.info("weights: %s", self.weight_format)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
             config.num_kv_blocks,

@@ -1,8 +1,9 @@
-"""Finding and loading model weights: Hugging Face folders, GGUF files, or random (dummy) weights.
+"""Finding and loading model weights: Hugging Face folders or GGUF files, float or quantized.
 
-A GGUF file is dequantized once through `transformers` and cached on disk as a plain Hugging Face
-folder (config.json + model.safetensors + tokenizer files), so every later start reads safetensors
-in seconds instead of dequantizing again (~20 s for the default model).
+A GGUF file is converted once and cached on disk as a Hugging Face-style folder (config.json +
+model.safetensors + tokenizer files), its 4-bit and 8-bit blocks kept as integers, so later
+starts read safetensors in seconds. `--quantization` picks what is served: the weights as stored
+(`auto`), float (`none`), or linear weights in 4 or 8 bits for the CPU's integer kernels.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from kernels.quantized import INT4_GROUP_SIZE, QuantizedWeight, quantize
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+State = dict[str, "torch.Tensor | QuantizedWeight"]
+_QUANTIZED_PARTS = ("qweight", "qweight4", "scales", "zeros")
 
 
 def default_model_path() -> Path:
@@ -55,30 +63,36 @@ def resolve_model_dir(model: str | None, dummy: bool = False) -> Path:
     raise FileNotFoundError(f"model {model!r} is neither a Hugging Face folder nor a .gguf file")
 
 
+_CACHE_FORMAT = 2  # bump when what a cached folder holds changes (2: GGUF blocks kept as integers)
+
+
 def _gguf_cache_dir(gguf_path: Path) -> Path:
-    """Dequantize `gguf_path` once into a cached folder; later calls return the folder at once."""
+    """Convert `gguf_path` once into a cached Hugging Face-style folder; later calls return it at once.
+
+    The folder holds config.json, the tokenizer and model.safetensors with the file's weights as
+    stored: Q4_0/Q4_1/Q8_0 blocks as integers plus scales (`engine.gguf`), other types as float32.
+    """
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_root() / f"{gguf_path.stem}-{key[:16]}"
+    identity = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{_CACHE_FORMAT}"
+    target = cache_root() / f"{gguf_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     if (target / "model.safetensors").is_file():
         return target
-    logger.info("converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    logger.info("converting %s (once; cached in %s)", gguf_path.name, target)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine import gguf
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    hf_config = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    hf_config.pop("quantization_config", None)  # the quantized weights are described by their own tensors
+    state = gguf.read_weights(gguf_path)
+    if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    hf_config = model.config.to_dict()
-    hf_config.pop("quantization_config", None)  # the cached weights are plain float32
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tokenizer.save_pretrained(tmp)
-    save_file(state, str(tmp / "model.safetensors"))
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+    save_state_dict(state, tmp / "model.safetensors")
     os.replace(tmp, target)
     return target
 
@@ -87,17 +101,86 @@ def load_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of every *.safetensors file in the folder, keyed by Hugging Face names."""
+def load_state_dict(model_dir: Path) -> State:
+    """All weights of every *.safetensors file in the folder, keyed by Hugging Face names.
+
+    Quantized weights (saved by `save_state_dict`) come back as QuantizedWeight.
+    """
     from safetensors.torch import load_file
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        tensors.update(load_file(str(f)))
+    state: State = {}
+    for key, value in tensors.items():
+        name, _, part = key.rpartition(".")
+        if part in _QUANTIZED_PARTS:
+            if part in ("qweight", "qweight4"):
+                state[name] = QuantizedWeight.from_tensors(tensors, name)
+        else:
+            state[key] = value
     return state
+
+
+def save_state_dict(state: State, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if isinstance(value, QuantizedWeight):
+            tensors.update(value.to_tensors(name))
+        else:
+            tensors[name] = value.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_weights(model_dir: Path, quantization: str, tie_word_embeddings: bool) -> State:
+    """The weights to serve: as stored (`auto`), all float (`none`), or linear weights in 4/8 bits.
+
+    Quantizing float weights takes a while for a large model, so its result is cached on disk
+    (keyed by the weights' digest) and later starts read it back.
+    """
+    if quantization in ("auto", "none"):
+        return convert_state(load_state_dict(model_dir), quantization, tie_word_embeddings)
+    target = cache_root() / f"{model_dir.name}-{quantization}-{file_digest(model_dir)}"
+    if (target / "model.safetensors").is_file():
+        return load_state_dict(target)
+    state = convert_state(load_state_dict(model_dir), quantization, tie_word_embeddings)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_dir / "config.json", tmp / "config.json")
+    save_state_dict(state, tmp / "model.safetensors")
+    os.replace(tmp, target)
+    return state
+
+
+def convert_state(state: State, quantization: str, tie_word_embeddings: bool) -> State:
+    """The state as `quantization` says: as stored, all float, or linear weights in 4 or 8 bits."""
+    if quantization == "auto":
+        return state
+    if quantization == "none":
+        return {k: v.dequantize() if isinstance(v, QuantizedWeight) else v for k, v in state.items()}
+    bits = 4 if quantization == "int4" else 8
+    linear = [k for k in state if _is_linear_weight(k, tie_word_embeddings)]
+    converted = dict(state)
+    for name in tqdm(linear, desc=f"quantizing to {quantization}", unit="weight", disable=None):
+        value = state[name]
+        if isinstance(value, QuantizedWeight):
+            if value.bits == bits:
+                continue
+            value = value.dequantize()
+        # 4 bits need whole groups of inputs; a weight without them keeps 8 bits
+        converted[name] = quantize(value, bits if value.shape[1] % INT4_GROUP_SIZE == 0 else 8)
+    return converted
+
+
+def _is_linear_weight(name: str, tie_word_embeddings: bool) -> bool:
+    """Weights a matmul reads: the projections, and the output head (the embedding, when tied)."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight" or (
+        tie_word_embeddings and name.endswith("embed_tokens.weight"))
 
 
 def file_digest(model_dir: Path, samples: int = 64, sample_bytes: int = 1 << 16) -> str:

@@ -4,7 +4,9 @@ The model calls these functions and never knows the mode: determinism is a kerne
 different model. `with kernels.mode("invariant"): ...` selects the mode for the forward pass in
 the current context and restores the previous one afterwards, even on error.
 
-On CPU both modes run the pure-PyTorch ops in `reference.py`. On a CUDA tensor, `fast` is plain
+On CPU both modes run the pure-PyTorch ops in `reference.py`; only float matmuls and attention
+differ between the modes there (RMSNorm, SiLU-mul, log-softmax and the 4/8-bit matmuls of
+`quantized.py` are row-invariant as they are, and tests prove it). On a CUDA tensor, `fast` is plain
 torch (cuBLAS, SDPA) and `invariant` runs the Triton kernels (matmul.py, rmsnorm.py,
 paged_attention.py, sampling.py's log-softmax, elementwise.py) with the tile configs pinned for
 the GPU's arch in configs.py, when triton can be imported. Reductions (matmul, RMSNorm, attention,
@@ -26,7 +28,8 @@ from typing import Iterator, Literal
 
 import torch
 
-from kernels import configs, reference
+from kernels import configs, quantized, reference
+from kernels.quantized import PackedWeight
 from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL, AttentionMetadata
 
 Mode = Literal["invariant", "fast"]
@@ -73,8 +76,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     return _invariant() and _triton_device(x)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ weight[N, K].T (+ bias) -> [T, N]."""
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight[N, K].T (+ bias) -> [T, N]; a packed 4/8-bit weight runs its CPU kernel in both modes."""
+    if isinstance(weight, PackedWeight):
+        return quantized.linear(x, weight, bias)
     if _use_triton(x):
         from kernels import matmul
 
@@ -90,8 +95,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from kernels import rmsnorm
 
         return rmsnorm.rms_norm(x2, weight, eps, _triton_config(x.device).rows).view(shape)
-    out = (reference.rms_norm_invariant if _invariant() else reference.rms_norm_fast)(x2, weight, eps)
-    return out.view(shape)
+    return reference.rms_norm(x2, weight, eps).view(shape)
 
 
 def add_rms_norm(
@@ -115,9 +119,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         from kernels import elementwise
 
         return elementwise.silu_mul(x)
-    if x.is_cuda:  # fast mode (or no triton): exact per element on the GPU, so one whole-batch torch call
-        return reference.silu_mul_fast(x)
-    return (reference.silu_mul_invariant if _invariant() else reference.silu_mul_fast)(x)
+    return reference.silu_mul(x)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
         from kernels import sampling
 
         return sampling.log_softmax(logits, _triton_config(logits.device).rows)
-    return (reference.log_softmax_invariant if _invariant() else reference.log_softmax_fast)(logits)
+    return reference.log_softmax(logits)
 
 
 def sample_tokens(
@@ -182,7 +184,7 @@ def config_digest() -> str:
     Where invariant mode can run Triton (a CUDA device and triton importable), the digest adds the
     triton version and the tile configs pinned for the current device's arch.
     """
-    digest = f"torch-ref:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
+    digest = f"torch-ref:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}:cpu-rows-v2"
     if _triton_available() and torch.cuda.is_available():
         import triton
 

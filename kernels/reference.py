@@ -2,12 +2,15 @@
 
 `invariant` ops make a row's bits independent of its company. Measured on this CPU: row 0 of
 `x[:m] @ W.T` changes with `m` for almost every `m`, because the BLAS library picks its blocking
-and threading from the whole shape. But a call whose shape is always the same computes every row
-the same way, at every row position. So every invariant op here feeds torch fixed-shape chunks of
-`ROWS_PER_CALL` rows (the last chunk zero-padded) and the reduction shapes never depend on the
-batch. Attention additionally reduces over keys in fixed `KV_SPLIT_SIZE` splits at absolute key
-positions, merged in order, so a query sees the same splits whether its keys were cached earlier,
-arrive in its own prefill chunk, or were written one token at a time.
+and threading from the whole shape. Two shapes of call are invariant by construction:
+- a call whose shape never changes: a float matmul runs in chunks of exactly `ROWS_PER_CALL`
+  rows (the last zero-padded);
+- a batched matmul, whose items all have one fixed shape: each item is computed alike whatever
+  the batch count. Attention is built from those (`attention_invariant`).
+Row-wise norms, SiLU and log-softmax reduce each row on its own and need neither (both modes share
+them). Attention reduces over keys in fixed `KV_SPLIT_SIZE` splits at absolute key positions,
+merged in order, so a query sees the same splits whether its keys were cached earlier, arrive in
+its own prefill chunk, or were written one token at a time. Quantized matmuls: `quantized.py`.
 
 `fast` ops are plain torch calls over the whole batch: faster, not batch-invariant.
 """
@@ -42,7 +45,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, on the model device
     block_size: int
     zero_slot: int  # a cache slot that always holds zeros (reads past a sequence land there)
-    invariant_plan: list | None = field(default=None, repr=False)  # built on first use, shared by layers
+    invariant_plan: list | None = field(default=None, repr=False)  # the Triton kernels', built on first use
+    reference_plan: "InvariantPlan | None" = field(default=None, repr=False)  # attention_invariant's, likewise
     fast_plan: list | None = field(default=None, repr=False)  # fast mode's decode groups, likewise
 
     @property
@@ -75,40 +79,25 @@ def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return in_fixed_row_chunks(lambda rows: F.linear(rows, weight, bias), x)
 
 
-def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Both modes: one row's mean of squares is one reduction over its own contiguous elements,
+    whose order depends on the row length only, never on the number of rows (tests pin it)."""
     x32 = x.float()
     variance = x32.pow(2).mean(-1, keepdim=True)
     return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
 
 
-def rms_norm_fast(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms_norm_rows(x, weight, eps)
-
-
-def rms_norm_invariant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return in_fixed_row_chunks(lambda rows: _rms_norm_rows(rows, weight, eps), x)
-
-
-def _silu_mul_rows(x: torch.Tensor) -> torch.Tensor:
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """Both modes: silu(gate) * up as gate / (1 + exp(-gate)) * up. torch's own silu runs other
+    code for the vector body and the scalar tail of a loop, so an element's bits would depend on
+    where it sits in the batch; exp, add, divide and multiply give the same bits on both paths."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return gate / (1 + torch.exp(-gate)) * up
 
 
-def silu_mul_fast(x: torch.Tensor) -> torch.Tensor:
-    return _silu_mul_rows(x)
-
-
-def silu_mul_invariant(x: torch.Tensor) -> torch.Tensor:
-    # Vectorized and scalar paths of exp may differ in the last bit; fixed shapes fix the path.
-    return in_fixed_row_chunks(_silu_mul_rows, x)
-
-
-def log_softmax_fast(logits: torch.Tensor) -> torch.Tensor:
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Both modes: torch's CPU log-softmax reduces each row on its own (tests pin it)."""
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def log_softmax_invariant(logits: torch.Tensor) -> torch.Tensor:
-    return in_fixed_row_chunks(lambda rows: torch.log_softmax(rows.float(), dim=-1), logits)
 
 
 def rope(
@@ -238,49 +227,89 @@ def _attend_decodes(
 
 
 @dataclass
-class _QueryChunk:
-    """ROWS_PER_CALL query rows of one sequence and the key splits they attend to."""
+class _DecodePlan:
+    """The step's decodes (one query each) as batched matmul items, one per (sequence, KV head, split)."""
 
-    first_row: int  # flat row of the chunk's first query
-    num_rows: int  # real rows; the rest repeat the last real row
-    row_index: torch.Tensor  # [R] flat rows to gather, padded
-    split_masks: list[torch.Tensor | None]  # per split: [1, G*R, S] True where the key is masked
+    rows: torch.Tensor  # [B] flat query row of each decode
+    key_blocks: torch.Tensor  # [B, J * KV_SPLIT_SIZE / block_size] cache blocks, see _key_blocks
+    masked: torch.Tensor  # [1, B, J, 1, KV_SPLIT_SIZE] True at keys after the query
+    num_splits: int  # J: the most splits any decode has
 
 
 @dataclass
-class _SequencePlan:
-    key_slots: torch.Tensor  # [padded_len] cache slots of keys 0.., padded with an always-zero slot
-    chunks: list[_QueryChunk]
+class _PrefillPlan:
+    """One sequence's run of several queries: their rows, keys, and per split the keys each may not see."""
+
+    start: int
+    end: int
+    key_blocks: torch.Tensor  # [1, J * KV_SPLIT_SIZE / block_size]
+    split_masks: list[torch.Tensor | None]  # per split: [R, 1, KV_SPLIT_SIZE] True where masked, None if none is
 
 
-def _plan(meta: AttentionMetadata, group: int, device: torch.device) -> list[_SequencePlan]:
-    """Index and mask tensors for invariant attention, built once per step and shared by all layers."""
-    if meta.invariant_plan is not None:
-        return meta.invariant_plan
-    plans = []
+@dataclass
+class InvariantPlan:
+    """Index and mask tensors for `attention_invariant`, built once per step and shared by every layer."""
+
+    decodes: _DecodePlan | None
+    prefills: list[_PrefillPlan]
+
+
+def _key_blocks(meta: AttentionMetadata, seqs: list[int], num_keys: int, device: torch.device) -> torch.Tensor:
+    """[len(seqs), ceil(num_keys / block_size)] cache blocks holding keys 0.. of each sequence.
+
+    Blocks past a sequence's last are the always-zero block; keys past its length inside its last
+    block are stale but masked, and get weight exactly 0. Whole blocks are gathered, not slots:
+    one copy per block_size keys.
+    """
     bs = meta.block_size
+    block_pos = torch.arange(-(-num_keys // bs), device=device)
+    tables = meta.block_tables[torch.tensor(seqs, device=device)].long()
+    blocks = tables[:, block_pos.clamp(max=tables.shape[1] - 1)]
+    num_blocks = torch.tensor([-(-meta.seq_lens[b] // bs) for b in seqs], device=device)
+    return torch.where(block_pos[None, :] < num_blocks[:, None], blocks, meta.zero_slot // bs)
+
+
+def _key_items(cache: torch.Tensor, blocks: torch.Tensor, num_splits: int) -> torch.Tensor:
+    """cache [num_blocks, bs, Hkv, D], blocks [B, n] -> float32 [Hkv * B * J, KV_SPLIT_SIZE, D]:
+    each sequence's keys (or values) as matmul items in (KV head, sequence, split) order.
+
+    Whole blocks are gathered as rows of a 2-D view (index_select: a memcpy per block, about 4x
+    faster here than advanced indexing), then laid out head-major in one more copy.
+    """
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    batch = blocks.shape[0]
+    rows = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
+    keys = rows.view(batch, -1, num_kv_heads, head_dim)[:, : num_splits * KV_SPLIT_SIZE]
+    return keys.permute(2, 0, 1, 3).float().reshape(-1, KV_SPLIT_SIZE, head_dim)
+
+
+def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantPlan:
+    if meta.reference_plan is not None:
+        return meta.reference_plan
+    decodes = [b for b in range(meta.num_seqs) if meta.query_start_loc[b + 1] - meta.query_start_loc[b] == 1]
+    decode_plan = None
+    if decodes:
+        num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
+        key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
+        lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(1, len(decodes), num_splits, 1, KV_SPLIT_SIZE)
+        rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
+        decode_plan = _DecodePlan(rows, _key_blocks(meta, decodes, num_splits * KV_SPLIT_SIZE, device), masked, num_splits)
+    prefills = []
     for b in range(meta.num_seqs):
         start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
-        seq_len, q_len = meta.seq_lens[b], end - start
-        padded_len = -(-seq_len // KV_SPLIT_SIZE) * KV_SPLIT_SIZE
-        key_pos = torch.arange(padded_len, device=device)
-        blocks = meta.block_tables[b].long()[(key_pos // bs).clamp(max=meta.block_tables.shape[1] - 1)]
-        key_slots = torch.where(key_pos < seq_len, blocks * bs + key_pos % bs, meta.zero_slot)
-        chunks = []
-        for c in range(0, q_len, ROWS_PER_CALL):
-            rows = min(ROWS_PER_CALL, q_len - c)
-            offsets = torch.arange(ROWS_PER_CALL, device=device).clamp(max=rows - 1)
-            q_pos = (seq_len - q_len + c + offsets).repeat(group)[None, :, None]  # [1, G*R, 1]
-            num_splits = int(q_pos.max()) // KV_SPLIT_SIZE + 1
-            masks: list[torch.Tensor | None] = []
-            for j in range(num_splits):
-                split_pos = key_pos[j * KV_SPLIT_SIZE : (j + 1) * KV_SPLIT_SIZE][None, None, :]
-                mask = split_pos > q_pos
-                masks.append(mask if bool(mask.any()) else None)
-            chunks.append(_QueryChunk(start + c, rows, start + c + offsets, masks))
-        plans.append(_SequencePlan(key_slots, chunks))
-    meta.invariant_plan = plans
-    return plans
+        if end - start == 1:
+            continue
+        seq_len = meta.seq_lens[b]
+        num_splits = -(-seq_len // KV_SPLIT_SIZE)
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=device)[:, None, None]  # [R, 1, 1]
+        masks: list[torch.Tensor | None] = []
+        for j in range(num_splits):
+            mask = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
+            masks.append(mask if bool(mask.any()) else None)
+        prefills.append(_PrefillPlan(start, end, _key_blocks(meta, [b], num_splits * KV_SPLIT_SIZE, device), masks))
+    meta.reference_plan = InvariantPlan(decode_plan, prefills)
+    return meta.reference_plan
 
 
 def attention_invariant(
@@ -288,58 +317,89 @@ def attention_invariant(
 ) -> torch.Tensor:
     """Causal attention whose result for a query depends only on its own keys, never on its company.
 
-    Queries go in fixed chunks of ROWS_PER_CALL rows; keys in fixed KV_SPLIT_SIZE splits starting
-    at key 0, merged in order 0, 1, 2, ... by online softmax. A split that lies wholly after a
-    query is an exact no-op in that merge (scale exp(0) = 1, contribution 0), so processing extra
-    splits for a chunk's later queries leaves its earlier queries' bits untouched. Masked keys get
-    probability +0, and keys past the sequence read an always-zero slot, so stale cache contents
-    never leak in.
+    Why it is invariant: CPU matmuls change a row's bits with the number of rows M (measured), but
+    a batched matmul computes each batch item alike whatever the batch count. So every matmul here
+    is a batch of items of one fixed shape: one query row's G heads of one KV head ([G, D]) against
+    one fixed split of KV_SPLIT_SIZE keys at absolute positions. Decodes of all sequences share one
+    batched call per step and layer (per-item key copies are small); a prefill run shares each
+    split's keys among its queries through a stride-0 batch (no copy). The splits' partial softmax
+    states are merged in order 0, 1, 2, ... by elementwise ops, which are exact (or, for exp, the
+    same code at every position: tests pin that). A split wholly after a query is an exact no-op
+    in the merge (scale exp(0) = 1, contribution 0). Masked keys get probability exactly +0, and
+    blocks past a sequence read the always-zero block.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     q = q.float() * scale  # elementwise, hence exact at any shape
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    for plan in _plan(meta, group, q.device):
-        k = k_flat[plan.key_slots].float().permute(1, 2, 0)  # [Hkv, D, padded_len]
-        v = v_flat[plan.key_slots].float().transpose(0, 1)  # [Hkv, padded_len, D]
-        for chunk in plan.chunks:
-            # [R, Hkv*G, D] -> [Hkv, G*R, D]: one matmul per KV head serves its whole query group
-            qc = q[chunk.row_index].view(ROWS_PER_CALL, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-            o, l = _attend_splits(qc.reshape(num_kv_heads, group * ROWS_PER_CALL, head_dim), k, v, chunk.split_masks)
-            o = (o / l).view(num_kv_heads, group, ROWS_PER_CALL, head_dim).permute(2, 0, 1, 3)
-            rows = chunk.num_rows
-            out[chunk.first_row : chunk.first_row + rows] = o.reshape(ROWS_PER_CALL, num_heads, head_dim)[:rows]
+    plan = _invariant_plan(meta, q.device)
+    if plan.decodes is not None:
+        d = plan.decodes
+        batch, splits = d.rows.shape[0], d.num_splits
+        queries = q[d.rows].view(batch, num_kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
+        queries = queries[:, :, None].expand(-1, -1, splits, -1, -1).reshape(-1, group, head_dim)
+        shape = (num_kv_heads, batch, splits, group)  # one item per (KV head, sequence, split)
+        o, m, l = _attend_split(queries, _key_items(k_cache, d.key_blocks, splits),
+                                _key_items(v_cache, d.key_blocks, splits), d.masked, shape)
+        o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
+        out[d.rows] = (o / l).transpose(0, 1).reshape(batch, num_heads, head_dim).to(out.dtype)
+    for p in plan.prefills:
+        rows = p.end - p.start
+        splits = len(p.split_masks)
+        keys = _key_items(k_cache, p.key_blocks, splits).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        values = _key_items(v_cache, p.key_blocks, splits).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
+        for h in range(num_kv_heads):
+            qh = queries[:, h].contiguous()  # [R, G, D]
+            partials = []
+            for j, mask in enumerate(p.split_masks):
+                k_split = keys[h, j][None].expand(rows, -1, -1)  # [R, S, D], stride 0 over R
+                v_split = values[h, j][None].expand(rows, -1, -1)
+                partials.append(_attend_split(qh, k_split, v_split, mask, (rows, group)))
+            o, l = _merge_splits(partials)
+            out[p.start : p.end, h * group : (h + 1) * group] = (o / l).to(out.dtype)
     return out
 
 
-def _attend_splits(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: list[torch.Tensor | None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online softmax over fixed key splits, merged in order: (weighted values, normalizer).
+EXP_FLOOR = -80.0
+"""Exponents are clamped to [EXP_FLOOR, 0] in attention: torch's CPU exp takes a slow path (about
+20x) for vectors holding results that underflow or overflow, and below e^-80 (~1.8e-35) a key's
+weight is nothing next to the maximum's weight of 1. The clamp is elementwise, hence invariant."""
 
-    q [Hkv, Q, D], k [Hkv, D, L], v [Hkv, L, D]. Split 0 always holds a visible key (key 0), so
-    its max is finite and it seeds the running state directly.
+
+def _attend_split(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One split's partial softmax state per item: (weighted values, max score, normalizer).
+
+    q [N, G, D], k and v [N, S, D], `masked` broadcastable to `shape` + (S,); results come back
+    as `shape` + (D,) and `shape` + (1,). Masked keys get weight exactly +0; a split with no
+    visible key gives max -inf, normalizer 0 and values 0.
     """
-    o = m = l = q  # replaced by split 0
-    for j, mask in enumerate(masks):
-        lo, hi = j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE
-        s = torch.matmul(q, k[:, :, lo:hi])  # [Hkv, Q, S]
-        if mask is not None:
-            s = s.masked_fill(mask, float("-inf"))
-        m_j = s.amax(-1, keepdim=True)
-        if j == 0:
-            p = torch.exp(s - m_j)
-            o, m, l = torch.matmul(p, v[:, lo:hi]), m_j, p.sum(-1, keepdim=True)
-            continue
-        # a query with no visible key here has m_j = -inf: clamp so its p is exp(-inf) = 0, not NaN
-        p = torch.exp(s - m_j.clamp(min=torch.finfo(s.dtype).min))
+    s = torch.bmm(q, k.transpose(1, 2)).view(*shape, KV_SPLIT_SIZE)
+    if masked is None:
+        m = s.amax(-1, keepdim=True)
+        p = torch.exp((s - m).clamp(min=EXP_FLOOR))
+    else:
+        m = s.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
+        p = torch.exp((s - m).clamp(min=EXP_FLOOR, max=0.0)).masked_fill(masked, 0.0)
+    o = torch.bmm(p.view(-1, q.shape[1], KV_SPLIT_SIZE), v).view(*shape, v.shape[-1])
+    return o, m, p.sum(-1, keepdim=True)
+
+
+def _merge_splits(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online-softmax merge of split states in order 0, 1, ...: (weighted values, normalizer).
+
+    Split 0 always holds a visible key (key 0), so its max is finite and it seeds the state as is.
+    """
+    o, m, l = partials[0]
+    for o_j, m_j, l_j in partials[1:]:
         m_new = torch.maximum(m, m_j)
-        alpha, beta = torch.exp(m - m_new), torch.exp(m_j - m_new)
-        o = o * alpha + torch.matmul(p, v[:, lo:hi]) * beta
-        l = l * alpha + p.sum(-1, keepdim=True) * beta
+        alpha = torch.exp((m - m_new).clamp(min=EXP_FLOOR))
+        beta = torch.exp((m_j - m_new).clamp(min=EXP_FLOOR))  # an empty split: o_j = l_j = 0, so no change
+        o = o * alpha + o_j * beta
+        l = l * alpha + l_j * beta
         m = m_new
     return o, l
 

@@ -2,7 +2,8 @@
 
 Every op goes through `kernels`, so the same model runs batch-invariant or fast depending on the
 kernel mode of the step. Projections are fused at load time (q|k|v and gate|up) so each layer
-runs four matmuls instead of seven.
+runs four matmuls instead of seven. A projection's weight is a float tensor or a packed 4/8-bit
+weight (`kernels.quantized`); `kernels.linear` takes either.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
+from kernels.quantized import PackedWeight, QuantizedWeight
+
+Weight = torch.Tensor | PackedWeight  # what a projection multiplies by
 
 
 def rope_cos_sin_table(config: ModelConfig, max_positions: int) -> torch.Tensor:
@@ -57,14 +61,15 @@ class DecoderLayer(nn.Module):
         c = config
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.input_norm = _param(c.hidden_size)
-        self.qkv_proj = _param(q_size + 2 * kv_size, c.hidden_size)
         self.qkv_bias = _param(q_size + 2 * kv_size) if c.attention_bias else None
         self.q_norm = _param(c.head_dim) if c.qk_norm else None
         self.k_norm = _param(c.head_dim) if c.qk_norm else None
-        self.o_proj = _param(c.hidden_size, q_size)
         self.post_attention_norm = _param(c.hidden_size)
-        self.gate_up_proj = _param(2 * c.intermediate_size, c.hidden_size)
-        self.down_proj = _param(c.hidden_size, c.intermediate_size)
+        # set by LlamaModel.load_weights
+        self.qkv_proj: Weight
+        self.o_proj: Weight
+        self.gate_up_proj: Weight
+        self.down_proj: Weight
 
     def forward(
         self,
@@ -98,16 +103,23 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = _param(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = _param(config.hidden_size)
-        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         self.register_buffer("cos_sin", rope_cos_sin_table(config, max_positions), persistent=False)
+        # set by load_weights: the embedding table (float, or quantized rows dequantized on lookup)
+        self.embed_tokens: torch.Tensor | QuantizedWeight
+        self.lm_head: Weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] in the model's dtype."""
+        if isinstance(self.embed_tokens, QuantizedWeight):
+            return self.embed_tokens.rows(input_ids).to(self.norm.dtype)
+        return self.embed_tokens[input_ids]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states of the rows that predict a next token: [S, hidden]."""
-        x = self.embed_tokens[batch.input_ids]
+        x = self.embed(batch.input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, batch, k_cache, v_cache, self.cos_sin)
         x = x[batch.logits_indices]
@@ -116,50 +128,85 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32 logits."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return kernels.linear(hidden, weight).float()
+        return kernels.linear(hidden, self.lm_head).float()
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must be set."""
+    def load_weights(self, state: dict[str, torch.Tensor | QuantizedWeight]) -> None:
+        """Take Hugging Face-named weights, fusing q/k/v and gate/up; every weight must be set.
+
+        Float weights move to the model's device and dtype; quantized ones are packed for the CPU.
+        """
         c = self.config
         state = {k.removeprefix("model."): v for k, v in state.items()}
         taken: set[str] = set()
+        like = self.norm
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> torch.Tensor | QuantizedWeight:
             if name not in state:
                 raise KeyError(f"weight {name} missing from checkpoint")
             taken.add(name)
-            return state[name]
+            value = state[name]
+            return value if isinstance(value, QuantizedWeight) else value.to(like.device, like.dtype)
+
+        def fused(*names: str) -> Weight:
+            parts = [take(n) for n in names]
+            if isinstance(parts[0], QuantizedWeight):
+                return QuantizedWeight.cat(parts).pack()
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         with torch.no_grad():
-            self.embed_tokens.copy_(take("embed_tokens.weight"))
+            self.embed_tokens = take("embed_tokens.weight")
+            self.lm_head = fused("embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
             self.norm.copy_(take("norm.weight"))
-            if self.lm_head is not None:
-                self.lm_head.copy_(take("lm_head.weight"))
             for i, layer in enumerate(self.layers):
                 p = f"layers.{i}."
-                attn = [take(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
-                layer.qkv_proj.copy_(torch.cat(attn))
+                layer.qkv_proj = fused(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"))
                 if layer.qkv_bias is not None:
                     layer.qkv_bias.copy_(torch.cat([take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]))
                 if c.qk_norm:
                     layer.q_norm.copy_(take(f"{p}self_attn.q_norm.weight"))
                     layer.k_norm.copy_(take(f"{p}self_attn.k_norm.weight"))
-                layer.o_proj.copy_(take(f"{p}self_attn.o_proj.weight"))
+                layer.o_proj = fused(f"{p}self_attn.o_proj.weight")
                 layer.input_norm.copy_(take(f"{p}input_layernorm.weight"))
                 layer.post_attention_norm.copy_(take(f"{p}post_attention_layernorm.weight"))
-                layer.gate_up_proj.copy_(torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]))
-                layer.down_proj.copy_(take(f"{p}mlp.down_proj.weight"))
+                layer.gate_up_proj = fused(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight")
+                layer.down_proj = fused(f"{p}mlp.down_proj.weight")
         unused = set(state) - taken - {"lm_head.weight"}
         if unused:
             raise KeyError(f"checkpoint has weights this model does not use: {sorted(unused)[:5]}")
 
-    def init_dummy_weights(self, seed: int) -> None:
-        """Random weights of the real shapes (like vLLM's --load-format dummy), reproducible by seed."""
-        generator = torch.Generator(device=self.embed_tokens.device).manual_seed(seed)
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if param.dim() == 1 and "bias" not in name:
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=generator)
+
+def dummy_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random Hugging Face-named weights of the real shapes (vLLM's --load-format dummy), by seed.
+
+    Created on the default device and dtype; norms are ones, everything else N(0, 0.02).
+    """
+    c = config
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            f"{p}input_layernorm.weight": (c.hidden_size,),
+            f"{p}post_attention_layernorm.weight": (c.hidden_size,),
+            f"{p}self_attn.q_proj.weight": (q_size, c.hidden_size),
+            f"{p}self_attn.k_proj.weight": (kv_size, c.hidden_size),
+            f"{p}self_attn.v_proj.weight": (kv_size, c.hidden_size),
+            f"{p}self_attn.o_proj.weight": (c.hidden_size, q_size),
+            f"{p}mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            f"{p}mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            f"{p}mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+        if c.attention_bias:
+            shapes |= {f"{p}self_attn.{n}_proj.bias": (size,) for n, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
+        if c.qk_norm:
+            shapes |= {f"{p}self_attn.{n}_norm.weight": (c.head_dim,) for n in "qk"}
+    generator = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1 and not name.endswith("bias"):
+            state[name] = torch.ones(shape)
+        else:
+            state[name] = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    return state

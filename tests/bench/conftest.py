@@ -29,7 +29,7 @@ def _fake_server() -> Iterator[FakeServer]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    _wait_healthy(fake.url.removesuffix("/v1"), timeout=10, alive=thread.is_alive)
+    _wait_healthy(fake.url.removesuffix("/v1"), timeout=120, alive=thread.is_alive)
     yield fake
     server.should_exit = True
     thread.join(timeout=10)
@@ -38,7 +38,7 @@ def _fake_server() -> Iterator[FakeServer]:
 @pytest.fixture
 def fake(_fake_server: FakeServer) -> FakeServer:
     """The fake with default behaviour, after the last test's aborted requests have left it."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120
     while _fake_server.in_flight and time.monotonic() < deadline:
         time.sleep(0.02)
     return _fake_server.reset()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
@@ -35,6 +36,7 @@ class Behaviour:
     drift: float = 0.25
     fail_every: int = 0  # these probes get an HTTP 500
     token_delay: float = 0.0  # seconds per generated token
+    gather: int = 0  # each request waits (at most a minute) until this many have arrived since the reset
 
 
 @dataclass
@@ -106,6 +108,7 @@ class FakeServer:
             events = self._events(kind, tokens, logprobs, wants_logprobs, usage if include_usage else None)
             return StreamingResponse(self._stream(events, probe), media_type="text/event-stream")
         with self._in_flight(probe):
+            await self._gathered()
             await asyncio.sleep(self.behaviour.token_delay * len(tokens))
         choice = _choice(kind, "".join(tokens), tokens, logprobs, wants_logprobs, "message", "length")
         return {"id": "x", "object": kind, "model": MODEL, "system_fingerprint": FINGERPRINT,
@@ -134,9 +137,16 @@ class FakeServer:
             self.in_flight -= 1
             self.background_in_flight -= not probe
 
+    async def _gathered(self) -> None:
+        """Hold a request until `Behaviour.gather` have arrived: overlap then shows however slow the client is."""
+        deadline = time.monotonic() + 60
+        while len(self.seen) < self.behaviour.gather and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     async def _stream(self, events: AsyncIterator[str], probe: bool) -> AsyncIterator[str]:
         """`events`, counted as in flight until they end or the client goes away."""
         with self._in_flight(probe):
+            await self._gathered()
             async for event in events:
                 yield event
 

@@ -116,7 +116,7 @@ def test_the_module_runs_as_a_script_and_writes_the_json_file(fake, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.determinism", "--base-url", fake.url.removesuffix("/v1"), "-n", "2",
          "--max-tokens", "3", "--output", str(output)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
     assert "Unique completions:" in proc.stdout and "DIVERGENT" in proc.stdout

@@ -58,14 +58,14 @@ def test_the_table_uses_vllm_labels(fake, capsys):
 
 
 def test_max_concurrency_caps_the_requests_in_flight(fake, capsys):
-    fake.reset(token_delay=0.01)
+    fake.reset(gather=2)  # the first two meet in flight, however slow the client
     code, report = bench(fake, capsys, "--num-prompts", "6", "--output-len", "4", "--max-concurrency", "2")
     assert (code, report["completed"], report["max_concurrency"]) == (0, 6, 2)
     assert fake.max_in_flight == 2
 
 
 def test_an_infinite_request_rate_sends_every_request_at_once(fake, capsys):
-    fake.reset(token_delay=0.02)
+    fake.reset(gather=5)  # all five meet in flight unless one waited for another
     code, report = bench(fake, capsys, "--num-prompts", "5", "--output-len", "4")
     assert (code, report["request_rate"]) == (0, "inf")
     assert fake.max_in_flight == 5

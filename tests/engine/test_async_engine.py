@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, RequestOutput, SamplingParams
 
 
 @pytest.fixture
@@ -44,16 +45,23 @@ async def test_concurrent_requests_match_their_solo_runs(async_engine: AsyncEngi
         assert [o.new_token_ids for o in alone] == [o.new_token_ids for o in crowd]
 
 
-async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: AsyncEngine) -> None:
+async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: AsyncEngine, monkeypatch) -> None:
     llm = async_engine.engine
+    real_abort, aborted = llm.abort_request, []
+
+    def abort_request(request_id: str) -> RequestOutput | None:
+        aborted.append(real_abort(request_id))
+        return aborted[-1]
+
+    monkeypatch.setattr(llm, "abort_request", abort_request)
     stream = async_engine.generate("early", [7, 8, 9], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     first = await stream.__anext__()
     assert not first.finished
     await stream.aclose()
-    for _ in range(50):
-        if not llm.has_unfinished_requests():
-            break
+    deadline = time.monotonic() + 300  # only a hang: the abort, not the clock, shows it was cut short
+    while llm.has_unfinished_requests() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    assert [out.finish_reason for out in aborted] == [FinishReason.ABORT]
     assert llm.block_manager.num_free_blocks == llm.config.num_kv_blocks
 
 

@@ -42,8 +42,8 @@ class LiveServer:
     def num_free_blocks(self) -> int:
         return self.engine.engine.block_manager.num_free_blocks
 
-    def wait_idle(self, timeout: float = 15.0) -> float:
-        """Seconds until no request is running or waiting; fails the test after `timeout`."""
+    def wait_idle(self, timeout: float = 300.0) -> float:
+        """Seconds until no request is running or waiting; `timeout` only catches a hang, not a slow machine."""
         start = time.monotonic()
         while True:
             stats = self.engine.stats()

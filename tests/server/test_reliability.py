@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def assert_nothing_leaked(live: LiveServer) -> None:
-    live.wait_idle(timeout=60)
+    live.wait_idle()
     engine = live.engine
     llm = engine.engine
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks, "leaked KV blocks"

@@ -70,10 +70,10 @@ class StreamInBackground:
     def __post_init__(self) -> None:
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
-        assert self.started.wait(60), "the stream never started"
+        assert self.started.wait(300), "the stream never started"
 
     def _read(self) -> None:
-        with httpx2.stream("POST", self.url + "/v1/completions", json=self.body, timeout=120) as response:
+        with httpx2.stream("POST", self.url + "/v1/completions", json=self.body, timeout=300) as response:
             for line in response.iter_lines():
                 if line:
                     self.lines.append(line)
@@ -83,6 +83,15 @@ class StreamInBackground:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the stream did not end"
         return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in self.lines]
+
+
+def health_once_draining(server: ServerProcess, timeout: float = 120.0) -> httpx2.Response:
+    """/health once the server has acted on SIGTERM, however long that takes; `timeout` only catches a hang."""
+    deadline = time.monotonic() + timeout
+    while (health := httpx2.get(server.url + "/health", timeout=60)).status_code == 200:
+        assert time.monotonic() < deadline, f"/health still 200 {timeout} s after SIGTERM"
+        time.sleep(0.05)
+    return health
 
 
 @pytest.fixture
@@ -96,18 +105,17 @@ def processes() -> Iterator[list[ServerProcess]]:
 
 
 def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_path, processes):
-    server = start_server(tmp_path, "--drain-timeout", "60")
+    server = start_server(tmp_path, "--drain-timeout", "300")
     processes.append(server)
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
             "ignore_eos": True, "stream": True}
     stream = StreamInBackground(server.url, body)
     server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    health = httpx2.get(server.url + "/health")
+    health = health_once_draining(server)
     refused = httpx2.post(server.url + "/v1/completions", json=body | {"stream": False})
     live = httpx2.get(server.url + "/live")
-    events = stream.events(timeout=60)
-    assert server.exit_code(timeout=30) == 0
+    events = stream.events(timeout=300)
+    assert server.exit_code(timeout=120) == 0
 
     for response in (health, refused):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -126,10 +134,9 @@ def test_after_the_drain_timeout_leftover_requests_end_with_an_error_and_the_exi
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Write a very long story.", "max_tokens": 4000,
             "ignore_eos": True, "stream": True, "deterministic": False}
     stream = StreamInBackground(server.url, body)
-    signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    events = stream.events(timeout=30)
-    assert server.exit_code(timeout=30) == 0
-    assert time.monotonic() - signalled < 15
+    events = stream.events(timeout=300)
+    assert server.exit_code(timeout=120) == 0
+    assert "drain timeout: aborting 1 requests" in server.stderr.read_text()  # cut short, not waited out
     assert events[-1] == "[DONE]" and "error" in events[-2]
     assert events[-2]["error"]["code"] >= 500
