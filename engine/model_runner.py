@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 import kernels
-from engine import sampler, weights
+from engine import cpu_runtime, sampler, weights
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.models.llama import LlamaModel, dummy_state_dict
@@ -53,6 +53,8 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
+        if self.device.type == "cpu":
+            cpu_runtime.keep_freed_memory_for_reuse()
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings
         with _default_tensor_type(self.device, self.dtype):

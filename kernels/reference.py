@@ -232,7 +232,7 @@ class _DecodePlan:
 
     rows: torch.Tensor  # [B] flat query row of each decode
     key_blocks: torch.Tensor  # [B, J * KV_SPLIT_SIZE / block_size] cache blocks, see _key_blocks
-    masked: torch.Tensor  # [1, B, J, 1, KV_SPLIT_SIZE] True at keys after the query
+    masked: torch.Tensor  # [B, J, 1, KV_SPLIT_SIZE] True at keys after the query
     num_splits: int  # J: the most splits any decode has
 
 
@@ -269,18 +269,19 @@ def _key_blocks(meta: AttentionMetadata, seqs: list[int], num_keys: int, device:
     return torch.where(block_pos[None, :] < num_blocks[:, None], blocks, meta.zero_slot // bs)
 
 
-def _key_items(cache: torch.Tensor, blocks: torch.Tensor, num_splits: int) -> torch.Tensor:
-    """cache [num_blocks, bs, Hkv, D], blocks [B, n] -> float32 [Hkv * B * J, KV_SPLIT_SIZE, D]:
-    each sequence's keys (or values) as matmul items in (KV head, sequence, split) order.
+def _gather_keys(cache: torch.Tensor, blocks: torch.Tensor, num_splits: int) -> torch.Tensor:
+    """cache [num_blocks, bs, Hkv, D], blocks [B, n] -> float32 [B, J * KV_SPLIT_SIZE, Hkv, D].
 
-    Whole blocks are gathered as rows of a 2-D view (index_select: a memcpy per block, about 4x
-    faster here than advanced indexing), then laid out head-major in one more copy.
+    Whole blocks are gathered as rows of a 2-D view: index_select, a memcpy per block, is about
+    4x faster here than advanced indexing.
     """
-    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    batch = blocks.shape[0]
-    rows = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
-    keys = rows.view(batch, -1, num_kv_heads, head_dim)[:, : num_splits * KV_SPLIT_SIZE]
-    return keys.permute(2, 0, 1, 3).float().reshape(-1, KV_SPLIT_SIZE, head_dim)
+    rows = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1)).float()
+    return rows.view(blocks.shape[0], -1, *cache.shape[2:])[:, : num_splits * KV_SPLIT_SIZE]
+
+
+def _head_items(keys: torch.Tensor, head: int) -> torch.Tensor:
+    """[B, J * S, Hkv, D] -> one KV head's keys as matmul items [B * J, S, D], a view (rows Hkv * D apart)."""
+    return keys[:, :, head].reshape(-1, KV_SPLIT_SIZE, keys.shape[-1])
 
 
 def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantPlan:
@@ -292,7 +293,7 @@ def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantP
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
         key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
         lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(1, len(decodes), num_splits, 1, KV_SPLIT_SIZE)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), num_splits, 1, KV_SPLIT_SIZE)
         rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
         decode_plan = _DecodePlan(rows, _key_blocks(meta, decodes, num_splits * KV_SPLIT_SIZE, device), masked, num_splits)
     prefills = []
@@ -337,28 +338,31 @@ def attention_invariant(
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
-        queries = q[d.rows].view(batch, num_kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
-        queries = queries[:, :, None].expand(-1, -1, splits, -1, -1).reshape(-1, group, head_dim)
-        shape = (num_kv_heads, batch, splits, group)  # one item per (KV head, sequence, split)
-        o, m, l = _attend_split(queries, _key_items(k_cache, d.key_blocks, splits),
-                                _key_items(v_cache, d.key_blocks, splits), d.masked, shape)
+        queries = q if batch == num_tokens else q[d.rows]
+        queries = queries.view(batch, num_kv_heads, 1, group, head_dim).expand(-1, -1, splits, -1, -1)
+        keys = _gather_keys(k_cache, d.key_blocks, splits)
+        values = _gather_keys(v_cache, d.key_blocks, splits)
+        items = [(queries[:, h].reshape(-1, group, head_dim), _head_items(keys, h), _head_items(values, h))
+                 for h in range(num_kv_heads)]
+        o, m, l = _attend_split(items, d.masked, (batch, splits, group))  # [Hkv, B, J, G, ...]
         o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
-        out[d.rows] = (o / l).transpose(0, 1).reshape(batch, num_heads, head_dim).to(out.dtype)
+        result = (o / l).transpose(0, 1).reshape(batch, num_heads, head_dim).to(out.dtype)
+        if batch == num_tokens:
+            return result
+        out[d.rows] = result
     for p in plan.prefills:
         rows = p.end - p.start
-        splits = len(p.split_masks)
-        keys = _key_items(k_cache, p.key_blocks, splits).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
-        values = _key_items(v_cache, p.key_blocks, splits).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        keys = _gather_keys(k_cache, p.key_blocks, len(p.split_masks))
+        values = _gather_keys(v_cache, p.key_blocks, len(p.split_masks))
         queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
-        for h in range(num_kv_heads):
-            qh = queries[:, h].contiguous()  # [R, G, D]
-            partials = []
-            for j, mask in enumerate(p.split_masks):
-                k_split = keys[h, j][None].expand(rows, -1, -1)  # [R, S, D], stride 0 over R
-                v_split = values[h, j][None].expand(rows, -1, -1)
-                partials.append(_attend_split(qh, k_split, v_split, mask, (rows, group)))
-            o, l = _merge_splits(partials)
-            out[p.start : p.end, h * group : (h + 1) * group] = (o / l).to(out.dtype)
+        partials = []
+        for j, mask in enumerate(p.split_masks):
+            # each head's split of keys is shared by the run's queries through a stride-0 batch
+            items = [(queries[:, h], *(_head_items(t, h)[j][None].expand(rows, -1, -1) for t in (keys, values)))
+                     for h in range(num_kv_heads)]
+            partials.append(_attend_split(items, mask, (rows, group)))
+        o, l = _merge_splits(partials)
+        out[p.start : p.end] = (o / l).transpose(0, 1).reshape(rows, num_heads, head_dim).to(out.dtype)
     return out
 
 
@@ -369,22 +373,28 @@ weight is nothing next to the maximum's weight of 1. The clamp is elementwise, h
 
 
 def _attend_split(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, shape: tuple[int, ...]
+    items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], masked: torch.Tensor | None, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One split's partial softmax state per item: (weighted values, max score, normalizer).
 
-    q [N, G, D], k and v [N, S, D], `masked` broadcastable to `shape` + (S,); results come back
-    as `shape` + (D,) and `shape` + (1,). Masked keys get weight exactly +0; a split with no
-    visible key gives max -inf, normalizer 0 and values 0.
+    `items` holds per KV head the matmul items (q [N, G, D], k [N, S, D], v [N, S, D]), with N * G
+    = prod(shape); the state comes back as [Hkv, *shape, D] and [Hkv, *shape, 1]. `masked`
+    broadcasts to [Hkv, *shape, S]. Masked keys get weight exactly +0; a split with no visible
+    key gives max -inf, normalizer 0 and values 0.
     """
-    s = torch.bmm(q, k.transpose(1, 2)).view(*shape, KV_SPLIT_SIZE)
+    num_kv_heads, head_dim = len(items), items[0][0].shape[-1]
+    s = items[0][0].new_empty(num_kv_heads, *shape, KV_SPLIT_SIZE)
+    for h, (q, k, _) in enumerate(items):
+        torch.bmm(q, k.transpose(1, 2), out=s[h].view(-1, q.shape[1], KV_SPLIT_SIZE))
     if masked is None:
         m = s.amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR))
     else:
         m = s.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR, max=0.0)).masked_fill(masked, 0.0)
-    o = torch.bmm(p.view(-1, q.shape[1], KV_SPLIT_SIZE), v).view(*shape, v.shape[-1])
+    o = s.new_empty(num_kv_heads, *shape, head_dim)
+    for h, (q, _, v) in enumerate(items):
+        torch.bmm(p[h].view(-1, q.shape[1], KV_SPLIT_SIZE), v, out=o[h].view(-1, q.shape[1], head_dim))
     return o, m, p.sum(-1, keepdim=True)
 
 

@@ -1,0 +1,182 @@
+"""CPU serving speed, side by side in one run: detserve (deterministic and fast requests), the same
+engine in-process, and optionally llama.cpp's `llama-server` on the same GGUF.
+
+Each server is started with its default flags, one at a time (the machine's cores are shared), and
+driven by `detserve bench serve`'s client: closed loop, streamed chat completions of random
+prompts (about 40 tokens with the chat template), 128 output tokens each (`ignore_eos`),
+temperature 0. The in-process row runs the same prompts through `LLMEngine.step()` with the same
+concurrency, no HTTP: the server should keep at least 90 % of it. Prints one table of output tokens
+per second and the ratios the CPU targets are stated in (bench/RESULTS.md).
+
+    python -m bench.cpu_serving --llama-server /path/to/llama-server
+
+llama-server runs with `-np <max concurrency> -t <threads>` (its slots, our cores); build it from the
+`llama-cpp-python` sdist's vendored llama.cpp (bench/RESULTS.md says how). It is a reference, never
+a dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx2
+
+from bench import serve
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
+from engine.weights import default_model_path
+
+
+@dataclass
+class Row:
+    server: str  # detserve | engine | llama.cpp
+    mode: str  # deterministic | fast | -
+    concurrency: int
+    tokens_per_second: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(command: list[str], port: int, log: Path) -> Iterator[str]:
+    """Run a server until its /health answers 200; yield its base URL; stop it at the end."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[0]} did not start; its log: {log}")
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def client_args(base_url: str, concurrency: int, requests_per_slot: int, deterministic: bool | None,
+                input_words: int, output_len: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    argv = ["--base-url", base_url, "--endpoint", "chat", "--dataset", "random", "--disable-tqdm",
+            "--num-prompts", str(concurrency * requests_per_slot), "--input-len", str(input_words),
+            "--output-len", str(output_len), "--max-concurrency", str(concurrency), "--ignore-eos"]
+    if deterministic is not None:
+        argv.append("--deterministic" if deterministic else "--no-deterministic")
+    return parser.parse_args(argv)
+
+
+def measure_server(args: argparse.Namespace) -> float:
+    """Output tokens per second of one closed-loop run (a warm-up request first, untimed)."""
+    warm = argparse.Namespace(**{**vars(args), "num_prompts": 1, "max_concurrency": 1, "output_len": 8})
+    asyncio.run(serve.benchmark(warm, serve.load_workload(warm)))
+    report = asyncio.run(serve.benchmark(args, serve.load_workload(args)))
+    if report.metrics.failed:
+        raise RuntimeError(f"{report.metrics.failed} requests failed: {report.results[0].error}")
+    return report.metrics.output_throughput
+
+
+def measure_engine(engine: LLMEngine, args: argparse.Namespace, deterministic: bool) -> float:
+    """The same workload through the engine in this process: closed loop at the same concurrency."""
+    items = serve.load_workload(args)
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": i.prompt}]) for i in items]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True, deterministic=deterministic)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
+    pending, running, tokens = list(prompts), 0, 0
+    started = time.perf_counter()
+    while pending or running:
+        while pending and running < args.max_concurrency:
+            engine.add_request(f"bench-{len(pending)}-{deterministic}", pending.pop(), params)
+            running += 1
+        for output in engine.step():
+            tokens += len(output.new_token_ids)
+            running -= output.finished
+    return tokens / (time.perf_counter() - started)
+
+
+def table(rows: list[Row]) -> str:
+    by = {(r.server, r.mode, r.concurrency): r.tokens_per_second for r in rows}
+    lines = [f"{'':28}" + "".join(f"{f'concurrency {c}':>16}" for c in sorted({r.concurrency for r in rows}))]
+    for server, mode in dict.fromkeys((r.server, r.mode) for r in rows):
+        cells = "".join(f"{by.get((server, mode, c), float('nan')):>16.1f}" for c in sorted({r.concurrency for r in rows}))
+        lines.append(f"{server + ' ' + mode:28}{cells}")
+    ratios = [("deterministic / fast", ("detserve", "deterministic"), ("detserve", "fast")),
+              ("server / engine, deterministic", ("detserve", "deterministic"), ("engine", "deterministic")),
+              ("deterministic / llama.cpp", ("detserve", "deterministic"), ("llama.cpp", "-"))]
+    for name, top, bottom in ratios:
+        cells = [by.get((*top, c), float("nan")) / by.get((*bottom, c), float("nan"))
+                 for c in sorted({r.concurrency for r in rows})]
+        lines.append(f"{name:28}" + "".join(f"{x:>16.2f}" for x in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-server", type=Path, help="a llama-server binary to compare with (default: none)")
+    parser.add_argument("--gguf", type=Path, help="the model (default: the default model's GGUF)")
+    parser.add_argument("--concurrency", default="1,8", help="(default: %(default)s)")
+    parser.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency (default: 3)")
+    parser.add_argument("--input-words", type=int, default=30, help="random words per prompt (default: 30)")
+    parser.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server's -t (default: %(default)s)")
+    parser.add_argument("--skip-engine", action="store_true", help="leave out the in-process engine rows")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    gguf = args.gguf or default_model_path()
+    logs = Path("/tmp")
+    rows: list[Row] = []
+
+    def run_server(name: str, command: list[str], port: int, modes: list[bool | None]) -> None:
+        with launched(command, port, logs / f"cpu-serving-{name}-{port}.log") as url:
+            for c in concurrencies:
+                for deterministic in modes:
+                    client = client_args(url, c, args.requests_per_slot, deterministic, args.input_words, args.output_len)
+                    mode = "-" if deterministic is None else "deterministic" if deterministic else "fast"
+                    rows.append(Row(name, mode, c, measure_server(client)))
+                    print(f"{name} {mode} concurrency {c}: {rows[-1].tokens_per_second:.1f} tok/s", flush=True)
+
+    port = _free_port()
+    model_flag = ["--model", str(gguf)] if args.gguf else []
+    run_server("detserve", [sys.executable, "-m", "server", "serve", *model_flag, "--port", str(port)], port,
+               [True, False])
+    if args.llama_server:
+        port = _free_port()
+        run_server("llama.cpp", [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads),
+                                 "-np", str(max(concurrencies)), "-c", str(max(concurrencies) * 1024)], port, [None])
+    if not args.skip_engine:
+        engine = LLMEngine(EngineConfig(model=str(gguf)))
+        for c in concurrencies:
+            for deterministic in (True, False):
+                client = client_args("http://unused", c, args.requests_per_slot, deterministic, args.input_words,
+                                     args.output_len)
+                rows.append(Row("engine", "deterministic" if deterministic else "fast", c,
+                                measure_engine(engine, client, deterministic)))
+                print(f"engine {rows[-1].mode} concurrency {c}: {rows[-1].tokens_per_second:.1f} tok/s", flush=True)
+    print(f"\n== output tokens/s, {args.output_len}-token outputs, closed loop, {gguf.name} ==")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
