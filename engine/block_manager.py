@@ -109,10 +109,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
-        tokens = request.all_token_ids
         for i in range(len(request.block_hashes), num_full):
             parent = request.block_hashes[-1] if request.block_hashes else None
-            chunk = tokens[i * self.block_size : (i + 1) * self.block_size]
+            chunk = request.token_ids(i * self.block_size, (i + 1) * self.block_size)
             key = block_hash(parent, chunk, request.invariant_blocks)
             request.block_hashes.append(key)
             block = request.block_table[i]

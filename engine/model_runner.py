@@ -96,7 +96,7 @@ class ModelRunner:
         bs = self.block_size
         for s in step.scheduled:
             request, start, end = s.request, s.start, s.start + s.num_new_tokens
-            input_ids.extend(request.all_token_ids[start:end])
+            input_ids.extend(request.token_ids(start, end))
             positions.extend(range(start, end))
             slots.extend(request.block_table[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(len(input_ids))

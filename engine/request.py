@@ -118,7 +118,15 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """A new list of every token: for prefix lookups and penalties, never once per step."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output, copying only those (a step needs a few of many)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
 
     @property
     def num_output_tokens(self) -> int:

@@ -18,7 +18,6 @@ import torch
 
 import kernels
 from engine.request import Request, SamplingParams, TokenLogprob
-from kernels.reference import gumbel_max
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
@@ -80,7 +79,8 @@ def _sample_on_host(logits: torch.Tensor, request: Request, eos_token_ids: tuple
     row = apply_penalties_and_bias(logits, request, eos_token_ids)
     if request.params.greedy:
         return int(torch.argmax(row))
-    return gumbel_max(_filtered(row, request), request.seed, request.num_tokens)
+    seed, position = torch.tensor([request.seed]), torch.tensor([request.num_tokens])
+    return int(kernels.gumbel_max(_filtered(row, request)[None], seed, position)[0])
 
 
 def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], params: list[SamplingParams]) -> list[TokenLogprob]:

@@ -147,6 +147,12 @@ def sample_tokens(
     return reference.sample_tokens(logits, temperatures, seeds, positions)
 
 
+def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The seeded draws from float64 rows [S, V] already divided by the temperature (and filtered),
+    with the noise `sample_tokens` uses; [S] int64. For the sampler's per-row host path."""
+    return reference.gumbel_max(scaled, seeds, positions)
+
+
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +207,7 @@ __all__ = [
     "attention",
     "config_digest",
     "current_mode",
+    "gumbel_max",
     "kv_store",
     "linear",
     "log_softmax",

@@ -18,7 +18,7 @@ its own prefill chunk, or were written one token at a time. Quantized matmuls: `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -232,7 +232,7 @@ class _DecodePlan:
 
     rows: torch.Tensor  # [B] flat query row of each decode
     key_blocks: torch.Tensor  # [B, J * KV_SPLIT_SIZE / block_size] cache blocks, see _key_blocks
-    masked: torch.Tensor  # [B, J, 1, KV_SPLIT_SIZE] True at keys after the query
+    masked: torch.Tensor  # [B * J, 1, KV_SPLIT_SIZE] True at keys after the query
     num_splits: int  # J: the most splits any decode has
 
 
@@ -279,9 +279,9 @@ def _gather_keys(cache: torch.Tensor, blocks: torch.Tensor, num_splits: int) -> 
     return rows.view(blocks.shape[0], -1, *cache.shape[2:])[:, : num_splits * KV_SPLIT_SIZE]
 
 
-def _head_items(keys: torch.Tensor, head: int) -> torch.Tensor:
-    """[B, J * S, Hkv, D] -> one KV head's keys as matmul items [B * J, S, D], a view (rows Hkv * D apart)."""
-    return keys[:, :, head].reshape(-1, KV_SPLIT_SIZE, keys.shape[-1])
+def _head_items(keys: torch.Tensor, num_items: int) -> tuple[torch.Tensor, ...]:
+    """[B, J * S, Hkv, D] -> per KV head, its keys as matmul items [B * J, S, D] (views, rows Hkv * D apart)."""
+    return keys.view(num_items, KV_SPLIT_SIZE, *keys.shape[2:]).unbind(2)
 
 
 def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantPlan:
@@ -293,7 +293,7 @@ def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantP
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
         key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
         lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), num_splits, 1, KV_SPLIT_SIZE)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes) * num_splits, 1, KV_SPLIT_SIZE)
         rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
         decode_plan = _DecodePlan(rows, _key_blocks(meta, decodes, num_splits * KV_SPLIT_SIZE, device), masked, num_splits)
     prefills = []
@@ -338,29 +338,31 @@ def attention_invariant(
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
-        queries = q if batch == num_tokens else q[d.rows]
-        queries = queries.view(batch, num_kv_heads, 1, group, head_dim).expand(-1, -1, splits, -1, -1)
-        keys = _gather_keys(k_cache, d.key_blocks, splits)
-        values = _gather_keys(v_cache, d.key_blocks, splits)
-        items = [(queries[:, h].reshape(-1, group, head_dim), _head_items(keys, h), _head_items(values, h))
-                 for h in range(num_kv_heads)]
-        o, m, l = _attend_split(items, d.masked, (batch, splits, group))  # [Hkv, B, J, G, ...]
-        o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
-        result = (o / l).transpose(0, 1).reshape(batch, num_heads, head_dim).to(out.dtype)
+        queries = (q if batch == num_tokens else q[d.rows]).view(batch, 1, num_kv_heads, group, head_dim)
+        if splits > 1:
+            queries = queries.expand(-1, splits, -1, -1, -1)
+        queries = queries.reshape(batch * splits, num_kv_heads, group, head_dim).unbind(1)
+        keys = _head_items(_gather_keys(k_cache, d.key_blocks, splits), batch * splits)
+        values = _head_items(_gather_keys(v_cache, d.key_blocks, splits), batch * splits)
+        o, m, l = _attend_split(queries, keys, values, d.masked)  # [Hkv, B * J, G, ...]
+        if splits > 1:
+            o, m, l = (t.view(num_kv_heads, batch, splits, group, -1) for t in (o, m, l))
+            o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
+        result = (o / l).view(num_kv_heads, batch, group, head_dim).transpose(0, 1)
+        result = result.reshape(batch, num_heads, head_dim).to(out.dtype)
         if batch == num_tokens:
             return result
         out[d.rows] = result
     for p in plan.prefills:
-        rows = p.end - p.start
-        keys = _gather_keys(k_cache, p.key_blocks, len(p.split_masks))
-        values = _gather_keys(v_cache, p.key_blocks, len(p.split_masks))
-        queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
+        rows, splits = p.end - p.start, len(p.split_masks)
+        keys = _head_items(_gather_keys(k_cache, p.key_blocks, splits), splits)  # per head [J, S, D]
+        values = _head_items(_gather_keys(v_cache, p.key_blocks, splits), splits)
+        queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim).unbind(1)
         partials = []
         for j, mask in enumerate(p.split_masks):
             # each head's split of keys is shared by the run's queries through a stride-0 batch
-            items = [(queries[:, h], *(_head_items(t, h)[j][None].expand(rows, -1, -1) for t in (keys, values)))
-                     for h in range(num_kv_heads)]
-            partials.append(_attend_split(items, mask, (rows, group)))
+            keys_j, values_j = ([t[j][None].expand(rows, -1, -1) for t in ts] for ts in (keys, values))
+            partials.append(_attend_split(queries, keys_j, values_j, mask))
         o, l = _merge_splits(partials)
         out[p.start : p.end] = (o / l).transpose(0, 1).reshape(rows, num_heads, head_dim).to(out.dtype)
     return out
@@ -373,28 +375,28 @@ weight is nothing next to the maximum's weight of 1. The clamp is elementwise, h
 
 
 def _attend_split(
-    items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], masked: torch.Tensor | None, shape: tuple[int, ...]
+    queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+    masked: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One split's partial softmax state per item: (weighted values, max score, normalizer).
 
-    `items` holds per KV head the matmul items (q [N, G, D], k [N, S, D], v [N, S, D]), with N * G
-    = prod(shape); the state comes back as [Hkv, *shape, D] and [Hkv, *shape, 1]. `masked`
-    broadcasts to [Hkv, *shape, S]. Masked keys get weight exactly +0; a split with no visible
-    key gives max -inf, normalizer 0 and values 0.
+    Per KV head, the matmul items: queries [N, G, D], keys and values [N, S, D]. The state comes
+    back as [Hkv, N, G, D] and [Hkv, N, G, 1]; `masked` broadcasts to [Hkv, N, G, S]. Masked keys
+    get weight exactly +0; a split with no visible key gives max -inf, normalizer 0, values 0.
     """
-    num_kv_heads, head_dim = len(items), items[0][0].shape[-1]
-    s = items[0][0].new_empty(num_kv_heads, *shape, KV_SPLIT_SIZE)
-    for h, (q, k, _) in enumerate(items):
-        torch.bmm(q, k.transpose(1, 2), out=s[h].view(-1, q.shape[1], KV_SPLIT_SIZE))
+    num_items, group, head_dim = queries[0].shape
+    s = queries[0].new_empty(len(queries), num_items, group, KV_SPLIT_SIZE)
+    for q, k, out in zip(queries, keys, s.unbind(0)):
+        torch.bmm(q, k.transpose(1, 2), out=out)
     if masked is None:
         m = s.amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR))
     else:
         m = s.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR, max=0.0)).masked_fill(masked, 0.0)
-    o = s.new_empty(num_kv_heads, *shape, head_dim)
-    for h, (q, _, v) in enumerate(items):
-        torch.bmm(p[h].view(-1, q.shape[1], KV_SPLIT_SIZE), v, out=o[h].view(-1, q.shape[1], head_dim))
+    o = s.new_empty(len(queries), num_items, group, head_dim)
+    for p_h, v, out in zip(p.unbind(0), values, o.unbind(0)):
+        torch.bmm(p_h, v, out=out)
     return o, m, p.sum(-1, keepdim=True)
 
 
@@ -429,33 +431,39 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def uniform_noise(seed: int, position: int, vocab_size: int) -> np.ndarray:
-    """Uniforms in (0, 1), float64, one per vocab index: a pure function of (seed, position, index)."""
+def uniform_noise(seeds: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Uniforms in (0, 1), float64 [S, vocab_size]: row i a pure function of (seeds[i], positions[i], index)."""
     with np.errstate(over="ignore"):
-        base = _splitmix64(np.array([seed], dtype=np.uint64) ^ (np.uint64(position) * _POSITION_STRIDE))
-        z = _splitmix64(base + np.arange(vocab_size, dtype=np.uint64) * _GOLDEN)
+        base = _splitmix64(seeds.astype(np.uint64) ^ (positions.astype(np.uint64) * _POSITION_STRIDE))
+        z = _splitmix64(base[:, None] + np.arange(vocab_size, dtype=np.uint64)[None, :] * _GOLDEN)
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)), float64 [vocab_size], for Gumbel-max sampling."""
-    return torch.from_numpy(-np.log(-np.log(uniform_noise(seed, position, vocab_size))))
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), float64 [S, vocab_size], for Gumbel-max sampling."""
+    u = uniform_noise(seeds.cpu().numpy(), positions.cpu().numpy(), vocab_size)
+    return torch.from_numpy(-np.log(-np.log(u)))
 
 
-def gumbel_max(scaled: torch.Tensor, seed: int, position: int) -> int:
-    """The seeded draw from float64 logits already divided by the temperature (and filtered):
-    argmax(scaled + gumbel_noise(seed, position)), first index on a tie."""
-    return int(torch.argmax(scaled + gumbel_noise(seed, position, scaled.shape[0])))
+def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The seeded draws from float64 logits [S, V] already divided by the temperature (and filtered):
+    argmax(scaled + gumbel_noise(seed, position)) per row, first index on a tie; [S] int64."""
+    return torch.argmax(scaled + gumbel_noise(seeds, positions, scaled.shape[-1]).to(scaled.device), dim=-1)
 
 
 def sample_tokens(
     logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """Per row of logits [S, V]: the Gumbel-max draw from logits / T in float64, or argmax(logits)
-    where T = 0 (first index on a tie). Returns [S] int64 on the logits' device."""
-    rows = logits.float().cpu()
-    tokens = [
-        int(torch.argmax(row)) if temperature == 0 else gumbel_max(row.double() / temperature, seed, position)
-        for row, temperature, seed, position in zip(rows, temperatures.tolist(), seeds.tolist(), positions.tolist())
-    ]
-    return torch.tensor(tokens, dtype=torch.int64, device=logits.device)
+    where T = 0 (first index on a tie). Returns [S] int64 on the logits' device.
+
+    One argmax over all rows and one noise draw for the sampled ones: each row's result is exact
+    (an argmax rounds nothing), so batching rows cannot change it.
+    """
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1)
+    sampled = (temperatures != 0).nonzero()[:, 0]
+    if len(sampled):
+        scaled = logits[sampled].double() / temperatures[sampled, None]
+        tokens[sampled] = gumbel_max(scaled, seeds[sampled], positions[sampled])
+    return tokens

@@ -32,10 +32,15 @@ def pick(params: SamplingParams, logits: torch.Tensor, **kw) -> int:
 
 
 def test_noise_is_uniform_and_a_pure_function_of_seed_and_position() -> None:
-    u = uniform_noise(seed=42, position=7, vocab_size=200_000)
-    assert np.array_equal(u, uniform_noise(42, 7, 200_000))
-    assert not np.array_equal(u, uniform_noise(42, 8, 200_000))
-    assert not np.array_equal(u, uniform_noise(43, 7, 200_000))
+    def noise(seed: int, position: int) -> np.ndarray:
+        return uniform_noise(np.array([seed]), np.array([position]), 200_000)[0]
+
+    u = noise(seed=42, position=7)
+    assert np.array_equal(u, noise(42, 7))
+    assert not np.array_equal(u, noise(42, 8))
+    assert not np.array_equal(u, noise(43, 7))
+    rows = uniform_noise(np.array([43, 42, 42]), np.array([7, 8, 7]), 200_000)  # rows drawn together
+    assert np.array_equal(rows[2], u) and np.array_equal(rows[1], noise(42, 8))
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
 
