@@ -215,6 +215,7 @@ class LLMEngine:
         parts = [
             __version__,
             self._weights_digest,
+            self.runner.weight_format,  # e.g. int4-g32+int8: the integer kernels' bits differ from float's
             str(self.runner.dtype),
             device_kind,
             f"torch-{torch.__version__}",

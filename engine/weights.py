@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.quantized import INT4_GROUP_SIZE, QuantizedWeight, quantize
+from kernels.quantized import QuantizedWeight, int4_fits, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def convert_state(state: State, quantization: str, tie_word_embeddings: bool) ->
             if value.bits == bits:
                 continue
             value = value.dequantize()
-        # 4 bits need whole groups of inputs; a weight without them keeps 8 bits
-        converted[name] = quantize(value, bits if value.shape[1] % INT4_GROUP_SIZE == 0 else 8)
+        converted[name] = quantize(value, bits if bits == 8 or int4_fits(tuple(value.shape)) else 8)
     return converted
 
 

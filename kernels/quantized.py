@@ -25,6 +25,11 @@ INT4_GROUP_SIZE = 32
 _INT4_OFFSET = 8  # the 4-bit kernel computes (q - 8) * scale + zero
 
 
+def int4_fits(shape: tuple[int, int], group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Whether the 4-bit kernel takes an [N, K] weight: it packs outputs 16 at a time, inputs by group."""
+    return shape[0] % 16 == 0 and shape[1] % group_size == 0
+
+
 @dataclass
 class QuantizedWeight:
     """A weight matrix [N, K] as integers plus scales, in a layout every CPU can read.
@@ -88,11 +93,15 @@ class QuantizedWeight:
         return QuantizedWeight(4, qweight, scales, tensors[f"{name}.zeros"], qweight.shape[1] // scales.shape[1])
 
     def pack(self) -> "PackedWeight":
-        """The layout this CPU's kernel reads (the int4 packing is the kernel's own)."""
+        """The layout this CPU's kernel reads (the int4 packing is the kernel's own). Shapes the 4-bit
+        kernel does not take, and 8-bit weights with several scales per row, are requantized to
+        8 bits with one scale per row (what the 8-bit kernel reads)."""
         if self.bits == 8:
             per_row = self if self.group_size == self.shape[1] else quantize_int8(self.dequantize())
             return PackedWeight(8, per_row.qweight.contiguous(), per_row.scales[:, 0].to(torch.bfloat16).contiguous(),
                                 self.shape[1], self.shape[0])
+        if not int4_fits(self.shape, self.group_size):  # e.g. a vocabulary that is no multiple of 16
+            return quantize_int8(self.dequantize()).pack()
         data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.qweight.to(torch.int32).contiguous(), 1)
         scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
         return PackedWeight(4, data, scales_and_zeros, self.group_size, self.shape[0])

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from bench import determinism as bench_determinism
 from bench import serve as bench_serve
 from bench import soak as bench_soak
-from engine.config import EngineConfig
+from engine.config import QUANTIZATIONS, EngineConfig
 from engine.async_engine import AsyncEngine
 from server.app import ServerConfig, create_app
 from server.metrics import InFlight
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=EngineConfig.device, help="auto | cpu | cuda[:N] (default: %(default)s)")
     serve.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto = float32 on CPU, bfloat16 on GPU (default: %(default)s)")
+    serve.add_argument("--quantization", default=EngineConfig.quantization, choices=list(QUANTIZATIONS),
+                       help="auto = as stored (a GGUF's Q4_0/Q4_1/Q8_0 blocks run on the CPU's 4/8-bit kernels; "
+                            "float on a GPU); none = float weights; int8/int4 = quantize a float checkpoint's "
+                            "linear weights at load, once, cached on disk (CPU only) (default: %(default)s)")
     serve.add_argument("--determinism", default="on", choices=["on", "off"],
                        help="whether requests that do not say otherwise get bitwise-reproducible answers (default: on)")
     serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
@@ -101,6 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
