@@ -18,7 +18,7 @@ its own prefill chunk, or were written one token at a time. Quantized matmuls: `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -228,11 +228,11 @@ def _attend_decodes(
 
 @dataclass
 class _DecodePlan:
-    """The step's decodes (one query each) as batched matmul items, one per (sequence, KV head, split)."""
+    """The step's decodes (one query each) as matmul items, one per (KV head, sequence, split)."""
 
     rows: torch.Tensor  # [B] flat query row of each decode
-    key_blocks: torch.Tensor  # [B, J * KV_SPLIT_SIZE / block_size] cache blocks, see _key_blocks
-    masked: torch.Tensor  # [B * J, 1, KV_SPLIT_SIZE] True at keys after the query
+    key_rows: torch.Tensor  # [Hkv * B * J * S] rows of the cache viewed as [slots * Hkv, D], see _key_rows
+    masked: torch.Tensor  # [B, J, 1, S] True at keys after the query
     num_splits: int  # J: the most splits any decode has
 
 
@@ -242,8 +242,8 @@ class _PrefillPlan:
 
     start: int
     end: int
-    key_blocks: torch.Tensor  # [1, J * KV_SPLIT_SIZE / block_size]
-    split_masks: list[torch.Tensor | None]  # per split: [R, 1, KV_SPLIT_SIZE] True where masked, None if none is
+    key_rows: torch.Tensor  # [Hkv * J * S]
+    split_masks: list[torch.Tensor | None]  # per split: [R, 1, S] True where masked, None if none is
 
 
 @dataclass
@@ -254,37 +254,22 @@ class InvariantPlan:
     prefills: list[_PrefillPlan]
 
 
-def _key_blocks(meta: AttentionMetadata, seqs: list[int], num_keys: int, device: torch.device) -> torch.Tensor:
-    """[len(seqs), ceil(num_keys / block_size)] cache blocks holding keys 0.. of each sequence.
-
-    Blocks past a sequence's last are the always-zero block; keys past its length inside its last
-    block are stale but masked, and get weight exactly 0. Whole blocks are gathered, not slots:
-    one copy per block_size keys.
-    """
+def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_heads: int,
+              device: torch.device) -> torch.Tensor:
+    """Rows of a cache viewed as [slots * Hkv, D] holding keys 0 .. J * S - 1 of each sequence, in
+    (KV head, sequence, key) order: one index_select then yields every matmul item contiguous,
+    [Hkv * len(seqs) * J, S, D], at the cost of a block gather (measured). Keys past a sequence's
+    length read the always-zero slot."""
     bs = meta.block_size
-    block_pos = torch.arange(-(-num_keys // bs), device=device)
+    key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
     tables = meta.block_tables[torch.tensor(seqs, device=device)].long()
-    blocks = tables[:, block_pos.clamp(max=tables.shape[1] - 1)]
-    num_blocks = torch.tensor([-(-meta.seq_lens[b] // bs) for b in seqs], device=device)
-    return torch.where(block_pos[None, :] < num_blocks[:, None], blocks, meta.zero_slot // bs)
+    blocks = tables[:, (key_pos // bs).clamp(max=tables.shape[1] - 1)]
+    lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
+    slots = torch.where(key_pos[None, :] < lengths[:, None], blocks * bs + key_pos % bs, meta.zero_slot)  # [B, J*S]
+    return (slots[None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None, None]).reshape(-1)
 
 
-def _gather_keys(cache: torch.Tensor, blocks: torch.Tensor, num_splits: int) -> torch.Tensor:
-    """cache [num_blocks, bs, Hkv, D], blocks [B, n] -> float32 [B, J * KV_SPLIT_SIZE, Hkv, D].
-
-    Whole blocks are gathered as rows of a 2-D view: index_select, a memcpy per block, is about
-    4x faster here than advanced indexing.
-    """
-    rows = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1)).float()
-    return rows.view(blocks.shape[0], -1, *cache.shape[2:])[:, : num_splits * KV_SPLIT_SIZE]
-
-
-def _head_items(keys: torch.Tensor, num_items: int) -> tuple[torch.Tensor, ...]:
-    """[B, J * S, Hkv, D] -> per KV head, its keys as matmul items [B * J, S, D] (views, rows Hkv * D apart)."""
-    return keys.view(num_items, KV_SPLIT_SIZE, *keys.shape[2:]).unbind(2)
-
-
-def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantPlan:
+def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> InvariantPlan:
     if meta.reference_plan is not None:
         return meta.reference_plan
     decodes = [b for b in range(meta.num_seqs) if meta.query_start_loc[b + 1] - meta.query_start_loc[b] == 1]
@@ -293,9 +278,10 @@ def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantP
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
         key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
         lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes) * num_splits, 1, KV_SPLIT_SIZE)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), num_splits, 1, KV_SPLIT_SIZE)
         rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
-        decode_plan = _DecodePlan(rows, _key_blocks(meta, decodes, num_splits * KV_SPLIT_SIZE, device), masked, num_splits)
+        key_rows = _key_rows(meta, decodes, num_splits, num_kv_heads, device)
+        decode_plan = _DecodePlan(rows, key_rows, masked, num_splits)
     prefills = []
     for b in range(meta.num_seqs):
         start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
@@ -308,9 +294,15 @@ def _invariant_plan(meta: AttentionMetadata, device: torch.device) -> InvariantP
         for j in range(num_splits):
             mask = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
             masks.append(mask if bool(mask.any()) else None)
-        prefills.append(_PrefillPlan(start, end, _key_blocks(meta, [b], num_splits * KV_SPLIT_SIZE, device), masks))
+        prefills.append(_PrefillPlan(start, end, _key_rows(meta, [b], num_splits, num_kv_heads, device), masks))
     meta.reference_plan = InvariantPlan(decode_plan, prefills)
     return meta.reference_plan
+
+
+def _gather_items(cache: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
+    """float32 [len(key_rows) / S, S, D]: the keys (or values) at `key_rows`, one matmul item per S."""
+    rows = cache.view(-1, cache.shape[-1]).index_select(0, key_rows)
+    return rows.view(-1, KV_SPLIT_SIZE, cache.shape[-1]).float()
 
 
 def attention_invariant(
@@ -321,32 +313,28 @@ def attention_invariant(
     Why it is invariant: CPU matmuls change a row's bits with the number of rows M (measured), but
     a batched matmul computes each batch item alike whatever the batch count. So every matmul here
     is a batch of items of one fixed shape: one query row's G heads of one KV head ([G, D]) against
-    one fixed split of KV_SPLIT_SIZE keys at absolute positions. Decodes of all sequences share one
-    batched call per step and layer (per-item key copies are small); a prefill run shares each
+    one fixed split of KV_SPLIT_SIZE keys at absolute positions. The step's decodes share one
+    batched call per layer (their keys gathered head-major, one copy); a prefill run shares each
     split's keys among its queries through a stride-0 batch (no copy). The splits' partial softmax
     states are merged in order 0, 1, 2, ... by elementwise ops, which are exact (or, for exp, the
     same code at every position: tests pin that). A split wholly after a query is an exact no-op
     in the merge (scale exp(0) = 1, contribution 0). Masked keys get probability exactly +0, and
-    blocks past a sequence read the always-zero block.
+    keys past a sequence read the always-zero slot.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     q = q.float() * scale  # elementwise, hence exact at any shape
-    plan = _invariant_plan(meta, q.device)
+    plan = _invariant_plan(meta, num_kv_heads, q.device)
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
-        queries = (q if batch == num_tokens else q[d.rows]).view(batch, 1, num_kv_heads, group, head_dim)
+        queries = (q if batch == num_tokens else q[d.rows]).view(batch, num_kv_heads, 1, group, head_dim)
+        queries = queries.transpose(0, 1).expand(-1, -1, splits, -1, -1).reshape(-1, group, head_dim)
+        o, m, l = _attend_split(queries, _gather_items(k_cache, d.key_rows), _gather_items(v_cache, d.key_rows),
+                                d.masked, (num_kv_heads, batch, splits, group))
         if splits > 1:
-            queries = queries.expand(-1, splits, -1, -1, -1)
-        queries = queries.reshape(batch * splits, num_kv_heads, group, head_dim).unbind(1)
-        keys = _head_items(_gather_keys(k_cache, d.key_blocks, splits), batch * splits)
-        values = _head_items(_gather_keys(v_cache, d.key_blocks, splits), batch * splits)
-        o, m, l = _attend_split(queries, keys, values, d.masked)  # [Hkv, B * J, G, ...]
-        if splits > 1:
-            o, m, l = (t.view(num_kv_heads, batch, splits, group, -1) for t in (o, m, l))
             o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
         result = (o / l).view(num_kv_heads, batch, group, head_dim).transpose(0, 1)
         result = result.reshape(batch, num_heads, head_dim).to(out.dtype)
@@ -355,16 +343,17 @@ def attention_invariant(
         out[d.rows] = result
     for p in plan.prefills:
         rows, splits = p.end - p.start, len(p.split_masks)
-        keys = _head_items(_gather_keys(k_cache, p.key_blocks, splits), splits)  # per head [J, S, D]
-        values = _head_items(_gather_keys(v_cache, p.key_blocks, splits), splits)
-        queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim).unbind(1)
-        partials = []
-        for j, mask in enumerate(p.split_masks):
-            # each head's split of keys is shared by the run's queries through a stride-0 batch
-            keys_j, values_j = ([t[j][None].expand(rows, -1, -1) for t in ts] for ts in (keys, values))
-            partials.append(_attend_split(queries, keys_j, values_j, mask))
-        o, l = _merge_splits(partials)
-        out[p.start : p.end] = (o / l).transpose(0, 1).reshape(rows, num_heads, head_dim).to(out.dtype)
+        keys = _gather_items(k_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        values = _gather_items(v_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
+        for h in range(num_kv_heads):
+            partials = [  # each split's keys are shared by the run's queries through a stride-0 batch
+                _attend_split(queries[:, h], keys[h, j][None].expand(rows, -1, -1),
+                              values[h, j][None].expand(rows, -1, -1), mask, (rows, group))
+                for j, mask in enumerate(p.split_masks)
+            ]
+            o, l = _merge_splits(partials)
+            out[p.start : p.end, h * group : (h + 1) * group] = (o / l).to(out.dtype)
     return out
 
 
@@ -375,28 +364,22 @@ weight is nothing next to the maximum's weight of 1. The clamp is elementwise, h
 
 
 def _attend_split(
-    queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-    masked: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One split's partial softmax state per item: (weighted values, max score, normalizer).
 
-    Per KV head, the matmul items: queries [N, G, D], keys and values [N, S, D]. The state comes
-    back as [Hkv, N, G, D] and [Hkv, N, G, 1]; `masked` broadcasts to [Hkv, N, G, S]. Masked keys
-    get weight exactly +0; a split with no visible key gives max -inf, normalizer 0, values 0.
+    q [N, G, D], k and v [N, S, D] with N * G = prod(shape); the state comes back as shape + (D,)
+    and shape + (1,); `masked` broadcasts to shape + (S,). Masked keys get weight exactly +0; a
+    split with no visible key gives max -inf, normalizer 0 and values 0.
     """
-    num_items, group, head_dim = queries[0].shape
-    s = queries[0].new_empty(len(queries), num_items, group, KV_SPLIT_SIZE)
-    for q, k, out in zip(queries, keys, s.unbind(0)):
-        torch.bmm(q, k.transpose(1, 2), out=out)
+    s = torch.bmm(q, k.transpose(1, 2)).view(*shape, KV_SPLIT_SIZE)
     if masked is None:
         m = s.amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR))
     else:
         m = s.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
         p = torch.exp((s - m).clamp(min=EXP_FLOOR, max=0.0)).masked_fill(masked, 0.0)
-    o = s.new_empty(len(queries), num_items, group, head_dim)
-    for p_h, v, out in zip(p.unbind(0), values, o.unbind(0)):
-        torch.bmm(p_h, v, out=out)
+    o = torch.bmm(p.view(-1, q.shape[1], KV_SPLIT_SIZE), v).view(*shape, v.shape[-1])
     return o, m, p.sum(-1, keepdim=True)
 
 
