@@ -5,8 +5,10 @@ Each server is started with its default flags, one at a time (the machine's core
 driven by `detserve bench serve`'s client: closed loop, streamed chat completions of random
 prompts (about 40 tokens with the chat template), 128 output tokens each (`ignore_eos`),
 temperature 0. The in-process row runs the same prompts through `LLMEngine.step()` with the same
-concurrency, no HTTP: the server should keep at least 90 % of it. Prints one table of output tokens
-per second and the ratios the CPU targets are stated in (bench/RESULTS.md).
+concurrency, no HTTP: the server should keep at least 90 % of it. Each cell is the median of
+`--rounds` runs, deterministic and fast runs alternating (this machine is shared and noisy). Prints
+one table of output tokens per second and the ratios the CPU targets are stated in
+(bench/RESULTS.md).
 
     python -m bench.cpu_serving --llama-server /path/to/llama-server
 
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, help="the model (default: the default model's GGUF)")
     parser.add_argument("--concurrency", default="1,8", help="(default: %(default)s)")
     parser.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per cell; the table shows the median (default: 3)")
     parser.add_argument("--input-words", type=int, default=30, help="random words per prompt (default: 30)")
     parser.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="llama-server's -t (default: %(default)s)")
@@ -147,14 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path("/tmp")
     rows: list[Row] = []
 
+    def record(name: str, mode: str, concurrency: int, runs: list[float]) -> None:
+        rows.append(Row(name, mode, concurrency, statistics.median(runs)))
+        print(f"{name} {mode} concurrency {concurrency}: {' '.join(f'{r:.1f}' for r in runs)} tok/s", flush=True)
+
     def run_server(name: str, command: list[str], port: int, modes: list[bool | None]) -> None:
         with launched(command, port, logs / f"cpu-serving-{name}-{port}.log") as url:
             for c in concurrencies:
-                for deterministic in modes:
-                    client = client_args(url, c, args.requests_per_slot, deterministic, args.input_words, args.output_len)
-                    mode = "-" if deterministic is None else "deterministic" if deterministic else "fast"
-                    rows.append(Row(name, mode, c, measure_server(client)))
-                    print(f"{name} {mode} concurrency {c}: {rows[-1].tokens_per_second:.1f} tok/s", flush=True)
+                runs: dict[bool | None, list[float]] = {m: [] for m in modes}
+                for _ in range(args.rounds):
+                    for deterministic in modes:
+                        client = client_args(url, c, args.requests_per_slot, deterministic, args.input_words,
+                                             args.output_len)
+                        runs[deterministic].append(measure_server(client))
+                for deterministic, values in runs.items():
+                    record(name, "-" if deterministic is None else "deterministic" if deterministic else "fast", c, values)
 
     port = _free_port()
     model_flag = ["--model", str(gguf)] if args.gguf else []
@@ -167,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_engine:
         engine = LLMEngine(EngineConfig(model=str(gguf)))
         for c in concurrencies:
-            for deterministic in (True, False):
-                client = client_args("http://unused", c, args.requests_per_slot, deterministic, args.input_words,
-                                     args.output_len)
-                rows.append(Row("engine", "deterministic" if deterministic else "fast", c,
-                                measure_engine(engine, client, deterministic)))
-                print(f"engine {rows[-1].mode} concurrency {c}: {rows[-1].tokens_per_second:.1f} tok/s", flush=True)
+            runs = {True: [], False: []}
+            for _ in range(args.rounds):
+                for deterministic in (True, False):
+                    client = client_args("http://unused", c, args.requests_per_slot, deterministic, args.input_words,
+                                         args.output_len)
+                    runs[deterministic].append(measure_engine(engine, client, deterministic))
+            for deterministic, values in runs.items():
+                record("engine", "deterministic" if deterministic else "fast", c, values)
     print(f"\n== output tokens/s, {args.output_len}-token outputs, closed loop, {gguf.name} ==")
     print(table(rows))
     return 0
