@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 import httpx2
 import numpy as np
@@ -332,3 +335,40 @@ def emit(args: argparse.Namespace, report: dict[str, Any], table: str) -> None:
     if args.output is not None:
         args.output.write_text(text + "\n")
     print(text if args.json else table)
+
+
+# -- a server of our own --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(command: list[str], port: int, log: Path, timeout: float = 600) -> Iterator[subprocess.Popen]:
+    """Run a server (output to `log`) until its /health answers 200; yield the process; stop it at the
+    end (SIGTERM, so detserve drains, then a kill after 120 s)."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(f"http://127.0.0.1:{port}"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{Path(command[0]).name} did not start; its log: {log}")
+            time.sleep(0.3)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx2.get(url + "/health", timeout=5).status_code == 200
+    except httpx2.TransportError:
+        return False

@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import httpx2
 
 from bench import serve
+from bench.common import free_port, launched
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
@@ -46,36 +41,6 @@ class Row:
     mode: str  # deterministic | fast | -
     concurrency: int
     tokens_per_second: float
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def launched(command: list[str], port: int, log: Path) -> Iterator[str]:
-    """Run a server until its /health answers 200; yield its base URL; stop it at the end."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            with contextlib.suppress(httpx2.TransportError):
-                if httpx2.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} did not start; its log: {log}")
-            time.sleep(0.5)
-        yield url + "/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def client_args(base_url: str, concurrency: int, requests_per_slot: int, deterministic: bool | None,
@@ -156,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} {mode} concurrency {concurrency}: {' '.join(f'{r:.1f}' for r in runs)} tok/s", flush=True)
 
     def run_server(name: str, command: list[str], port: int, modes: list[bool | None]) -> None:
-        with launched(command, port, logs / f"cpu-serving-{name}-{port}.log") as url:
+        with launched(command, port, logs / f"cpu-serving-{name}-{port}.log"):
+            url = f"http://127.0.0.1:{port}/v1"
             for c in concurrencies:
                 runs: dict[bool | None, list[float]] = {m: [] for m in modes}
                 for _ in range(args.rounds):
@@ -167,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                 for deterministic, values in runs.items():
                     record(name, "-" if deterministic is None else "deterministic" if deterministic else "fast", c, values)
 
-    port = _free_port()
+    port = free_port()
     model_flag = ["--model", str(gguf)] if args.gguf else []
     run_server("detserve", [sys.executable, "-m", "server", "serve", *model_flag, "--port", str(port)], port,
                [True, False])
     if args.llama_server:
-        port = _free_port()
+        port = free_port()
         run_server("llama.cpp", [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads),
                                  "-np", str(max(concurrencies)), "-c", str(max(concurrencies) * 1024)], port, [None])
     if not args.skip_engine:

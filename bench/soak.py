@@ -24,8 +24,6 @@ import asyncio
 import contextlib
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -44,6 +42,8 @@ from bench.common import (
     emit,
     first_model,
     format_report,
+    free_port,
+    launched,
     make_client,
     random_prompt,
     send_request,
@@ -378,37 +378,13 @@ def parse_gauges(text: str) -> dict[str, float]:
 @contextlib.contextmanager
 def _launched(args: argparse.Namespace) -> Iterator[None]:
     """Start `detserve serve` on a free port, point args at it, stop it (SIGTERM, drained) at the end."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"detserve-soak-{port}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args.server_arg],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    args.base_url, args.pid = f"http://127.0.0.1:{port}/v1", process.pid
-    try:
-        deadline = time.monotonic() + 300
-        while not _healthy(f"http://127.0.0.1:{port}"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; its log: {log}")
-            time.sleep(0.3)
+    command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
+    with launched(command, port, log, timeout=300) as process:
+        args.base_url, args.pid = f"http://127.0.0.1:{port}/v1", process.pid
         print(f"soak: serving on port {port} (pid {process.pid}, log {log})", file=sys.stderr)
         yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx2.get(url + "/health", timeout=5).status_code == 200
-    except httpx2.TransportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,7 @@ def config_digest() -> str:
     Where invariant mode can run Triton (a CUDA device and triton importable), the digest adds the
     triton version and the tile configs pinned for the current device's arch.
     """
-    digest = f"torch-ref:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}:cpu-rows-v2"
+    digest = f"torch-ref-v{reference.VERSION}:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
     if _triton_available() and torch.cuda.is_available():
         import triton
 

@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 ROWS_PER_CALL = 16
-"""Rows per torch call in invariant mode (16 measured fastest among invariant sizes on 2 cores)."""
+"""Rows per call of an invariant float matmul (16 measured fastest among invariant sizes on 2 cores)."""
 
 KV_SPLIT_SIZE = 256
 """Keys per attention split: a fixed split *size*, so splits sit at the same absolute positions."""
+
+VERSION = 2
+"""Bumped whenever these ops' arithmetic changes (2: SiLU via exp, attention as batched items),
+so the system fingerprint stops promising the old bits."""
 
 
 @dataclass
@@ -55,7 +59,11 @@ class AttentionMetadata:
 
 
 def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Apply a row-wise `fn` to `x` in calls of exactly ROWS_PER_CALL rows (zero-padded tail)."""
+    """Apply a row-wise `fn` to `x` in calls of exactly ROWS_PER_CALL rows (zero-padded tail).
+
+    Invariant but paid for: a single decode row costs a 16-row call. Float weights only; the
+    quantized kernels need none of it.
+    """
     num_rows = x.shape[0]
     if num_rows == 0:
         return fn(x.new_zeros((ROWS_PER_CALL,) + x.shape[1:]))[:0]

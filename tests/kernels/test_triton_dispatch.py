@@ -13,7 +13,8 @@ from kernels import configs
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the digest adds the Triton configs where CUDA runs them")
 def test_config_digest_without_cuda_is_the_cpu_reference_digest() -> None:
-    assert kernels.config_digest() == f"torch-ref:rows={kernels.ROWS_PER_CALL}:kvsplit={kernels.KV_SPLIT_SIZE}"
+    expected = f"torch-ref-v{kernels.reference.VERSION}:rows={kernels.ROWS_PER_CALL}:kvsplit={kernels.KV_SPLIT_SIZE}"
+    assert kernels.config_digest() == expected
 
 
 def test_triton_digest_changes_with_the_pinned_tiles_and_the_triton_version() -> None:
