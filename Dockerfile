@@ -79,7 +79,7 @@ RUN pip install --no-cache-dir /wheels/*.whl \
 FROM cpu-base AS cpu
 COPY --from=cpu-venv /opt/venv /opt/venv
 USER 10001:10001
-# Dequantize the default GGUF into $DETSERVE_CACHE_DIR now, in this stage: the cache key includes
+# Convert the default GGUF into $DETSERVE_CACHE_DIR now, in this stage: the cache key includes
 # the GGUF's path and mtime as this image has them, so the container starts in seconds, offline.
 # safetensors writes the weights 0600: open them to any uid the platform may run the image as.
 RUN python -c "from engine.weights import resolve_model_dir; print(resolve_model_dir(None))" \

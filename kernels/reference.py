@@ -96,11 +96,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """Both modes: silu(gate) * up as gate / (1 + exp(-gate)) * up. torch's own silu runs other
-    code for the vector body and the scalar tail of a loop, so an element's bits would depend on
-    where it sits in the batch; exp, add, divide and multiply give the same bits on both paths."""
+    """Both modes: silu(gate) * up, with silu as gate / (1 + exp(-gate)) in float32, rounded to x's
+    dtype before the multiply (as torch's F.silu rounds). torch's own silu runs other code for the
+    vector body and the scalar tail of a loop, so an element's bits would depend on where it sits
+    in the batch; exp, add and divide give the same bits on both paths (tests pin it)."""
     gate, up = x.chunk(2, dim=-1)
-    return gate / (1 + torch.exp(-gate)) * up
+    g = gate.float()
+    return (g / (1 + torch.exp(-g))).to(x.dtype) * up
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,8 @@ def test_silu_mul_in_float16_rounds_silu_before_the_multiply_as_torch_does() -> 
     |gate|), which tips a rounding far more often than the interpreter's one-ulp differences do.
     """
     x = _randn(5, 2 * 1500, dtype=torch.float16, seed=2, scale=4.0)
-    out, expected = elementwise.silu_mul(x).cpu(), reference.silu_mul_fast(x.cpu())
+    gate, up = x.cpu().chunk(2, dim=-1)
+    out, expected = elementwise.silu_mul(x).cpu(), torch.nn.functional.silu(gate) * up
     assert (out != expected).float().mean() < 1e-2
 
 
