@@ -118,12 +118,15 @@ def rope(
     q [T, H, D], k [T, Hkv, D], positions [T], cos_sin [max_pos, D] (cos | sin halves, from a
     table computed once). Only gathers, multiplies and adds: exact per element, so invariant as is.
     """
-    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[positions].split(half, dim=-1)  # [T, D/2] each
+    # [x1 | x2] -> [x1*cos + x2*(-sin) | x2*cos + x1*sin]: x1*cos - x2*sin to the bit, in 4 ops a tensor
+    cos_cos = torch.cat([cos, cos], dim=-1)[:, None, :]
+    minus_sin_sin = torch.cat([-sin, sin], dim=-1)[:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        xf = x.float()
+        return (xf * cos_cos + torch.roll(xf, half, dims=-1) * minus_sin_sin).to(x.dtype)
 
     return rotate(q), rotate(k)
 
