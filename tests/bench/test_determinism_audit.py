@@ -78,11 +78,18 @@ def test_every_probe_runs_while_the_levels_background_requests_are_in_flight(fak
 
 
 def test_the_deterministic_field_goes_on_every_request_unless_no_extra_body(fake, capsys):
-    audit(fake, capsys, "-n", "2", "--concurrency", "1", "--no-deterministic")
-    assert {s.body.get("deterministic") for s in fake.seen} == {False}
-    fake.reset()
-    _, report = audit(fake, capsys, "-n", "2", "--concurrency", "1", "--no-extra-body")
-    assert all("deterministic" not in s.body for s in fake.seen)
+    def sent_by(run: int) -> list[dict]:
+        """The bodies one audit run sent, told apart by their lengths: a request an earlier run gave
+        up on may reach the server late, after a reset, on a busy machine."""
+        return [s.body for s in fake.seen if s.body["max_tokens"] in (6 + run, 30 + run)]
+
+    def lengths(run: int) -> list[str]:
+        return ["--max-tokens", str(6 + run), "--background-output-len", str(30 + run)]
+
+    audit(fake, capsys, "-n", "2", "--concurrency", "1", "--no-deterministic", *lengths(0))
+    assert sent_by(0) and {body.get("deterministic") for body in sent_by(0)} == {False}
+    _, report = audit(fake, capsys, "-n", "2", "--concurrency", "1", "--no-extra-body", *lengths(1))
+    assert sent_by(1) and all("deterministic" not in body for body in sent_by(1))
     assert report["deterministic"] is None
 
 
