@@ -159,9 +159,9 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         with _bad_request():
             body.check_supported()
             prompts = body.prompts()
+            prompt_ids = [llm.encode_prompt(p) for p in prompts]  # validates token ids before echo decodes them
             echoes = [_echo_text(llm, p) if body.echo else "" for p in prompts]
-            job = _job("completion", llm, config, body, [llm.encode_prompt(p) for p in prompts], echoes,
-                       body.max_tokens, body.logprobs)
+            job = _job("completion", llm, config, body, prompt_ids, echoes, body.max_tokens, body.logprobs)
         return await _respond(engine, config, job, body, request, body.prompt)
 
     @app.post("/tokenize")

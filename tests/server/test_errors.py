@@ -153,3 +153,10 @@ async def test_stream_ended_by_an_abort_reports_an_error_not_a_finish_reason():
     )
     events = [e async for e in streaming.stream(Aborting(), job)]
     assert "error" in json.loads(events[0][6:]) and events[1:] == ["data: [DONE]\n\n"]
+
+
+def test_echo_of_out_of_range_token_ids_is_a_400_not_a_500(http, server: LiveServer) -> None:
+    """Found by the schemathesis run: echo decoded the ids before they were checked."""
+    response = http.post(COMP, json={"model": server.model, "prompt": [[-1611, -56245495507]], "echo": True,
+                                     "max_tokens": 2})
+    assert response.status_code == 400 and "token ids" in response.json()["error"]["message"]
