@@ -45,9 +45,9 @@ _GLOBAL_NAMES = {
 def hf_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    _, layer, rest = gguf_name.split(".", 2)
-    if gguf_name.startswith("blk.") and rest in _LAYER_NAMES:
-        return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
     raise KeyError(f"GGUF tensor {gguf_name} has no Hugging Face name here")
 
 
