@@ -30,7 +30,8 @@ import torch
 
 from kernels import configs, quantized, reference
 from kernels.quantized import PackedWeight
-from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL, AttentionMetadata
+from kernels.inputs import AttentionMetadata, RotaryInputs
+from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
 
 Mode = Literal["invariant", "fast"]
 MODES: tuple[Mode, ...] = ("invariant", "fast")
@@ -153,15 +154,13 @@ def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tenso
     return reference.gumbel_max(scaled, seeds, positions)
 
 
-def rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q [T, H, D] and k [T, Hkv, D]; exact per element, same bits in both modes."""
     if _use_triton(q):
         from kernels import elementwise
 
-        return elementwise.rope(q, k, positions, cos_sin)
-    return reference.rope(q, k, positions, cos_sin)
+        return elementwise.rope(q, k, rotary.positions, rotary.cos_sin)
+    return reference.rope(q, k, rotary)
 
 
 def kv_store(
@@ -203,6 +202,7 @@ __all__ = [
     "KV_SPLIT_SIZE",
     "MODES",
     "Mode",
+    "RotaryInputs",
     "add_rms_norm",
     "attention",
     "config_digest",

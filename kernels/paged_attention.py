@@ -33,7 +33,8 @@ import triton.language as tl
 
 from kernels.arrivals import arrival_counts, last_to_arrive
 from kernels.configs import LAUNCH_OPTIONS, AttentionConfig
-from kernels.reference import KV_SPLIT_SIZE, AttentionMetadata
+from kernels.inputs import AttentionMetadata
+from kernels.reference import KV_SPLIT_SIZE
 
 Launch = Literal["auto", "parallel", "sequential"]
 
@@ -234,7 +235,6 @@ def _attention_merge_kernel(
 class _Plan:
     """Work items of one step, built once and shared by every layer (all layers have equal shapes)."""
 
-    key: tuple
     items: torch.Tensor  # int32, flat: [num_items, ITEM_FIELDS] (sequential items first), then `programs`
     programs: torch.Tensor  # int32, flat: [num_programs, 2] (item, split) of each parallel split program
     num_sequential: int
@@ -272,7 +272,6 @@ def _build_plan(
     flat += [f for item, split in programs for f in (len(sequential) + item, split)]  # absolute item index
     table = torch.tensor(flat, dtype=torch.int32).to(device)  # one copy to the device per step
     return _Plan(
-        key=(group, config, launch),
         items=table,
         programs=table[num_items * ITEM_FIELDS.value :],
         num_sequential=len(sequential),
@@ -294,7 +293,7 @@ def paged_attention(
 
     The step's K/V must already be in the cache. `launch` forces one launch for every sequence
     (for tests); "auto" splits decode-sized sequences in parallel, which is safe because both
-    launches give the same bits. The plan is cached in `meta.invariant_plan` for the other layers.
+    launches give the same bits. The plan is built once per step (`meta.plan`) for every layer.
     """
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -303,12 +302,7 @@ def paged_attention(
         raise ValueError(f"attention config {config} cannot serve {group} query heads per KV head")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride() == v_cache.stride()):
         raise ValueError("paged attention needs contiguous K/V caches of one layout")
-    cached = meta.invariant_plan
-    if cached and isinstance(cached[0], _Plan) and cached[0].key == (group, config, launch):
-        plan = cached[0]
-    else:
-        plan = _build_plan(meta, group, config, launch, q.device)
-        meta.invariant_plan = [plan]
+    plan = meta.plan(("triton", group, config, launch), lambda: _build_plan(meta, group, config, launch, q.device))
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q)
     head = triton.next_power_of_2(head_dim)

@@ -17,13 +17,15 @@ its own prefill chunk, or were written one token at a time. Quantized matmuls: `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels.inputs import AttentionMetadata, RotaryInputs
 
 ROWS_PER_CALL = 16
 """Rows per call of an invariant float matmul (16 measured fastest among invariant sizes on 2 cores)."""
@@ -34,29 +36,6 @@ KV_SPLIT_SIZE = 256
 VERSION = 2
 """Bumped whenever these ops' arithmetic changes (2: SiLU via exp, attention as batched items),
 so the system fingerprint stops promising the old bits."""
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each sequence's queries and keys are, for attention over the paged KV cache.
-
-    The batch is flat: sequence `b` owns query rows `query_start_loc[b]:query_start_loc[b+1]`,
-    which are its last tokens; it attends to its first `seq_lens[b]` tokens, whose K/V live in the
-    blocks `block_tables[b]` (already written for this step's tokens).
-    """
-
-    query_start_loc: list[int]  # [B+1]
-    seq_lens: list[int]  # [B], keys per sequence, this step's tokens included
-    block_tables: torch.Tensor  # [B, max_blocks] int32, on the model device
-    block_size: int
-    zero_slot: int  # a cache slot that always holds zeros (reads past a sequence land there)
-    invariant_plan: list | None = field(default=None, repr=False)  # the Triton kernels', built on first use
-    reference_plan: "InvariantPlan | None" = field(default=None, repr=False)  # attention_invariant's, likewise
-    fast_plan: list | None = field(default=None, repr=False)  # fast mode's decode groups, likewise
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens)
 
 
 def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -111,25 +90,27 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half (NeoX-style) rotary embedding, as Hugging Face Llama/Qwen apply it.
 
-    q [T, H, D], k [T, Hkv, D], positions [T], cos_sin [max_pos, D] (cos | sin halves, from a
-    table computed once). Only gathers, multiplies and adds: exact per element, so invariant as is.
+    q [T, H, D], k [T, Hkv, D]. Only gathers, multiplies and adds: exact per element, so invariant
+    as is. The step's rotation rows are gathered once and shared by every layer.
     """
-    half = cos_sin.shape[-1] // 2
-    cos, sin = cos_sin[positions].split(half, dim=-1)  # [T, D/2] each
-    # [x1 | x2] -> [x1*cos + x2*(-sin) | x2*cos + x1*sin]: x1*cos - x2*sin to the bit, in 4 ops a tensor
-    cos_cos = torch.cat([cos, cos], dim=-1)[:, None, :]
-    minus_sin_sin = torch.cat([-sin, sin], dim=-1)[:, None, :]
+    half = rotary.cos_sin.shape[-1] // 2
+    cos_cos, minus_sin_sin = rotary.plan("reference", lambda: _rotation_rows(rotary))
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * cos_cos + torch.roll(xf, half, dims=-1) * minus_sin_sin).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def _rotation_rows(rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] rows (cos | cos) and (-sin | sin) of each token: with them, [x1 | x2] becomes
+    [x1*cos + x2*(-sin) | x2*cos + x1*sin], which is x1*cos - x2*sin to the bit, in 4 ops a tensor."""
+    cos, sin = rotary.cos_sin[rotary.positions].split(rotary.cos_sin.shape[-1] // 2, dim=-1)  # [T, D/2] each
+    return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +168,7 @@ def attention_fast(
                 q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
             )
         out[start:end] = o.transpose(0, 1)
-    for decodes in _decode_groups(meta, q.device):
+    for decodes in meta.plan("fast", lambda: _decode_groups(meta, q.device)):
         _attend_decodes(q, k_cache, v_cache, decodes, scale, out)
     return out
 
@@ -202,14 +183,11 @@ class _DecodeGroup:
 
 
 def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list[_DecodeGroup]:
-    """The step's decodes in groups of at most FAST_DECODE_KEYS padded keys, built once per step
-    and shared by every layer (cached in `meta.fast_plan`)."""
-    if meta.fast_plan is not None:
-        return meta.fast_plan
+    """The step's decodes in groups of at most FAST_DECODE_KEYS padded keys (fast mode's plan)."""
     groups: list[list[int]] = []
     longest = 0
     for b in range(meta.num_seqs):
-        if meta.query_start_loc[b + 1] - meta.query_start_loc[b] != 1:
+        if not meta.is_decode(b):
             continue
         if groups and (len(groups[-1]) + 1) * max(longest, meta.seq_lens[b]) <= FAST_DECODE_KEYS:
             groups[-1].append(b)
@@ -227,7 +205,6 @@ def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list[_Decod
         slots = torch.where(visible, tables[:, positions // bs] * bs + positions % bs, meta.zero_slot)
         rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
         plan.append(_DecodeGroup(rows, slots, visible))
-    meta.fast_plan = plan
     return plan
 
 
@@ -294,9 +271,7 @@ def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_
 
 
 def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> InvariantPlan:
-    if meta.reference_plan is not None:
-        return meta.reference_plan
-    decodes = [b for b in range(meta.num_seqs) if meta.query_start_loc[b + 1] - meta.query_start_loc[b] == 1]
+    decodes = [b for b in range(meta.num_seqs) if meta.is_decode(b)]
     decode_plan = None
     if decodes:
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
@@ -319,8 +294,7 @@ def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.de
             mask = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
             masks.append(mask if bool(mask.any()) else None)
         prefills.append(_PrefillPlan(start, end, _key_rows(meta, [b], num_splits, num_kv_heads, device), masks))
-    meta.reference_plan = InvariantPlan(decode_plan, prefills)
-    return meta.reference_plan
+    return InvariantPlan(decode_plan, prefills)
 
 
 def _gather_items(cache: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
@@ -350,7 +324,7 @@ def attention_invariant(
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     q = q.float() * scale  # elementwise, hence exact at any shape
-    plan = _invariant_plan(meta, num_kv_heads, q.device)
+    plan = meta.plan(("reference", num_kv_heads), lambda: _invariant_plan(meta, num_kv_heads, q.device))
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits

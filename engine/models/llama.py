@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,
-        cos_sin: torch.Tensor,
+        rotary: kernels.RotaryInputs,
     ) -> torch.Tensor:
         c = self.config
         num_tokens = x.shape[0]
@@ -90,7 +90,7 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = kernels.rms_norm(q, self.q_norm, c.rms_norm_eps)
             k = kernels.rms_norm(k, self.k_norm, c.rms_norm_eps)
-        q, k = kernels.rope(q, k, batch.positions, cos_sin)
+        q, k = kernels.rope(q, k, rotary)
         # Write first, then attend over the cache only: fresh and cached keys take one path.
         kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
         attn = kernels.attention(q, k_cache, v_cache, batch.attention, c.head_dim**-0.5)
@@ -120,8 +120,9 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states of the rows that predict a next token: [S, hidden]."""
         x = self.embed(batch.input_ids)
+        rotary = kernels.RotaryInputs(batch.positions, self.cos_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, batch, k_cache, v_cache, self.cos_sin)
+            x = layer(x, batch, k_cache, v_cache, rotary)
         x = x[batch.logits_indices]
         return kernels.rms_norm(x, self.norm, self.config.rms_norm_eps)
 

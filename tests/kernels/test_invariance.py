@@ -99,8 +99,9 @@ def test_rope_row_is_independent_of_batch(company: tuple[int, int, int], pos: in
     batch_size, position, seed = company
     positions = torch.randint(0, 4096, (batch_size,), generator=torch.Generator().manual_seed(seed))
     positions[position] = pos
-    q_alone, k_alone = kernels.rope(q_row[None], k_row[None], torch.tensor([pos]), cos_sin)
-    q, k = kernels.rope(_embed_row(q_row, batch_size, position, seed), _embed_row(k_row, batch_size, position, seed + 1), positions, cos_sin)
+    q_alone, k_alone = kernels.rope(q_row[None], k_row[None], kernels.RotaryInputs(torch.tensor([pos]), cos_sin))
+    q, k = kernels.rope(_embed_row(q_row, batch_size, position, seed), _embed_row(k_row, batch_size, position, seed + 1),
+                        kernels.RotaryInputs(positions, cos_sin))
     assert torch.equal(q_alone[0], q[position]) and torch.equal(k_alone[0], k[position])
 
 
@@ -206,7 +207,7 @@ def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays
     decodes = [(name, *(t[-1:] for t in seqs[name]), n - 1) for name, n in lengths.items()]
     q, meta = cache.store(decodes[:2] + [("p", *prefill, 0)] + decodes[2:])
     out = _attend("fast")(q, cache.k, cache.v, meta)
-    assert len(meta.fast_plan) == 3  # groups [a, b], [c, d], [e], planned once for every layer
+    assert len(meta.plans["fast"]) == 3  # groups [a, b], [c, d], [e], planned once for every layer
     assert torch.equal(_attend("fast")(q, cache.k, cache.v, meta), out)
     outs = [out[meta.query_start_loc[i] : meta.query_start_loc[i + 1]] for i in range(meta.num_seqs)]
     for out, name in zip(outs[:2] + outs[3:], lengths):

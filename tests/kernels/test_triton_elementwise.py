@@ -68,7 +68,7 @@ def test_rope_of_fused_qkv_views_gives_the_bits_of_the_reference(
     positions = torch.tensor([40, 3, 511, 0, 3, 200, 17], device=DEVICE)  # unsorted, repeated
     cos_sin = _cos_sin(head_dim)
     q_rot, k_rot = elementwise.rope(q, k, positions, cos_sin)
-    q_ref, k_ref = reference.rope(q, k, positions, cos_sin)
+    q_ref, k_ref = reference.rope(q, k, kernels.RotaryInputs(positions, cos_sin))
     assert q_rot.dtype == k_rot.dtype == dtype
     assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
 
@@ -144,5 +144,5 @@ def test_invariant_mode_routes_silu_mul_and_rope_to_the_triton_kernels(monkeypat
     monkeypatch.setattr(elementwise, "rope", lambda q, k, positions, cos_sin: calls.append("rope") or (q, k))
     q, k = _fused_qkv_views(2, 6, 2, 48, torch.float32, seed=0)
     kernels.silu_mul(_randn(2, 96, dtype=torch.float32, seed=0))
-    kernels.rope(q, k, torch.tensor([1, 0], device=DEVICE), _cos_sin(48))
+    kernels.rope(q, k, kernels.RotaryInputs(torch.tensor([1, 0], device=DEVICE), _cos_sin(48)))
     assert calls == ["silu_mul", "rope"]
