@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     float_engine = LLMEngine(EngineConfig(model=args.model, quantization="none", kv_cache_tokens=4096))
     quant_engine = LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_tokens=4096))
-    print(f"== {quant_engine.model_name}: {quant_engine.runner.weight_format} vs {float_engine.runner.weight_format},"
+    print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} vs {float_engine.runner.weight_format},"
           f" {args.tokens} greedy tokens per prompt ==")
     print(f"{'prompt':52} {'agree':>7} {'|dlogprob|':>10} {'same prefix':>11}")
     results = []

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import AsyncIterator
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import AdmittedRequest, EngineStats, LLMEngine, ModelInfo
 from engine.request import RequestOutput, SamplingParams
+from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,24 +32,17 @@ class RequestFailedError(RuntimeError):
     """One request failed inside the engine (a server fault); the engine and every other request go on."""
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-
-
 class AsyncEngine:
+    """What the server uses of the engine, and all it uses: the model's facts (`info`, `tokenizer`),
+    `admit` to check a request, `generate` to run it, `abort`, `stats()`, and the lifecycle."""
+
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
         """`engine`: an already loaded engine for `config` (shared between tests, or embedded use)."""
         self.config = config
         self.engine = engine
         self.error: BaseException | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_adds: list[tuple[str, str | list[int], SamplingParams]] = []
         self._pending_aborts: list[str] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -83,6 +77,20 @@ class AsyncEngine:
     def dead(self) -> bool:
         return self.error is not None
 
+    @property
+    def info(self) -> ModelInfo:
+        """The served model's facts (once loaded; still known after the engine loop failed)."""
+        return self._loaded().info
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer, for chat templates and token text; None for a model without one."""
+        return self._loaded().tokenizer
+
+    def admit(self, prompt: str | list[int], params: SamplingParams) -> AdmittedRequest:
+        """Check a request and settle its defaults (`LLMEngine.admit`); ValueError says what is wrong."""
+        return self._require_engine().admit(prompt, params)
+
     # -- requests ----------------------------------------------------------------------------------
 
     async def generate(
@@ -90,16 +98,15 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes. Closing the stream early aborts the request.
 
-        Raises ValueError before the first output for a request the engine cannot serve.
+        Raises ValueError before the first output for a request the engine cannot serve (admission
+        runs when the engine takes the request, between steps).
         """
-        engine = self._require_engine()
-        prompt_ids = engine.encode_prompt(prompt)
-        engine.check_fits(len(prompt_ids), params.max_tokens)
+        self._require_engine()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append((request_id, prompt_ids, params))
+        self._pending_adds.append((request_id, prompt, params))
         self._wake.set()
         finished = False
         try:
@@ -125,38 +132,36 @@ class AsyncEngine:
             self.abort(request_id)
 
     @property
-    def num_waiting(self) -> int:
-        """Requests admitted but not yet running: the queue a load limit caps."""
-        queued = len(self.engine.scheduler.waiting) if self.engine is not None else 0
-        return queued + len(self._pending_adds)
+    def num_streams(self) -> int:
+        """Requests whose output stream is open (0 once every request has ended one way or another)."""
+        return len(self._queues)
 
     def stats(self) -> EngineStats:
-        engine = self._require_engine()
-        return EngineStats(
-            num_running=len(engine.scheduler.running),
-            num_waiting=self.num_waiting,
-            kv_cache_usage=engine.block_manager.usage,
-            num_preemptions=engine.scheduler.num_preemptions,
-            prefix_cache_queries=engine.block_manager.prefix_cache_queries,
-            prefix_cache_hits=engine.block_manager.prefix_cache_hits,
-        )
+        """The engine's snapshot; requests admitted but not yet taken by the loop count as waiting."""
+        stats = self._require_engine().stats()
+        return replace(stats, num_waiting=stats.num_waiting + len(self._pending_adds))
+
+    def _loaded(self) -> LLMEngine:
+        if self.engine is None:
+            raise EngineDeadError(f"the engine failed to load: {self.error!r}" if self.error else
+                                  "the engine is still loading")
+        return self.engine
 
     def _require_engine(self) -> LLMEngine:
+        """The engine, if it can take work."""
         if self.error is not None:
             raise EngineDeadError(f"the engine has failed: {self.error!r}")
-        if self.engine is None:
-            raise EngineDeadError("the engine is still loading")
-        return self.engine
+        return self._loaded()
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def _apply_pending(self, engine: LLMEngine) -> None:
         adds, self._pending_adds = self._pending_adds, []
-        for request_id, prompt_ids, params in adds:
+        for request_id, prompt, params in adds:
             if request_id not in self._queues:  # aborted before it was ever added
                 continue
             try:
-                engine.add_request(request_id, prompt_ids, params)
+                engine.add_request(request_id, prompt, params)
             except ValueError as exc:  # the client's fault, as if generate() had raised it
                 self._queues.pop(request_id).put_nowait(exc)
         aborts, self._pending_aborts = self._pending_aborts, []

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +20,48 @@ from engine.scheduler import ScheduledRequest, Scheduler
 from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model's facts: what the server reports, and what requests are checked against."""
+
+    name: str  # the id clients send
+    root: str  # where its weights were read from
+    max_model_len: int  # the context window
+    vocab_size: int
+    max_request_tokens: int  # prompt + output of one request: the context window or the whole KV cache, if smaller
+    default_deterministic: bool  # for requests that do not say
+    fingerprints: tuple[str, str]  # system fingerprint of (fast, deterministic) requests
+
+    def fingerprint(self, deterministic: bool) -> str:
+        """Equal fingerprints promise equal bits for equal deterministic requests."""
+        return self.fingerprints[deterministic]
+
+    def check_token_ids(self, ids: list[int], name: str = "prompt token ids") -> None:
+        """ValueError unless every id is an integer token of this model's vocabulary."""
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"{name} must be integers in [0, {self.vocab_size})")
+
+
+@dataclass(frozen=True)
+class AdmittedRequest:
+    """A request that passed admission: its prompt as token ids and its params with every default settled."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens and deterministic set
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics and health."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use by requests (0.0 when idle)
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
 
 
 @dataclass
@@ -38,7 +80,6 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(weights.load_config(self.model_dir))
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.model_name = config.served_model_name or _model_name(config)
         self.tokenizer = Tokenizer.load(self.model_dir)
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -51,54 +92,66 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._generate_ids = itertools.count()
         self._weights_digest = "dummy-seed%d" % config.seed if dummy else weights.file_digest(self.model_dir)
+        self.info = ModelInfo(
+            name=config.served_model_name or _model_name(config),
+            root=str(self.model_dir),
+            max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size,
+            max_request_tokens=min(self.max_model_len, config.num_kv_blocks * config.block_size),
+            default_deterministic=config.default_deterministic,
+            fingerprints=(self._system_fingerprint(False), self._system_fingerprint(True)),
+        )
 
     # -- requests in -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
-        """Validate and queue a request. Raises ValueError for anything the engine cannot serve."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.encode_prompt(prompt)
-        self.check_fits(len(prompt_ids), params.max_tokens)
-        deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            params=params,
-            deterministic=deterministic,
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
-        )
-        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, prompt_ids) if self.tokenizer else None
-        self.requests[request_id] = request
-        self._text[request_id] = _TextState(detok, StopChecker(list(params.stop)))
-        self.scheduler.add(request)
-        return request
+    def admit(self, prompt: str | list[int], params: SamplingParams) -> AdmittedRequest:
+        """Check a request and settle its defaults, or raise ValueError saying what is wrong.
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        The one place where a prompt is encoded (or its token ids checked against the vocabulary),
+        its length checked against the context window and the KV cache, and `deterministic` and
+        `max_tokens` (None: the rest of the context) take their defaults.
+        """
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; send the prompt as token ids")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            self.info.check_token_ids(ids)
         if not ids:
             raise ValueError("the prompt is empty")
-        return ids
-
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        total = num_prompt_tokens + max_tokens
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(1, self.info.max_request_tokens - len(ids))
+        total = len(ids) + max_tokens
         if total > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+                f"{total} tokens ({len(ids)} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion."
             )
-        capacity = self.config.num_kv_blocks * self.config.block_size
-        if total > capacity:
-            raise ValueError(f"the request needs {total} tokens of KV cache but the server holds {capacity}")
+        if total > self.info.max_request_tokens:
+            raise ValueError(f"the request needs {total} tokens of KV cache but the server holds "
+                             f"{self.info.max_request_tokens}")
+        deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
+        return AdmittedRequest(ids, replace(params, max_tokens=max_tokens, deterministic=deterministic))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+        """Admit and queue a request. Raises ValueError for anything the engine cannot serve."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        admitted = self.admit(prompt, params)
+        params = admitted.params
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=admitted.prompt_token_ids,
+            params=params,
+            deterministic=params.deterministic,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+        )
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
+        self.requests[request_id] = request
+        self._text[request_id] = _TextState(detok, StopChecker(list(params.stop)))
+        self.scheduler.add(request)
+        return request
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output, or None if unknown/finished."""
@@ -111,6 +164,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.block_manager.prefix_cache_queries,
+            prefix_cache_hits=self.block_manager.prefix_cache_hits,
+        )
 
     def step(self) -> list[RequestOutput]:
         step = self.scheduler.schedule()
@@ -205,8 +268,8 @@ class LLMEngine:
             self.step()
         return requests
 
-    def system_fingerprint(self, deterministic: bool) -> str:
-        """Equal fingerprints promise equal bits for equal deterministic requests."""
+    def _system_fingerprint(self, deterministic: bool) -> str:
+        """What equal bits depend on, hashed; computed once, for `info`."""
         device = self.runner.device
         if device.type == "cuda":
             device_kind = torch.cuda.get_device_name(device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How to pick tokens for one request. Validated here so the HTTP edge and Python callers agree."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: the rest of the context (settled at admission)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -33,7 +33,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0 or self.top_k == -1, "top_k must be 0 or -1 (off) or a positive integer"),
@@ -42,7 +42,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
              "repetition_penalty must be in (0, 2]"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "min_tokens must be in [0, max_tokens]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
              "logit_bias values must be in [-100, 100]"),

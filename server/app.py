@@ -17,10 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-import engine as engine_package
+from engine import __version__
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import ModelInfo
 from engine.tokenizer import Tokenizer
 from server import streaming
 from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
@@ -83,7 +83,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         loading.cancel()
         await engine.stop()
 
-    app = FastAPI(title="detserve", version=engine_package.__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
+    app = FastAPI(title="detserve", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.engine = engine
     app.state.config = config
     app.state.in_flight = in_flight
@@ -99,15 +99,15 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
     app.add_exception_handler(Exception, _internal_error)
     app.openapi = functools.partial(_openapi_without_422, app.openapi)
 
-    def served(model: str | None) -> LLMEngine:
-        """The loaded engine, if `model` (when given) is the one we serve; else 503 or 404."""
+    def served(model: str | None) -> ModelInfo:
+        """The served model's facts, if `model` (when given) is the one we serve; else 503 or 404."""
         if engine.dead:
             raise APIError(503, f"the engine has failed: {engine.error!r}")
         if not engine.ready:
             raise APIError(503, "the model is still loading")
-        if model is not None and model != engine.engine.model_name:
+        if model is not None and model != engine.info.name:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
-        return engine.engine
+        return engine.info
 
     @app.get("/health")
     async def health() -> dict:
@@ -128,11 +128,11 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": engine_package.__version__}
+        return {"version": __version__}
 
-    def model_card(llm: LLMEngine) -> dict:
-        return {"id": llm.model_name, "object": "model", "created": created, "owned_by": "detserve",
-                "root": str(llm.model_dir), "parent": None, "max_model_len": llm.max_model_len, "permission": []}
+    def model_card(info: ModelInfo) -> dict:
+        return {"id": info.name, "object": "model", "created": created, "owned_by": "detserve",
+                "root": info.root, "parent": None, "max_model_len": info.max_model_len, "permission": []}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -145,46 +145,46 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
 
     @app.post("/v1/chat/completions", responses=SSE_RESPONSE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        llm = served(body.model)
+        info = served(body.model)
         with _bad_request():
             body.check_supported()
             messages = [m.template_dict() for m in body.messages]
-            prompt = _tokenizer(llm).apply_chat_template(messages)
-            job = _job("chat", llm, config, body, [prompt], [""], body.requested_max_tokens, body.num_logprobs)
+            prompt = _tokenizer(engine).apply_chat_template(messages)
+            job = _job("chat", engine, info, config, body, [prompt], echo=False, logprobs=body.num_logprobs,
+                       max_tokens=body.requested_max_tokens)
         return await _respond(engine, config, job, body, request, messages)
 
     @app.post("/v1/completions", responses=SSE_RESPONSE)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        llm = served(body.model)
+        info = served(body.model)
         with _bad_request():
             body.check_supported()
-            prompts = body.prompts()
-            prompt_ids = [llm.encode_prompt(p) for p in prompts]  # validates token ids before echo decodes them
-            echoes = [_echo_text(llm, p) if body.echo else "" for p in prompts]
-            job = _job("completion", llm, config, body, prompt_ids, echoes, body.max_tokens, body.logprobs)
+            job = _job("completion", engine, info, config, body, body.prompts(), echo=body.echo,
+                       logprobs=body.logprobs, max_tokens=body.max_tokens)
         return await _respond(engine, config, job, body, request, body.prompt)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        llm = served(body.model)
+        info = served(body.model)
         with _bad_request():
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "send exactly one of prompt or messages", "prompt")
             if body.messages is not None:
                 messages = [m.template_dict() for m in body.messages]
-                tokens = _tokenizer(llm).apply_chat_template(messages, body.add_generation_prompt)
+                tokens = _tokenizer(engine).apply_chat_template(messages, body.add_generation_prompt)
             else:
-                tokens = _tokenizer(llm).encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": llm.max_model_len, "tokens": tokens}
+                tokens = _tokenizer(engine).encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        llm = served(body.model)
-        vocab_size = llm.model_config.vocab_size
-        if not all(0 <= t < vocab_size for t in body.tokens):
-            raise APIError(400, f"tokens must be token ids in [0, {vocab_size})", "tokens")
+        info = served(body.model)
+        try:
+            info.check_token_ids(body.tokens, "tokens")
+        except ValueError as exc:
+            raise APIError(400, str(exc), "tokens") from exc
         with _bad_request():
-            tokenizer = _tokenizer(llm)
+            tokenizer = _tokenizer(engine)
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     return app
@@ -206,13 +206,13 @@ async def _load(engine: AsyncEngine) -> None:
     except Exception:
         logger.exception("the model failed to load; /health answers 503 until a restart")
         return
-    llm = engine.engine
+    info = engine.info
     logger.info(
         "loaded %s in %.1f s; %s by default; fingerprint %s",
-        llm.model_name,
+        info.name,
         time.monotonic() - started,
-        "deterministic (invariant kernels)" if llm.config.default_deterministic else "fast kernels",
-        llm.system_fingerprint(llm.config.default_deterministic),
+        "deterministic (invariant kernels)" if info.default_deterministic else "fast kernels",
+        info.fingerprint(info.default_deterministic),
     )
 
 
@@ -228,48 +228,49 @@ def _bad_request() -> Iterator[None]:
         raise APIError(400, str(exc)) from exc
 
 
-def _tokenizer(llm: LLMEngine) -> Tokenizer:
-    if llm.tokenizer is None:
+def _tokenizer(engine: AsyncEngine) -> Tokenizer:
+    if engine.tokenizer is None:
         raise ValueError("this model has no tokenizer; send prompts as token ids to /v1/completions")
-    return llm.tokenizer
-
-
-def _echo_text(llm: LLMEngine, prompt: str | list[int]) -> str:
-    return prompt if isinstance(prompt, str) else _tokenizer(llm).decode(prompt, skip_special_tokens=False)
+    return engine.tokenizer
 
 
 def _job(
     kind: Literal["chat", "completion"],
-    llm: LLMEngine,
+    engine: AsyncEngine,
+    info: ModelInfo,
     config: ServerConfig,
     body: GenerationRequest,
-    prompts: list[list[int]],
-    echoes: list[str],
-    max_tokens: int | None,
+    prompts: list[str | list[int]],
+    echo: bool,
     logprobs: int | None,
+    max_tokens: int | None,
 ) -> streaming.Job:
-    """`body.n` choices per prompt; without max_tokens a choice may use the rest of the context."""
+    """`body.n` choices per prompt, each admitted by the engine (which settles max_tokens and the mode)."""
     if body.n > config.max_n:
         raise APIError(400, f"n must be at most {config.max_n} on this server", "n")
-    vocab_size = llm.model_config.vocab_size
-    context = min(llm.max_model_len, llm.config.num_kv_blocks * llm.config.block_size)
     choice_prompts, choice_params, choice_echoes = [], [], []
-    for prompt, echo in zip(prompts, echoes):
-        if config.max_prompt_tokens is not None and len(prompt) > config.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server accepts at most "
+    tokenizer = engine.tokenizer
+    for prompt in prompts:
+        first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info.vocab_size))
+        prompt_ids = first.prompt_token_ids
+        if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
                                 f"{config.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
-        limit = max_tokens if max_tokens is not None else max(1, context - len(prompt))
-        choice_params += [body.sampling_params(i, limit, logprobs, vocab_size) for i in range(body.n)]
-        llm.check_fits(len(prompt), limit)
-        choice_prompts += [prompt] * body.n
-        choice_echoes += [echo] * body.n
-    deterministic = llm.config.default_deterministic if body.deterministic is None else body.deterministic
-    tokenizer = llm.tokenizer
+        others = [engine.admit(prompt_ids, body.sampling_params(i, max_tokens, logprobs, info.vocab_size))
+                  for i in range(1, body.n)]
+        if not echo:
+            shown = ""
+        else:  # after admission, which checked the token ids that decoding reads
+            shown = prompt if isinstance(prompt, str) else _tokenizer(engine).decode(prompt, skip_special_tokens=False)
+        choice_prompts += [prompt_ids] * body.n
+        choice_params += [a.params for a in [first, *others]]
+        choice_echoes += [shown] * body.n
+    deterministic = choice_params[0].deterministic
     return streaming.Job(
         kind=kind,
         id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-        model=llm.model_name,
-        fingerprint=llm.system_fingerprint(deterministic),
+        model=info.name,
+        fingerprint=info.fingerprint(deterministic),
         deterministic=deterministic,
         prompts=choice_prompts,
         params=choice_params,
@@ -289,7 +290,7 @@ async def _respond(
     prompt: object,
 ) -> Response:
     """Admit the job (or 429 when the queue is full), then stream it or answer with the whole body."""
-    waiting = engine.num_waiting
+    waiting = engine.stats().num_waiting
     if waiting + len(job.prompts) > config.max_waiting_requests:
         raise APIError(429, f"the server is at capacity ({waiting} requests waiting); retry shortly",
                        headers={"Retry-After": str(config.retry_after_seconds)})

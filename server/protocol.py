@@ -125,7 +125,7 @@ class GenerationRequest(_OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
 
-    def sampling_params(self, choice: int, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
         """Params for choice `choice`: a seeded request gives choice i the seed + i, so choices differ reproducibly."""
         fields = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
         return SamplingParams(

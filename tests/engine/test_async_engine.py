@@ -66,7 +66,7 @@ async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: 
 
 
 async def test_bad_requests_fail_alone_and_the_engine_keeps_serving(async_engine: AsyncEngine) -> None:
-    too_long = list(range(10, 10 + async_engine.engine.max_model_len))
+    too_long = list(range(10, 10 + async_engine.info.max_model_len))
     with pytest.raises(ValueError, match="maximum context length"):
         await collect(async_engine, "long", too_long, SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="empty"):

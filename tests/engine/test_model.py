@@ -169,8 +169,8 @@ def test_weights_digest_follows_content_not_file_dates(tmp_path: Path) -> None:
 
 def test_fingerprint_separates_kernel_modes_and_is_stable(make_engine) -> None:
     engine = make_engine()
-    assert engine.system_fingerprint(True) == engine.system_fingerprint(True)
-    assert engine.system_fingerprint(True) != engine.system_fingerprint(False)
+    assert engine.info.fingerprint(True) == engine.info.fingerprint(True)
+    assert engine.info.fingerprint(True) != engine.info.fingerprint(False)
 
 
 def test_gguf_blocks_read_as_integers_dequantize_to_exactly_transformers_weights(hf_model) -> None:
@@ -223,5 +223,5 @@ def test_a_float_checkpoint_is_quantized_at_load_once_and_cached(tmp_path: Path,
     assert (cached / "model.safetensors").stat().st_mtime_ns == written
     assert torch.equal(all_position_logits(engine, ids, "invariant"), all_position_logits(again, ids, "invariant"))
     assert relative_error(all_position_logits(engine, ids, "invariant", chunk=9), ref) < bound
-    assert engine.system_fingerprint(True) != LLMEngine(EngineConfig(model=str(tmp_path / "model"),
-                                                                     kv_cache_tokens=1024)).system_fingerprint(True)
+    assert engine.info.fingerprint(True) != LLMEngine(EngineConfig(model=str(tmp_path / "model"),
+                                                                     kv_cache_tokens=1024)).info.fingerprint(True)

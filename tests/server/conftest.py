@@ -36,11 +36,11 @@ class LiveServer:
 
     @property
     def model(self) -> str:
-        return self.engine.engine.model_name
+        return self.engine.info.name
 
     @property
-    def num_free_blocks(self) -> int:
-        return self.engine.engine.block_manager.num_free_blocks
+    def kv_cache_usage(self) -> float:
+        return self.engine.stats().kv_cache_usage
 
     def wait_idle(self, timeout: float = 300.0) -> float:
         """Seconds until no request is running or waiting; `timeout` only catches a hang, not a slow machine."""

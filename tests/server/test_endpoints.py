@@ -26,13 +26,13 @@ def test_models_lists_the_served_model_with_root_and_context_length(client, serv
     assert [m.id for m in client.models.list()] == [server.model]
     card = http.get("/v1/models").json()["data"][0]
     assert card["object"] == "model" and card["owned_by"] == "detserve" and card["parent"] is None
-    assert card["root"] and card["max_model_len"] == server.engine.engine.max_model_len and card["permission"] == []
+    assert card["root"] and card["max_model_len"] == server.engine.info.max_model_len and card["permission"] == []
     assert isinstance(card["created"], int)
 
 
 def test_tokenize_then_detokenize_round_trips(http, server: LiveServer):
     out = http.post("/tokenize", json={"prompt": "Hello, world", "model": server.model}).json()
-    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == server.engine.engine.max_model_len
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == server.engine.info.max_model_len
     assert http.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": "Hello, world"}
 
 

@@ -62,8 +62,8 @@ def assert_served_normally_and_idle(live: LiveServer) -> None:
         "model": live.model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4})
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
     live.wait_idle()
-    llm = live.engine.engine
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks and not llm.requests
+    stats = live.engine.stats()
+    assert stats.kv_cache_usage == 0 and stats.num_running == stats.num_waiting == 0
 
 
 def test_the_server_still_serves_after_the_schema_fuzzing(tiny_server: LiveServer):

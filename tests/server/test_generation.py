@@ -36,7 +36,7 @@ def test_chat_completion_has_openai_shape_usage_fingerprint_and_digest(client, s
     assert usage.completion_tokens <= 8 and usage.prompt_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert 0 <= usage.prompt_tokens_details.cached_tokens <= usage.prompt_tokens
-    assert resp.system_fingerprint == server.engine.engine.system_fingerprint(True)
+    assert resp.system_fingerprint == server.engine.info.fingerprint(True)
     digest = resp.model_extra["output_digest"]
     assert len(digest) == 64 and raw.headers["x-detserve-output-digest"] == digest
 
@@ -55,8 +55,8 @@ def test_non_deterministic_request_is_served_with_fast_fingerprint_and_no_digest
     )
     resp = raw.parse()
     assert resp.choices[0].message.content and resp.usage.completion_tokens >= 1
-    assert resp.system_fingerprint == server.engine.engine.system_fingerprint(False)
-    assert resp.system_fingerprint != server.engine.engine.system_fingerprint(True)
+    assert resp.system_fingerprint == server.engine.info.fingerprint(False)
+    assert resp.system_fingerprint != server.engine.info.fingerprint(True)
     assert "output_digest" not in (resp.model_extra or {}) and "x-detserve-output-digest" not in raw.headers
 
 

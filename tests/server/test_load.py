@@ -99,21 +99,21 @@ def aborts(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(server: LiveServer, monkeypatch):
     aborted = aborts(server, monkeypatch)
-    free_before = server.num_free_blocks
+    usage_before = server.kv_cache_usage
     body = {"model": server.model, "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx2.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line).startswith("data: ")
-            assert server.engine.stats().num_running == 1 and server.num_free_blocks < free_before
+            assert server.engine.stats().num_running == 1 and server.kv_cache_usage > usage_before
     server.wait_idle()
-    assert len(aborted) == 1 and server.num_free_blocks == free_before
+    assert len(aborted) == 1 and server.kv_cache_usage == usage_before
 
 
 async def test_client_leaving_a_non_streamed_request_aborts_it(server: LiveServer, monkeypatch):
     aborted = aborts(server, monkeypatch)
-    free_before = server.num_free_blocks
+    usage_before = server.kv_cache_usage
     body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True}
     async with httpx2.AsyncClient(base_url=server.url, timeout=120) as http:
         request = asyncio.create_task(http.post("/v1/completions", json=body))
@@ -123,4 +123,4 @@ async def test_client_leaving_a_non_streamed_request_aborts_it(server: LiveServe
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
     server.wait_idle()
-    assert len(aborted) == 1 and server.num_free_blocks == free_before
+    assert len(aborted) == 1 and server.kv_cache_usage == usage_before

@@ -200,4 +200,4 @@ async def test_a_full_queue_gets_429_with_retry_after_and_admitted_requests_fini
         events = [json.loads(line[6:]) for line in lines[:-1]]
         assert sum(1 for e in events if e["choices"][0]["text"] or e["choices"][0]["finish_reason"]) >= 1
         assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+    assert engine.stats().kv_cache_usage == 0

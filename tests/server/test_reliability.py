@@ -23,10 +23,9 @@ pytestmark = pytest.mark.slow
 
 def assert_nothing_leaked(live: LiveServer) -> None:
     live.wait_idle()
-    engine = live.engine
-    llm = engine.engine
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks, "leaked KV blocks"
-    assert not llm.requests and not engine._queues and not engine._pending_adds, "stuck requests"
+    stats = live.engine.stats()
+    assert stats.kv_cache_usage == 0, "leaked KV blocks"
+    assert stats.num_running == stats.num_waiting == live.engine.num_streams == 0, "stuck requests"
 
 
 async def _raw_request(port: int, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -164,9 +163,9 @@ async def test_preemption_storm_finishes_every_request_and_deterministic_ones_ke
             storm += [{"prompt": prompts[i % 4] + " then", "temperature": 0.7, "deterministic": False}
                       for i in range(16)]
             random.Random(3).shuffle(storm)
-            before = llm.scheduler.num_preemptions
+            before = llm.stats().num_preemptions
             results = await asyncio.gather(*(run(body) for body in storm))
-    assert llm.scheduler.num_preemptions - before > 20, "the cache was not small enough to force preemptions"
+    assert llm.stats().num_preemptions - before > 20, "the cache was not small enough to force preemptions"
     assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
 
     def bits(result: dict) -> tuple:
@@ -181,4 +180,4 @@ async def test_preemption_storm_finishes_every_request_and_deterministic_ones_ke
             assert bits(result) == expected[key], body
             checked += 1
     assert checked == 48
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks and not llm.requests
+    assert llm.stats().kv_cache_usage == 0 and not llm.has_unfinished_requests()
