@@ -89,7 +89,6 @@ class ModelRunner:
         """Flatten the step's requests into one batch of tokens with their positions and cache slots."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         logits_indices: list[int] = []
@@ -98,7 +97,6 @@ class ModelRunner:
             request, start, end = s.request, s.start, s.start + s.num_new_tokens
             input_ids.extend(request.token_ids(start, end))
             positions.extend(range(start, end))
-            slots.extend(request.block_table[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
             if s.samples:
@@ -109,14 +107,18 @@ class ModelRunner:
         def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        block_tables = tensor(tables, torch.int32)
+        token_positions = tensor(positions)
+        token_seqs = torch.repeat_interleave(
+            torch.arange(len(seq_lens), device=self.device), tensor([s.num_new_tokens for s in step.scheduled]))
         return ForwardBatch(
             input_ids=tensor(input_ids),
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
+            positions=token_positions,
+            slot_mapping=kernels.cache_slots(block_tables, token_seqs, token_positions, bs),
             attention=kernels.AttentionMetadata(
                 query_start_loc=query_start_loc,
                 seq_lens=seq_lens,
-                block_tables=tensor(tables, torch.int32),
+                block_tables=block_tables,
                 block_size=bs,
                 zero_slot=self.zero_slot,
             ),

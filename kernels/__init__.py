@@ -30,7 +30,7 @@ import torch
 
 from kernels import configs, quantized, reference
 from kernels.quantized import PackedWeight
-from kernels.inputs import AttentionMetadata, RotaryInputs
+from kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
 
 Mode = Literal["invariant", "fast"]
@@ -205,6 +205,7 @@ __all__ = [
     "RotaryInputs",
     "add_rms_norm",
     "attention",
+    "cache_slots",
     "config_digest",
     "current_mode",
     "gumbel_max",

@@ -29,6 +29,14 @@ class StepInputs:
         return self.plans[key]  # type: ignore[return-value]
 
 
+def cache_slots(block_tables: torch.Tensor, seqs: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int64 cache slots (block * block_size + offset) of the tokens at `positions` of sequences `seqs`
+    (rows of `block_tables`; the two broadcast). A position past its table's end reads the table's
+    last block: callers mask such keys."""
+    blocks = block_tables[seqs, (positions // block_size).clamp(max=block_tables.shape[1] - 1)].long()
+    return blocks * block_size + positions % block_size
+
+
 @dataclass
 class AttentionMetadata(StepInputs):
     """Where each sequence's queries and keys are, for attention over the paged KV cache.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.inputs import AttentionMetadata, RotaryInputs
+from kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 
 ROWS_PER_CALL = 16
 """Rows per call of an invariant float matmul (16 measured fastest among invariant sizes on 2 cores)."""
@@ -201,10 +201,10 @@ def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list[_Decod
         lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
         positions = torch.arange(max(meta.seq_lens[b] for b in seqs), device=device)
         visible = positions[None, :] < lengths[:, None]  # [B, L]
-        tables = meta.block_tables[torch.tensor(seqs, device=device)].long()  # [B, max_blocks]
-        slots = torch.where(visible, tables[:, positions // bs] * bs + positions % bs, meta.zero_slot)
-        rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
-        plan.append(_DecodeGroup(rows, slots, visible))
+        seq_rows = torch.tensor(seqs, device=device)[:, None]
+        slots = torch.where(visible, cache_slots(meta.block_tables, seq_rows, positions[None, :], bs), meta.zero_slot)
+        query_rows = torch.tensor([meta.query_start_loc[b] for b in seqs], device=device)
+        plan.append(_DecodeGroup(query_rows, slots, visible))
     return plan
 
 
@@ -263,10 +263,10 @@ def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_
     length read the always-zero slot."""
     bs = meta.block_size
     key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
-    tables = meta.block_tables[torch.tensor(seqs, device=device)].long()
-    blocks = tables[:, (key_pos // bs).clamp(max=tables.shape[1] - 1)]
+    rows = torch.tensor(seqs, device=device)[:, None]
     lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
-    slots = torch.where(key_pos[None, :] < lengths[:, None], blocks * bs + key_pos % bs, meta.zero_slot)  # [B, J*S]
+    slots = torch.where(key_pos[None, :] < lengths[:, None], cache_slots(meta.block_tables, rows, key_pos[None, :], bs),
+                        meta.zero_slot)  # [B, J*S]
     return (slots[None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None, None]).reshape(-1)
 
 
