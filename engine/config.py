@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +19,16 @@ _ARCH_BY_MODEL_TYPE = {
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field that is also a `detserve serve` option: the one place it is declared.
+
+    `help` is its --help text; `cli` may give `flag` (a name other than the field's), `choices`, or
+    `words` (the flag's words mapped to field values, e.g. on/off for a bool). The option's default
+    is the field's, or $DETSERVE_<FLAG> when set (see server/cli.py).
+    """
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -87,20 +97,25 @@ def _rope_scaling(hf: dict) -> dict | None:
 class EngineConfig:
     """How the engine runs: where, in what precision, with how much KV cache and batching."""
 
-    model: str | None = None  # HF folder or .gguf path; None = the embedded default model
-    load_format: Literal["auto", "dummy"] = "auto"
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
-    block_size: int = 16
-    kv_cache_tokens: int = 16384
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    default_deterministic: bool = True
-    seed: int = 0  # seeds dummy weights
-    quantization: str = "auto"  # auto (as stored; a GGUF's 4/8-bit blocks on CPU) | none | int8 | int4
-    served_model_name: str | None = None
+    model: str | None = option(None, "Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M)")
+    load_format: Literal["auto", "dummy"] = option("auto", "dummy = random weights, for testing")
+    device: str = option("auto", "auto | cpu | cuda[:N]")
+    dtype: str = option("auto", "auto = float32 on CPU, bfloat16 on GPU", choices=("auto", *_DTYPES))
+    quantization: str = option(
+        "auto", "auto = as stored (a GGUF's Q4_0/Q4_1/Q8_0 blocks run on the CPU's 4/8-bit kernels; float on a "
+        "GPU); none = float weights; int8/int4 = quantize a float checkpoint's linear weights at load, once, "
+        "cached on disk (CPU only)", choices=QUANTIZATIONS)
+    default_deterministic: bool = option(
+        True, "whether requests that do not say otherwise get bitwise-reproducible answers",
+        flag="determinism", words={"on": True, "off": False})
+    block_size: int = option(16, "tokens per KV cache block")
+    kv_cache_tokens: int = option(16384, "KV cache size in tokens")
+    max_num_seqs: int = option(64, "most requests running at once")
+    max_num_batched_tokens: int = option(512, "token budget of one step")
+    max_model_len: int | None = option(None, "context window (default: the model's)")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of a prompt prefix seen before")
+    seed: int = option(0, "seed of the random weights of --load-format dummy")
+    served_model_name: str | None = option(None, "the model id clients send (default: from the model's file name)")
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

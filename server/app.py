@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from engine import __version__
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
+from engine.config import EngineConfig, option
 from engine.llm_engine import ModelInfo
 from engine.tokenizer import Tokenizer
 from server import streaming
@@ -45,17 +45,20 @@ DIGEST_HEADER = "x-detserve-output-digest"
 class ServerConfig:
     """The HTTP side's options: access, limits that protect the engine, and operations."""
 
-    api_key: str | None = None
-    protect_metrics: bool = False  # /metrics needs the API key too
-    max_body_bytes: int = 8 * 2**20
-    max_n: int = 128  # OpenAI's own cap on choices per request
-    max_prompt_tokens: int | None = None  # None: whatever fits the context window
-    max_waiting_requests: int = 1024  # engine requests queued behind the running batch before 429s
-    retry_after_seconds: int = 1
-    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
-    log_prompts: bool = False
+    api_key: str | None = option(None, "require `Authorization: Bearer <key>` on /v1 (default: $DETSERVE_API_KEY)")
+    protect_metrics: bool = option(False, "require the API key on /metrics too")
+    max_body_bytes: int = option(8 * 2**20, "largest request body accepted; more is a 413")
+    max_n: int = option(128, "most choices (n) per request")  # OpenAI's own cap
+    max_prompt_tokens: int | None = option(
+        None, "longest prompt accepted, in tokens (default: whatever fits the context window)")
+    max_waiting_requests: int = option(1024, "requests queued behind the running batch before new ones get 429")
+    retry_after_seconds: int = option(1, "the Retry-After of a 429")
+    drain_timeout: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    log_prompts: bool = option(False, "put prompt text in the request log lines")
 
     def __post_init__(self) -> None:
+        if self.api_key == "":  # an empty $DETSERVE_API_KEY means no key
+            object.__setattr__(self, "api_key", None)
         for name in ("max_body_bytes", "max_n", "max_waiting_requests", "retry_after_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

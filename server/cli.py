@@ -1,16 +1,23 @@
-"""`detserve serve ...`: command-line flags -> EngineConfig -> the app under uvicorn."""
+"""`detserve serve ...`: command-line flags -> EngineConfig and ServerConfig -> the app under uvicorn.
+
+The flags are derived from the two config dataclasses (`engine.config.option` declares each one).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,7 +25,7 @@ from fastapi import FastAPI
 from bench import determinism as bench_determinism
 from bench import serve as bench_serve
 from bench import soak as bench_soak
-from engine.config import QUANTIZATIONS, EngineConfig
+from engine.config import EngineConfig
 from engine.async_engine import AsyncEngine
 from server.app import ServerConfig, create_app
 from server.metrics import InFlight
@@ -32,41 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over HTTP")
-    serve.add_argument("--model", help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    serve.add_argument("--device", default=EngineConfig.device, help="auto | cpu | cuda[:N] (default: %(default)s)")
-    serve.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto = float32 on CPU, bfloat16 on GPU (default: %(default)s)")
-    serve.add_argument("--quantization", default=EngineConfig.quantization, choices=list(QUANTIZATIONS),
-                       help="auto = as stored (a GGUF's Q4_0/Q4_1/Q8_0 blocks run on the CPU's 4/8-bit kernels; "
-                            "float on a GPU); none = float weights; int8/int4 = quantize a float checkpoint's "
-                            "linear weights at load, once, cached on disk (CPU only) (default: %(default)s)")
-    serve.add_argument("--determinism", default="on", choices=["on", "off"],
-                       help="whether requests that do not say otherwise get bitwise-reproducible answers (default: on)")
-    serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
-                       help="most requests running at once (default: %(default)s)")
-    serve.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens,
-                       help="KV cache size in tokens (default: %(default)s)")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
-                       help="token budget of one step (default: %(default)s)")
-    serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
-    serve.add_argument("--served-model-name", help="the model id clients send (default: from the model's file name)")
-    serve.add_argument("--load-format", default=EngineConfig.load_format, choices=["auto", "dummy"],
-                       help="dummy = random weights, for testing (default: %(default)s)")
-    serve.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 (default: $DETSERVE_API_KEY)")
-    serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
-    serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
-                       help="largest request body accepted; more is a 413 (default: %(default)s)")
-    serve.add_argument("--max-n", type=int, default=ServerConfig.max_n,
-                       help="most choices (n) per request (default: %(default)s)")
-    serve.add_argument("--max-prompt-tokens", type=int,
-                       help="longest prompt accepted, in tokens (default: whatever fits the context window)")
-    serve.add_argument("--max-waiting-requests", type=int, default=ServerConfig.max_waiting_requests,
-                       help="requests queued behind the running batch before new ones get 429 (default: %(default)s)")
-    serve.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout,
-                       help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
-    serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
+    for config_class in (EngineConfig, ServerConfig):
+        _add_config_options(serve, config_class)
     _defaults_from_environment(serve)
     bench = commands.add_parser("bench", help="benchmarks against any OpenAI-compatible server")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -77,18 +53,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One option per field of a config dataclass declared with `engine.config.option`: the flag is
+    the field's name (or its `flag`), its type, default, choices and help come from the field."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if "help" not in f.metadata:
+            continue
+        meta, kind = f.metadata, _without_none(hints[f.name])
+        flag = "--" + meta.get("flag", f.name).replace("_", "-")
+        if "words" in meta:
+            word = next(w for w, value in meta["words"].items() if value == f.default)
+            parser.add_argument(flag, dest=f.name, default=word, choices=list(meta["words"]),
+                                help=f"{meta['help']} (default: %(default)s)")
+        elif kind is bool:
+            parser.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
+        else:
+            choices = meta.get("choices") or (typing.get_args(kind) if typing.get_origin(kind) is Literal else None)
+            text = meta["help"] if f.default is None else f"{meta['help']} (default: %(default)s)"
+            parser.add_argument(flag, dest=f.name, default=f.default, choices=choices, help=text,
+                                type=str if choices or typing.get_origin(kind) is Literal else kind)
+
+
+def _without_none(kind: object) -> object:
+    """`int | None` -> int; other types as they are."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1 else kind
+
+
+def _config_from_args(config_class: type, args: argparse.Namespace) -> object:
+    """The config the parsed flags describe (mapping a flag's words back to field values)."""
+    values = {}
+    for f in dataclasses.fields(config_class):
+        if "help" in f.metadata:
+            value = getattr(args, f.name)
+            values[f.name] = f.metadata["words"][value] if "words" in f.metadata else value
+    return config_class(**values)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return _config_from_args(EngineConfig, args)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return _config_from_args(ServerConfig, args)
+
+
 def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
     """Every `--some-flag` defaults to $DETSERVE_SOME_FLAG when set (containers configure by env)."""
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        name = "DETSERVE_" + action.dest.upper()
+        name = "DETSERVE_" + action.option_strings[0].removeprefix("--").replace("-", "_").upper()
         value = os.environ.get(name)
         if value is None:
             continue
         if action.choices and value not in action.choices:
             parser.error(f"${name}={value!r}: expected one of {', '.join(action.choices)}")
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse.BooleanOptionalAction):
             if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
                 parser.error(f"${name}={value!r}: expected true or false")
             parser.set_defaults(**{action.dest: value.lower() in ("1", "true", "yes", "on")})
@@ -97,35 +120,6 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
         except ValueError:
             parser.error(f"${name}={value!r}: not a valid {action.type.__name__}")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        load_format=args.load_format,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        default_deterministic=args.determinism == "on",
-        served_model_name=args.served_model_name,
-    )
-
-
-def server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        api_key=args.api_key or None,
-        protect_metrics=args.protect_metrics,
-        max_body_bytes=args.max_body_bytes,
-        max_n=args.max_n,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_waiting_requests=args.max_waiting_requests,
-        drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts,
-    )
 
 
 class DrainingServer(uvicorn.Server):
