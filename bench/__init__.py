@@ -1,5 +1,7 @@
-"""Client-side benchmarks that speak only the public OpenAI API, so they run against any compatible server.
+"""Developer benchmarks and tools, run from the repo root (`python -m bench.<name>`); not installed.
 
-`bench.determinism`: are temperature-0 answers identical under load? `bench.serve`: latency and
-throughput under load, with vLLM's serving-benchmark metric names.
+Each prints a table and is recorded in RESULTS.md: `kernels` (GPU kernels vs cuBLAS/SDPA, and the
+tile sweep), `kernel_compile` (ahead-of-time compile report), `engine_step` (decode step cost of
+determinism), `cpu_serving` (detserve vs llama.cpp on CPU), `quantization_quality` (4-bit vs float),
+and `gpu_check.sh` (the whole GPU acceptance run). The `detserve bench` clients are in `server/bench/`.
 """

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import serve
-from bench.common import free_port, launched
+from server.bench import serve
+from server.bench.common import free_port, launched
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams

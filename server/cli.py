@@ -22,9 +22,9 @@ from typing import Literal
 import uvicorn
 from fastapi import FastAPI
 
-from bench import determinism as bench_determinism
-from bench import serve as bench_serve
-from bench import soak as bench_soak
+from server.bench import determinism as bench_determinism
+from server.bench import serve as bench_serve
+from server.bench import soak as bench_soak
 from engine.config import EngineConfig
 from engine.async_engine import AsyncEngine
 from server.app import ServerConfig, create_app

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from bench import soak
+from server.bench import soak
 from server.cli import build_parser
 
 pytestmark = pytest.mark.slow

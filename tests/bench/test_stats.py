@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from bench import determinism, serve
-from bench.common import RequestResult, build_payload, normalize_base_url, percentile_label, sample_length, summarize
-from bench.determinism import analyze, first_divergence, histogram, logprob_drift, split_evenly
-from bench.serve import WorkItem, compute_metrics, tpot
+from server.bench import determinism, serve
+from server.bench.common import RequestResult, build_payload, normalize_base_url, percentile_label, sample_length, summarize
+from server.bench.determinism import analyze, first_divergence, histogram, logprob_drift, split_evenly
+from server.bench.serve import WorkItem, compute_metrics, tpot
 
 
 def completion(tokens: list[str], logprobs: list[float] | None = None) -> RequestResult:

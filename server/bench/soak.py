@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import httpx2
 import psutil
 
-from bench.common import (
+from server.bench.common import (
     Endpoint,
     Grid,
     add_client_arguments,
@@ -388,7 +388,7 @@ def _launched(args: argparse.Namespace) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server.bench.soak", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
