@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.quantized import QuantizedWeight
+from kernels import QuantizedWeight
 
 _BLOCK = 32
 

@@ -16,7 +16,7 @@ from engine.forward_batch import ForwardBatch
 from engine.models.llama import LlamaModel, dummy_state_dict
 from engine.request import TokenLogprob
 from engine.scheduler import SchedulerOutput
-from kernels.quantized import PackedWeight
+from kernels import PackedWeight
 
 logger = logging.getLogger(__name__)
 

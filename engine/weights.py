@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.quantized import QuantizedWeight, int4_fits, quantize
+from kernels import QuantizedWeight, int4_fits, quantize
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 import torch
 
 from kernels import configs, quantized, reference
-from kernels.quantized import PackedWeight
+from kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
 from kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
 
@@ -202,6 +202,8 @@ __all__ = [
     "KV_SPLIT_SIZE",
     "MODES",
     "Mode",
+    "PackedWeight",
+    "QuantizedWeight",
     "RotaryInputs",
     "add_rms_norm",
     "attention",
@@ -209,10 +211,12 @@ __all__ = [
     "config_digest",
     "current_mode",
     "gumbel_max",
+    "int4_fits",
     "kv_store",
     "linear",
     "log_softmax",
     "mode",
+    "quantize",
     "rms_norm",
     "rope",
     "sample_tokens",

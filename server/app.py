@@ -254,12 +254,12 @@ def _job(
     choice_prompts, choice_params, choice_echoes = [], [], []
     tokenizer = engine.tokenizer
     for prompt in prompts:
-        first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info.vocab_size))
+        first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info))
         prompt_ids = first.prompt_token_ids
         if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
                                 f"{config.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
-        others = [engine.admit(prompt_ids, body.sampling_params(i, max_tokens, logprobs, info.vocab_size))
+        others = [engine.admit(prompt_ids, body.sampling_params(i, max_tokens, logprobs, info))
                   for i in range(1, body.n)]
         if not echo:
             shown = ""

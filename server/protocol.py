@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from engine.async_engine import EngineDeadError, RequestFailedError
+from engine.llm_engine import ModelInfo
 from engine.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -125,25 +126,27 @@ class GenerationRequest(_OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
 
-    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, model: ModelInfo) -> SamplingParams:
         """Params for choice `choice`: a seeded request gives choice i the seed + i, so choices differ reproducibly."""
         fields = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
         return SamplingParams(
             max_tokens=max_tokens,
             seed=None if self.seed is None else self.seed + choice,
-            logit_bias=_logit_bias(self.logit_bias or {}, vocab_size),
+            logit_bias=_logit_bias(self.logit_bias or {}, model),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             logprobs=logprobs,
             **fields,
         )
 
 
-def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    out = {}
-    for key, value in bias.items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-            raise unsupported("logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size}), not {key!r}")
-        out[int(key)] = value
+def _logit_bias(bias: dict[str, float], model: ModelInfo) -> dict[int, float]:
+    if not all(key.lstrip("-").isdigit() for key in bias):
+        raise unsupported("logit_bias", f"logit_bias keys must be token ids, not {sorted(bias)!r}")
+    out = {int(key): value for key, value in bias.items()}
+    try:
+        model.check_token_ids(list(out), "logit_bias keys")
+    except ValueError as exc:
+        raise unsupported("logit_bias", str(exc)) from exc
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
-from kernels.quantized import PackedWeight, QuantizedWeight
+from kernels import PackedWeight, QuantizedWeight
 
 Weight = torch.Tensor | PackedWeight  # what a projection multiplies by
 

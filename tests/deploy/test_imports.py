@@ -1,0 +1,96 @@
+"""The product's imports: honest about third-party dependencies, and one-way between its layers.
+
+Every third-party module that server/, engine/ or kernels/ imports, at load or lazily, belongs to
+a dependency declared in pyproject.toml, or is an optional accelerator named here with the reason
+it may be missing. And server -> engine -> kernels only through each layer's public interface."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+PRODUCT = ("server", "engine", "kernels")
+OPTIONAL = {
+    "triton": "the GPU kernels; kernels/__init__.py imports them only where triton is importable and a CUDA device runs",
+}
+
+
+# What the server may use of the engine: the async interface, the model's facts, configs and
+# request types, and the tokenizer type. Never the scheduler, block manager, runner or kernels.
+SERVER_MAY_IMPORT = {
+    "engine": {"__version__"},
+    "engine.async_engine": {"AsyncEngine", "EngineDeadError", "RequestFailedError"},
+    "engine.config": {"EngineConfig", "option"},
+    "engine.llm_engine": {"ModelInfo"},
+    "engine.request": {"FinishReason", "RequestOutput", "SamplingParams", "TokenLogprob"},
+    "engine.tokenizer": {"Tokenizer"},
+}
+
+
+def _imports(package: str) -> list[tuple[Path, str, list[str]]]:
+    """(file, module, names) of every absolute import in a product package; names [] for `import m`."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found += [(path.relative_to(ROOT), alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append((path.relative_to(ROOT), node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def _imported_modules() -> dict[str, Path]:
+    """Top-level module name -> one product file importing it."""
+    found: dict[str, Path] = {}
+    for package in PRODUCT:
+        for path, module, _ in _imports(package):
+            found.setdefault(module.split(".")[0], path)
+    return found
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_third_party_import_of_the_product_is_a_declared_dependency():
+    declared = {_normalized(re.match(r"[A-Za-z0-9_.-]+", requirement).group())
+                for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    distributions = packages_distributions()
+    undeclared = []
+    for module, where in _imported_modules().items():
+        if module in sys.stdlib_module_names or module in PRODUCT or module == "__future__" or module in OPTIONAL:
+            continue
+        owners = {_normalized(d) for d in distributions.get(module, [module])}
+        if not owners & declared:
+            undeclared.append(f"{module} (imported by {where}; from {sorted(owners)})")
+    assert not undeclared, "imported but not declared in pyproject.toml: " + ", ".join(undeclared)
+
+
+def test_the_server_uses_only_the_engines_public_interface_and_never_the_kernels():
+    strays = []
+    for path, module, names in _imports("server"):
+        top = module.split(".")[0]
+        allowed = SERVER_MAY_IMPORT.get(module)
+        if top == "kernels" or (top == "engine" and (allowed is None or not set(names) <= allowed)):
+            strays.append(f"{path}: {module} {names}")
+        if path.parts[1] == "bench" and top in ("engine", "kernels"):
+            strays.append(f"{path}: {module} (the bench clients speak HTTP only)")
+    assert not strays, strays
+
+
+def test_the_engine_reaches_the_kernels_through_their_facade_and_kernels_import_no_layer_above():
+    strays = [f"{path}: {module}" for path, module, _ in _imports("engine")
+              if module.split(".")[0] == "kernels" and module != "kernels"]
+    strays += [f"{path}: {module}" for path, module, _ in _imports("kernels")
+               if module.split(".")[0] in ("engine", "server")]
+    assert not strays, strays
+
+
+def test_the_product_does_not_import_the_developer_tools():
+    importers = [str(where) for module, where in _imported_modules().items() if module == "bench"]
+    assert not importers, f"bench/ is not installed, yet {importers} import it"
