@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx2
 import pytest
 import uvicorn
 
+from server.bench.common import free_port, launched
 from tests.bench.fake_server import FakeServer
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def _fake_server() -> Iterator[FakeServer]:
@@ -47,27 +42,15 @@ def fake(_fake_server: FakeServer) -> FakeServer:
 @pytest.fixture(scope="session")
 def detserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `detserve serve` on the default model, as users start it; its /v1 base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("detserve") / "server.log"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}", timeout=300, alive=lambda: proc.poll() is None, log=log)
+    with launched([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)], port, log,
+                  timeout=300):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-def _wait_healthy(url: str, timeout: float, alive: Callable[[], bool], log: Path | None = None) -> None:
+def _wait_healthy(url: str, timeout: float, alive: Callable[[], bool]) -> None:
+    """Until the in-process fake answers /health (its thread must stay alive meanwhile)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -75,7 +58,6 @@ def _wait_healthy(url: str, timeout: float, alive: Callable[[], bool], log: Path
                 return
         except httpx2.TransportError:
             pass
-        tail = log.read_text()[-3000:] if log else ""
-        assert alive(), f"the server at {url} exited before it was healthy:\n{tail}"
-        assert time.monotonic() < deadline, f"{url}/health not 200 after {timeout} s:\n{tail}"
+        assert alive(), f"the server at {url} exited before it was healthy"
+        assert time.monotonic() < deadline, f"{url}/health not 200 after {timeout} s"
         time.sleep(0.3)
