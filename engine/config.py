@@ -134,6 +134,11 @@ class EngineConfig:
     def num_kv_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds: kv_cache_tokens rounded down to whole blocks."""
+        return self.num_kv_blocks * self.block_size
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -97,7 +97,7 @@ class LLMEngine:
             root=str(self.model_dir),
             max_model_len=self.max_model_len,
             vocab_size=mc.vocab_size,
-            max_request_tokens=min(self.max_model_len, config.num_kv_blocks * config.block_size),
+            max_request_tokens=min(self.max_model_len, config.kv_capacity_tokens),
             default_deterministic=config.default_deterministic,
             fingerprints=(self._system_fingerprint(False), self._system_fingerprint(True)),
         )

@@ -67,7 +67,7 @@ class ModelRunner:
         self.weight_format = _weight_format(self.model, self.dtype)
         mc = model_config
         # One block more than the block manager hands out: it stays zero, for reads past a sequence.
-        self.zero_slot = config.num_kv_blocks * config.block_size
+        self.zero_slot = config.kv_capacity_tokens
         cache_shape = (config.num_kv_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
@@ -76,7 +76,7 @@ class ModelRunner:
             )
             for _ in range(mc.num_layers)
         ]
-        kv_bytes = 2 * mc.num_layers * config.num_kv_blocks * config.block_size * mc.num_kv_heads * mc.head_dim
+        kv_bytes = 2 * mc.num_layers * config.kv_capacity_tokens * mc.num_kv_heads * mc.head_dim
         logger.info("weights: %s", self.weight_format)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
