@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from engine.scheduler import ScheduledRequest, Scheduler
+from engine.structured import Grammars
 from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_token_ids) if self.tokenizer else None
         self.runner = ModelRunner(config, mc, self.model_dir, self.max_model_len)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -131,6 +133,10 @@ class LLMEngine:
         if total > self.info.max_request_tokens:
             raise ValueError(f"the request needs {total} tokens of KV cache but the server holds "
                              f"{self.info.max_request_tokens}")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need the model's tokenizer, and this model has none")
+            self.grammars.compile(params.structured)  # GrammarError (a ValueError) if it is invalid
         deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
         return AdmittedRequest(ids, replace(params, max_tokens=max_tokens, deterministic=deterministic))
 
@@ -146,6 +152,7 @@ class LLMEngine:
             params=params,
             deterministic=params.deterministic,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
+            grammar=self.grammars.matcher(params.structured) if params.structured is not None else None,
         )
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
         self.requests[request_id] = request
@@ -205,6 +212,8 @@ class LLMEngine:
         request.output_token_ids.append(token)
         if logprob is not None:
             request.output_logprobs.append(logprob)
+        if request.grammar is not None:
+            request.grammar.advance(token)
         text = self._text[request.request_id]
         delta_chars = 0
         if text.detokenizer is not None:
@@ -218,6 +227,8 @@ class LLMEngine:
         elif request.num_output_tokens >= p.min_tokens and (
             token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         ):
+            reason = FinishReason.STOP
+        elif request.grammar is not None and request.grammar.done:  # the structured output is complete
             reason = FinishReason.STOP
         elif request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -7,6 +7,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from engine.structured import GrammarState, StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +30,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # None = no logprobs; k >= 0 = chosen token plus top-k
     deterministic: bool | None = None  # None = the engine's default
+    structured: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,6 +105,7 @@ class Request:
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it first got a place in a step
+    grammar: GrammarState | None = None  # where a structured output stands (None: unconstrained)
 
     @property
     def queue_seconds(self) -> float | None:

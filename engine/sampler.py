@@ -98,7 +98,9 @@ def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], params: 
         top_values = top_ids = [[] for _ in rows]
     entries = []
     for token, logprob, values, ids, p in zip(tokens, chosen, top_values, top_ids, params):
-        top = sorted(zip(ids, values), key=lambda pair: (-pair[1], pair[0]))[: p.logprobs]
+        # a structured output's disallowed tokens have logprob -inf: not alternatives, and not JSON
+        top = sorted(((i, v) for i, v in zip(ids, values) if v != float("-inf")), key=lambda pair: (-pair[1], pair[0]))
+        top = top[: p.logprobs]
         entries.append(TokenLogprob(token_id=token, logprob=logprob, top=top))
     return entries
 
@@ -109,6 +111,11 @@ def sample(
     """Pick the next token for each row of logits [S, V] (row i belongs to requests[i])."""
     logits = logits.float()
     device = logits.device
+    constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if constrained:  # before everything else: penalties, sampling and logprobs all see the masked logits
+        rows = torch.tensor(constrained, device=device)
+        masks = torch.stack([requests[i].grammar.bitmask() for i in constrained]).to(device)
+        logits = logits.index_put((rows,), kernels.apply_token_bitmask(logits[rows], masks))
     tokens = [0] * len(requests)
     needs_host = [_needs_host(r) for r in requests]
     on_device = [i for i, host in enumerate(needs_host) if not host]

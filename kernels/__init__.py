@@ -154,6 +154,14 @@ def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tenso
     return reference.gumbel_max(scaled, seeds, positions)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] with -inf wherever bitmask [S, ceil(V / 32)] int32 has bit t % 32 of word t // 32
+    clear (a structured output's disallowed tokens). Elementwise, so exact in both modes and devices."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q [T, H, D] and k [T, Hkv, D]; exact per element, same bits in both modes."""
     if _use_triton(q):
@@ -206,6 +214,7 @@ __all__ = [
     "QuantizedWeight",
     "RotaryInputs",
     "add_rms_norm",
+    "apply_token_bitmask",
     "attention",
     "cache_slots",
     "config_digest",

@@ -21,6 +21,7 @@ from engine import __version__
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, option
 from engine.llm_engine import ModelInfo
+from engine.structured import GrammarError
 from engine.tokenizer import Tokenizer
 from server import streaming
 from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
@@ -253,13 +254,17 @@ def _job(
         raise APIError(400, f"n must be at most {config.max_n} on this server", "n")
     choice_prompts, choice_params, choice_echoes = [], [], []
     tokenizer = engine.tokenizer
+    structured, structured_param = body.structured_output() or (None, None)
     for prompt in prompts:
-        first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info))
+        try:
+            first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info, structured))
+        except GrammarError as exc:
+            raise APIError(400, f"{structured_param}: {exc}", structured_param) from exc
         prompt_ids = first.prompt_token_ids
         if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
                                 f"{config.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
-        others = [engine.admit(prompt_ids, body.sampling_params(i, max_tokens, logprobs, info))
+        others = [engine.admit(prompt_ids, body.sampling_params(i, max_tokens, logprobs, info, structured))
                   for i in range(1, body.n)]
         if not echo:
             shown = ""
@@ -318,18 +323,18 @@ async def _respond(
 # -- errors ------------------------------------------------------------------------------------------
 
 
-def _error_response(error: APIError, request: Request) -> JSONResponse:
+def _error_response(error: APIError, request: Request) -> Response:
     trace: RequestTrace | None = getattr(request.state, "trace", None)
     if trace is not None:
         trace.error = error.message
     return error.response()
 
 
-async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+async def _api_error(request: Request, exc: APIError) -> Response:
     return _error_response(exc, request)
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     """400, not FastAPI's 422, with a message naming the offending fields."""
     errors = exc.errors()
     if errors and errors[0]["type"] == "json_invalid":
@@ -340,12 +345,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error_response(APIError(400, message, paths[0].split(".")[0] if paths else None), request)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own errors (unknown route, wrong method, body too large) in the OpenAI shape."""
     message = f"{exc.detail}: {request.method} {request.url.path}"
     return _error_response(APIError(exc.status_code, message, headers=exc.headers), request)
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> Response:
     """Anything unexpected: a 500 in the OpenAI shape (Starlette logs the traceback)."""
     return _error_response(APIError(500, f"internal error: {type(exc).__name__}"), request)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.responses import Response
 
 from engine.async_engine import EngineDeadError, RequestFailedError
 from engine.llm_engine import ModelInfo
 from engine.request import SamplingParams
+from engine.structured import GrammarError, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,11 @@ class APIError(Exception):
         kind = _ERROR_TYPES.get(self.status, "BadRequestError" if self.status < 500 else "InternalServerError")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        """ASCII-escaped JSON: a message quoting the client's input stays encodable even when that
+        input held a lone surrogate (a model name "\ud800" once made the error itself a 500)."""
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
     @classmethod
     def of(cls, exc: BaseException) -> "APIError":
@@ -110,7 +115,7 @@ class GenerationRequest(_OpenAIModel):
     min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None  # strict: JSON true is not token 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -119,6 +124,7 @@ class GenerationRequest(_OpenAIModel):
     min_tokens: int | None = None
     user: str | None = None
     deterministic: bool | None = None  # detserve's extension: None = the server's default
+    structured_outputs: dict | None = None  # vLLM's extension: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -126,7 +132,21 @@ class GenerationRequest(_OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
 
-    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, model: ModelInfo) -> SamplingParams:
+    def structured_output(self) -> tuple[StructuredOutput, str] | None:
+        """The constraint on the output, and the parameter that asked for it (to name it in errors)."""
+        if self.structured_outputs is None:
+            return None
+        given = {k: v for k, v in self.structured_outputs.items() if v is not None and v is not False}
+        if len(given) != 1 or not set(given) <= {*_STRUCTURED_KINDS, "json_object"}:
+            raise unsupported("structured_outputs", "structured_outputs takes exactly one of json, regex, choice, "
+                                                    f"grammar or json_object, not {sorted(given) or 'none'}")
+        (key, value), = given.items()
+        if key == "json_object":
+            return _structured("json", {"type": "object"}, "structured_outputs"), "structured_outputs"
+        return _structured(key, value, "structured_outputs"), "structured_outputs"
+
+    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, model: ModelInfo,
+                        structured: StructuredOutput | None = None) -> SamplingParams:
         """Params for choice `choice`: a seeded request gives choice i the seed + i, so choices differ reproducibly."""
         fields = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
         return SamplingParams(
@@ -135,8 +155,19 @@ class GenerationRequest(_OpenAIModel):
             logit_bias=_logit_bias(self.logit_bias or {}, model),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             logprobs=logprobs,
+            structured=structured,
             **fields,
         )
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+def _structured(kind: str, value: object, param: str) -> StructuredOutput:
+    try:
+        return StructuredOutput.of(kind, value)
+    except GrammarError as exc:
+        raise unsupported(param, f"{param}: {exc}") from exc
 
 
 def _logit_bias(bias: dict[str, float], model: ModelInfo) -> dict[int, float]:
@@ -189,12 +220,29 @@ class ChatCompletionRequest(GenerationRequest):
             raise unsupported("tools", "tool calling is not supported")
         if self.functions or self.function_call not in (None, "none"):
             raise unsupported("functions", "function calling is not supported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
+        if self.response_format is not None and self.response_format.get("type") not in ("text", "json_object",
+                                                                                          "json_schema"):
+            raise unsupported("response_format", "response_format type must be text, json_object or json_schema")
         if self.audio is not None or (self.modalities is not None and self.modalities != ["text"]):
             raise unsupported("modalities", "only text output is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise unsupported("top_logprobs", "top_logprobs needs logprobs set to true")
+
+    def structured_output(self) -> tuple[StructuredOutput, str] | None:
+        """OpenAI's response_format (json_object, json_schema), or else vLLM's structured_outputs."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return super().structured_output()
+        if self.structured_outputs is not None:
+            raise unsupported("response_format", "send response_format or structured_outputs, not both")
+        if kind == "json_object":
+            return _structured("json", {"type": "object"}, "response_format"), "response_format"
+        spec = self.response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise unsupported("response_format", "response_format json_schema needs a json_schema object with a "
+                                                 "schema object")
+        # No schema: any JSON object. `strict` changes nothing: the grammar always holds the output to it.
+        return _structured("json", spec.get("schema", {"type": "object"}), "response_format"), "response_format"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -206,7 +254,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = 16  # OpenAI's documented default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -241,4 +289,4 @@ class TokenizeRequest(_OpenAIModel):
 
 class DetokenizeRequest(_OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]

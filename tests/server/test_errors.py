@@ -41,8 +41,22 @@ BAD_REQUESTS = [
     ("tools", "POST", CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {}}]},
      400, "tools"),
     ("functions", "POST", CHAT, {"model": MODEL, "messages": MSGS, "functions": [{"name": "f"}]}, 400, "functions"),
-    ("json-response-format", "POST", CHAT,
-     {"model": MODEL, "messages": MSGS, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("unknown-response-format", "POST", CHAT,
+     {"model": MODEL, "messages": MSGS, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("invalid-json-schema", "POST", CHAT, {"model": MODEL, "messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}, 400, "response_format"),
+    ("json-schema-not-an-object", "POST", CHAT, {"model": MODEL, "messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}, 400, "response_format"),
+    ("response-format-and-structured-outputs", "POST", CHAT, {"model": MODEL, "messages": MSGS, "response_format": {
+        "type": "json_object"}, "structured_outputs": {"regex": "a"}}, 400, "response_format"),
+    ("uncompilable-regex", "POST", COMP, {"model": MODEL, "prompt": "a", "structured_outputs": {"regex": "a(b"}},
+     400, "structured_outputs"),
+    ("two-structured-kinds", "POST", COMP, {"model": MODEL, "prompt": "a", "structured_outputs": {
+        "regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
+    ("empty-choice", "POST", CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"choice": []}},
+     400, "structured_outputs"),
+    ("undefined-grammar-rule", "POST", CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {
+        "grammar": "start: nothing_defined"}}, 400, "structured_outputs"),
     ("audio-modality", "POST", CHAT, {"model": MODEL, "messages": MSGS, "modalities": ["text", "audio"]},
      400, "modalities"),
     ("image-content", "POST", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [

@@ -90,9 +90,11 @@ FIELDS = {
     "/v1/chat/completions": ["model", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p",
                              "top_k", "min_p", "seed", "stop", "stop_token_ids", "logit_bias", "logprobs",
                              "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "stream",
-                             "stream_options", "deterministic", "min_tokens", "ignore_eos", "tools", "response_format"],
+                             "stream_options", "deterministic", "min_tokens", "ignore_eos", "tools", "response_format",
+                             "structured_outputs"],
     "/v1/completions": ["model", "prompt", "max_tokens", "n", "temperature", "seed", "stop", "logprobs", "echo",
-                        "suffix", "best_of", "logit_bias", "stream", "min_tokens", "deterministic"],
+                        "suffix", "best_of", "logit_bias", "stream", "min_tokens", "deterministic",
+                        "structured_outputs"],
     "/tokenize": ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"],
     "/detokenize": ["model", "tokens"],
 }
