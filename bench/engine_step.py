@@ -32,6 +32,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
+from engine.structured import StructuredOutput
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -67,11 +68,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: int, deterministic: bool,
-                      seed: int = 0) -> StepTiming:
-    """Median time of `steps` engine steps in which `batch` greedy requests each decode one token."""
+                      seed: int = 0, structured: StructuredOutput | None = None) -> StepTiming:
+    """Median time of `steps` engine steps in which `batch` greedy requests each decode one token
+    (held to `structured`, when given, which must not end within the steps)."""
     rng = random.Random(seed)
-    vocab = engine.runner.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, deterministic=deterministic)
+    vocab = engine.info.vocab_size
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, deterministic=deterministic,
+                            structured=structured)
     requests = [
         engine.add_request(f"bench-{deterministic}-{batch}-{i}", [rng.randrange(vocab) for _ in range(prompt_tokens)],
                            params)

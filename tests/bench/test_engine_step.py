@@ -32,3 +32,14 @@ def test_each_timed_step_decodes_one_token_for_every_request() -> None:
     timings = engine_step.run(TINY, "cpu", "float32", [2], prompt_tokens=5, steps=2)
     assert [(t.batch, t.deterministic) for t in timings] == [(2, True), (2, False)]
     assert all(t.tokens_per_second == 2 / t.step_ms * 1e3 for t in timings)
+
+
+def test_structured_outputs_bench_times_constrained_and_plain_steps_on_the_default_model(capsys) -> None:
+    from bench import structured_outputs
+
+    assert structured_outputs.main(["--batch-sizes", "1,2", "--steps", "3", "--rounds", "1", "--prompt-tokens", "8"]) == 0
+    rows = capsys.readouterr().out.split("== structured outputs")[1].splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["1", "2"]
+    for row in rows:
+        plain_ms, json_ms, _, _, ratio = map(float, row.split()[1:6])
+        assert plain_ms > 0 and json_ms > 0 and math.isclose(ratio, plain_ms / json_ms, rel_tol=0.05)
