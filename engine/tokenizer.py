@@ -35,11 +35,19 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` argument itself (Qwen's, Llama 3.1's do)."""
+        template = getattr(self.hf, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat rendered by the model's template (the template adds the special tokens)."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                           tools=tools)
         return self.encode(text, add_special_tokens=False)
 
 

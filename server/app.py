@@ -21,9 +21,9 @@ from engine import __version__
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, option
 from engine.llm_engine import ModelInfo
-from engine.structured import GrammarError
+from engine.structured import GrammarError, StructuredOutput
 from engine.tokenizer import Tokenizer
-from server import streaming
+from server import streaming, tools
 from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
 from server.middleware import LimitBody, RequireAPIKey, TrackRequests
 from server.protocol import (
@@ -34,6 +34,7 @@ from server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    ToolUse,
     GenerationRequest,
 )
 
@@ -152,10 +153,20 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         info = served(body.model)
         with _bad_request():
             body.check_supported()
+            tool_use, structured = body.tool_use(), body.structured_output()
+            tokenizer = _tokenizer(engine)
             messages = [m.template_dict() for m in body.messages]
-            prompt = _tokenizer(engine).apply_chat_template(messages)
+            offered = tool_use.tools if tool_use is not None else []
+            takes_tools = tokenizer.template_takes_tools
+            prompt = tokenizer.apply_chat_template(tools.prompt_messages(messages, offered, takes_tools),
+                                                   tools=offered if takes_tools and offered else None)
+            if tool_use is not None and tool_use.forced:
+                if structured is not None:
+                    raise APIError(400, "a forced tool call cannot also follow a response_format or "
+                                        "structured_outputs", "tool_choice")
+                structured = tools.forced_call(tool_use.forced), "tool_choice"
             job = _job("chat", engine, info, config, body, [prompt], echo=False, logprobs=body.num_logprobs,
-                       max_tokens=body.requested_max_tokens)
+                       max_tokens=body.requested_max_tokens, structured=structured, tool_use=tool_use)
         return await _respond(engine, config, job, body, request, messages)
 
     @app.post("/v1/completions", responses=SSE_RESPONSE)
@@ -164,7 +175,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         with _bad_request():
             body.check_supported()
             job = _job("completion", engine, info, config, body, body.prompts(), echo=body.echo,
-                       logprobs=body.logprobs, max_tokens=body.max_tokens)
+                       logprobs=body.logprobs, max_tokens=body.max_tokens, structured=body.structured_output())
         return await _respond(engine, config, job, body, request, body.prompt)
 
     @app.post("/tokenize")
@@ -174,8 +185,10 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "send exactly one of prompt or messages", "prompt")
             if body.messages is not None:
-                messages = [m.template_dict() for m in body.messages]
-                tokens = _tokenizer(engine).apply_chat_template(messages, body.add_generation_prompt)
+                tokenizer = _tokenizer(engine)
+                messages = tools.prompt_messages([m.template_dict() for m in body.messages], [],
+                                                 tokenizer.template_takes_tools)
+                tokens = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
             else:
                 tokens = _tokenizer(engine).encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens}
@@ -248,13 +261,16 @@ def _job(
     echo: bool,
     logprobs: int | None,
     max_tokens: int | None,
+    structured: tuple[StructuredOutput, str] | None,
+    tool_use: ToolUse | None = None,
 ) -> streaming.Job:
-    """`body.n` choices per prompt, each admitted by the engine (which settles max_tokens and the mode)."""
+    """`body.n` choices per prompt, each admitted by the engine (which settles max_tokens and the mode).
+    `structured`: the output's constraint and the parameter that set it (named in its errors)."""
     if body.n > config.max_n:
         raise APIError(400, f"n must be at most {config.max_n} on this server", "n")
     choice_prompts, choice_params, choice_echoes = [], [], []
     tokenizer = engine.tokenizer
-    structured, structured_param = body.structured_output() or (None, None)
+    structured, structured_param = structured or (None, None)
     for prompt in prompts:
         try:
             first = engine.admit(prompt, body.sampling_params(0, max_tokens, logprobs, info, structured))
@@ -286,6 +302,7 @@ def _job(
         n=body.n,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
         token_text=(lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else "token_id:{}".format,
+        tool_use=tool_use,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -186,19 +187,83 @@ class ContentPart(_OpenAIModel):
     text: str | None = None
 
 
+class ToolCallFunction(_OpenAIModel):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class MessageToolCall(_OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None  # a legacy `function` result: the function's name
 
     def template_dict(self) -> dict:
-        """The message as the chat template expects it: a role and plain text."""
-        role = "system" if self.role == "developer" else self.role
+        """The message as chat templates expect it: a role and plain text, and an assistant's calls
+        (arguments as objects) or a tool result's call id."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message = {"role": role, "content": self._text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        if role == "tool":
+            message["tool_call_id"] = self.tool_call_id or self.name or ""
+        return message
+
+    def _text(self) -> str:
         if not isinstance(self.content, list):
-            return {"role": role, "content": self.content or ""}
+            return self.content or ""
         for part in self.content:
             if part.type != "text" or part.text is None:
                 raise unsupported("messages", f"content parts of type {part.type!r} are not supported; only text")
-        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+        return "\n".join(part.text for part in self.content)
+
+
+def _arguments(arguments: str | dict) -> dict:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        parsed = json.loads(arguments or "{}")
+    except json.JSONDecodeError as exc:
+        raise unsupported("messages", f"a tool call's arguments must be a JSON object: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise unsupported("messages", "a tool call's arguments must be a JSON object")
+    return parsed
+
+
+class FunctionDefinition(_OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def template_dict(self) -> dict:
+        function = {"name": self.function.name, "parameters": self.function.parameters or {"type": "object",
+                                                                                           "properties": {}}}
+        if self.function.description:
+            function["description"] = self.function.description
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's tools as the server runs them: what the prompt shows, and which call is forced."""
+
+    tools: list[dict]  # OpenAI tool objects, for the template
+    forced: list[dict] | None  # required: all tools; a named function: that one; auto: None
+    legacy: bool  # asked with functions/function_call: answer with message.function_call
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -206,20 +271,16 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | dict | None = None
     response_format: dict | None = None
     audio: dict | None = None
     modalities: list[str] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
-            raise unsupported("tools", "tool calling is not supported")
-        if self.functions or self.function_call not in (None, "none"):
-            raise unsupported("functions", "function calling is not supported")
         if self.response_format is not None and self.response_format.get("type") not in ("text", "json_object",
                                                                                           "json_schema"):
             raise unsupported("response_format", "response_format type must be text, json_object or json_schema")
@@ -227,6 +288,33 @@ class ChatCompletionRequest(GenerationRequest):
             raise unsupported("modalities", "only text output is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise unsupported("top_logprobs", "top_logprobs needs logprobs set to true")
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools and the choice among them; None when no tool may be called (none given, or "none")."""
+        if self.functions is not None and self.tools is not None:
+            raise unsupported("functions", "send tools or the legacy functions, not both")
+        legacy = self.functions is not None
+        tools = ([Tool(type="function", function=f) for f in self.functions] if legacy else self.tools) or []
+        choice = self.function_call if legacy else self.tool_choice
+        param = "function_call" if legacy else "tool_choice"
+        if choice is None:
+            choice = "auto" if tools else "none"
+        if choice == "none":
+            return None
+        if not tools:
+            raise unsupported(param, f"{param} {choice!r} needs tools")
+        dicts = [t.template_dict() for t in tools]
+        if choice == "auto":
+            return ToolUse(dicts, None, legacy)
+        if choice == "required":
+            return ToolUse(dicts, dicts, legacy)
+        name = (choice.get("function") or {}).get("name") if not legacy else choice.get("name")
+        if not legacy and choice.get("type") != "function":
+            raise unsupported(param, 'a named tool_choice is {"type": "function", "function": {"name": ...}}')
+        named = [t for t in dicts if t["function"]["name"] == name]
+        if not named:
+            raise unsupported(param, f"{param} names {name!r}, which is not among the tools")
+        return ToolUse(dicts, named, legacy)
 
     def structured_output(self) -> tuple[StructuredOutput, str] | None:
         """OpenAI's response_format (json_object, json_schema), or else vLLM's structured_outputs."""

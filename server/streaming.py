@@ -21,8 +21,9 @@ from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server import tools
 from server.metrics import RequestTrace
-from server.protocol import APIError
+from server.protocol import APIError, ToolUse
 
 T = TypeVar("T")
 
@@ -40,6 +41,8 @@ class Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     text_offset: int = 0  # where the next logprob token starts in the text (completions)
+    streamed: int = 0  # with tools: characters of text already sent, as content or as calls
+    num_calls_sent: int = 0  # with tools: calls already sent
 
     def add(self, out: RequestOutput) -> None:
         if out.finish_reason is FinishReason.ABORT:  # the server gave up on it: never a completed answer
@@ -73,6 +76,7 @@ class Job:
     n: int  # choices per prompt: usage counts each prompt once
     include_usage: bool
     token_text: Callable[[int], str]
+    tool_use: ToolUse | None = None  # chat with tools: calls are parsed out of the text
     created: int = field(default_factory=lambda: int(time.time()))
     trace: RequestTrace | None = None  # told of every output, for the metrics and the request log
 
@@ -93,20 +97,79 @@ class Job:
     def response(self, choices: list[Choice]) -> dict:
         """The non-streamed body."""
         body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
-        body["choices"] = [
-            self._choice(c, c.echo + c.text, self._logprobs(c, c.logprobs, len(c.echo))[0], c.finish_reason)
-            for c in choices
-        ]
+        body["choices"] = []
+        for c in choices:
+            logprobs = self._logprobs(c, c.logprobs, len(c.echo))[0]
+            if self.tool_use is None:
+                body["choices"].append(self._choice(c, c.echo + c.text, logprobs, c.finish_reason))
+                continue
+            content, calls = tools.parse(c.text, self.tool_use.tools)
+            finish = self._calls_finish(c) if calls else c.finish_reason
+            body["choices"].append(self._choice(c, content, logprobs, finish, calls=self._openai_calls(c, calls)))
         body["usage"] = self.usage(choices)
         return self.with_digest(body, choices)
 
-    def chunk(self, c: Choice, out: RequestOutput, first: bool) -> dict | None:
-        """The chunk for one output of choice `c` (already added), or None when it carries nothing."""
+    def chunks(self, c: Choice, out: RequestOutput, first: bool) -> list[dict]:
+        """The chunks for one output of choice `c` (already added): none when it carries nothing."""
         logprobs, c.text_offset = self._logprobs(c, out.new_logprobs, c.text_offset)
+        if self.tool_use is not None:
+            return self._tool_chunks(c, out, first, logprobs)
         if not (first or out.text_delta or out.finished or (logprobs and out.new_logprobs)):
-            return None
+            return []
         text = (c.echo if first else "") + out.text_delta
         choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None, delta=True, role=first)
+        return [self._chunk(choice)]
+
+    def _tool_chunks(self, c: Choice, out: RequestOutput, first: bool, logprobs: dict | None) -> list[dict]:
+        """Content as it comes, except text that is (or may become) a call block, which waits until
+        the block closes; then the call: its id and name first, its arguments in fragments after."""
+        deltas = [self._choice(c, "", None, None, delta=True)] if first else []
+        pending = c.text[c.streamed :]
+        while (match := tools.CALL_BLOCK.search(pending)) is not None:
+            _, calls = tools.parse(match.group(0), self.tool_use.tools)
+            deltas += self._content_delta(c, pending[: match.start() if calls else match.end()])
+            for call in calls:
+                deltas += self._call_deltas(c, call)
+            c.streamed += match.end()
+            pending = pending[match.end() :]
+        ready = len(pending) if out.finished else len(pending) - tools.holdback(pending)
+        deltas += self._content_delta(c, pending[:ready])
+        c.streamed += ready
+        if logprobs and out.new_logprobs:
+            deltas.append(self._choice(c, "", logprobs, None, delta=True, role=False))
+        if out.finished:
+            finish = self._calls_finish(c) if c.num_calls_sent else c.finish_reason
+            deltas.append(self._choice(c, None, None, finish, delta=True, role=False))
+        return [self._chunk(delta) for delta in deltas]
+
+    def _content_delta(self, c: Choice, text: str) -> list[dict]:
+        """Text between calls is content; the whitespace around calls is not (as `tools.parse` strips it)."""
+        if not text or (c.num_calls_sent and not text.strip()):
+            return []
+        return [self._choice(c, text, None, None, delta=True, role=False)]
+
+    def _call_deltas(self, c: Choice, call: tools.ToolCall) -> list[dict]:
+        [head] = self._openai_calls(c, [call], start=c.num_calls_sent)
+        deltas = [self._choice(c, None, None, None, delta=True, role=False,
+                               calls=[head | {"function": {"name": call.name, "arguments": ""}}])]
+        for fragment in _fragments(call.arguments):
+            deltas.append(self._choice(c, None, None, None, delta=True, role=False,
+                                       calls=[{"index": c.num_calls_sent, "function": {"arguments": fragment}}]))
+        c.num_calls_sent += 1
+        return deltas
+
+    def _calls_finish(self, c: Choice) -> str | None:
+        """A choice that called tools finishes with "tool_calls" ("function_call", legacy), unless cut short."""
+        if c.finish_reason != "stop":
+            return c.finish_reason
+        return "function_call" if self.tool_use.legacy else "tool_calls"
+
+    def _openai_calls(self, c: Choice, calls: list[tools.ToolCall], start: int = 0) -> list[dict]:
+        prompt = self.prompts[c.index]
+        return [{"index": start + i} | call.to_openai(tools.call_id(prompt, c.index, start + i, call))
+                for i, call in enumerate(calls)]
+
+    def _chunk(self, choice: dict) -> dict:
         return self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion") | {"choices": [choice]}
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
@@ -123,11 +186,18 @@ class Job:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
-    def _choice(self, c: Choice, text: str, logprobs: dict | None, finish_reason: str | None,
-                delta: bool = False, role: bool = True) -> dict:
+    def _choice(self, c: Choice, text: str | None, logprobs: dict | None, finish_reason: str | None,
+                delta: bool = False, role: bool = True, calls: list[dict] | None = None) -> dict:
         if self.kind == "completion":
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        message = {"role": "assistant", "content": text} if role else {"content": text}
+        message: dict = {"role": "assistant"} if role else {}
+        if text is not None or not delta:
+            message["content"] = text
+        if calls and self.tool_use is not None and self.tool_use.legacy:
+            message["function_call"] = calls[0]["function"]  # legacy clients read one function_call
+        elif calls:
+            message["tool_calls"] = calls if delta else [{k: v for k, v in call.items() if k != "index"}
+                                                         for call in calls]
         return {"index": c.index, "delta" if delta else "message": message, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
@@ -228,9 +298,9 @@ async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
                 first = not choices[i].token_ids
                 choices[i].add(out)
                 unfinished -= out.finished
-                chunk = job.chunk(choices[i], out, first)
-                if chunk is not None:
-                    last = not unfinished and not job.include_usage
+                chunks = job.chunks(choices[i], out, first)
+                for k, chunk in enumerate(chunks):
+                    last = not unfinished and not job.include_usage and k == len(chunks) - 1
                     yield _event(job.with_digest(chunk, choices) if last else chunk)
         if job.include_usage:
             yield _event(job.with_digest(job.usage_chunk(choices), choices))
@@ -244,6 +314,11 @@ async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
             job.trace.failed(error.status, error.message)
         yield _event(error.body())
     yield "data: [DONE]\n\n"
+
+
+def _fragments(arguments: str, size: int = 24) -> list[str]:
+    """A call's arguments in pieces, as OpenAI streams them (clients concatenate by call index)."""
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
 
 
 def _event(payload: dict) -> str:

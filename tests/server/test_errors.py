@@ -40,7 +40,10 @@ BAD_REQUESTS = [
      400, None),
     ("tools", "POST", CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {}}]},
      400, "tools"),
-    ("functions", "POST", CHAT, {"model": MODEL, "messages": MSGS, "functions": [{"name": "f"}]}, 400, "functions"),
+    ("function-call-of-an-unknown-function", "POST", CHAT, {"model": MODEL, "messages": MSGS, "functions": [
+        {"name": "f"}], "function_call": {"name": "g"}}, 400, "function_call"),
+    ("tool-choice-without-tools", "POST", CHAT, {"model": MODEL, "messages": MSGS, "tool_choice": "required"},
+     400, "tool_choice"),
     ("unknown-response-format", "POST", CHAT,
      {"model": MODEL, "messages": MSGS, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("invalid-json-schema", "POST", CHAT, {"model": MODEL, "messages": MSGS, "response_format": {

@@ -1,0 +1,205 @@
+"""Tool calling through the official `openai` SDK: forced calls (required, named) whose arguments
+validate, streamed calls the SDK's helpers accumulate, a tool result fed back, legacy functions,
+reproducible call ids; and the same on a random-weight Qwen3-shaped model whose template renders
+tools itself, where only the grammar can make a call valid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, Literal
+
+import httpx2
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from engine import weights
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from server import tools
+from tests.server.conftest import LiveServer, serve
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=20)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def _arguments_valid(call, tool: dict) -> dict:
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    return arguments
+
+
+def test_required_returns_a_call_whose_arguments_validate(client: openai.OpenAI, server: LiveServer):
+    resp = client.chat.completions.create(model=server.model, messages=ASK, tools=[WEATHER, TIME],
+                                          tool_choice="required", max_tokens=80)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    _arguments_valid(call, {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+
+
+def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI, server: LiveServer):
+    resp = client.chat.completions.create(model=server.model, messages=ASK, tools=[WEATHER, TIME], max_tokens=80,
+                                          tool_choice={"type": "function", "function": {"name": "get_time"}})
+    [call] = resp.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and _arguments_valid(call, TIME)["zone"] in ("UTC", "CET")
+
+
+def test_streamed_calls_accumulate_in_the_sdk_helper_with_the_ids_of_the_unstreamed_answer(
+        client: openai.OpenAI, server: LiveServer):
+    tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+    kwargs = dict(model=server.model, messages=ASK, tools=[tool], tool_choice="required", max_tokens=80,
+                  temperature=0.8, seed=11)
+    with client.chat.completions.stream(**kwargs) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert "tool_calls.function.arguments.delta" in events
+    [call] = final.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, GetWeather) and final.choices[0].finish_reason == "tool_calls"
+    [unstreamed] = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    assert (unstreamed.id, unstreamed.function.arguments) == (call.id, call.function.arguments)
+
+
+def test_a_tool_result_fed_back_gets_an_answer(client: openai.OpenAI, server: LiveServer, http: httpx2.Client):
+    first = client.chat.completions.create(model=server.model, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=80)
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})}]
+    second = client.chat.completions.create(model=server.model, messages=history, tools=[WEATHER], max_tokens=24,
+                                            temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    def rendered(messages: list[dict]) -> str:
+        tokens = http.post("/tokenize", json={"model": server.model, "messages": messages}).json()["tokens"]
+        return http.post("/detokenize", json={"model": server.model, "tokens": tokens}).json()["prompt"]
+
+    text = rendered(history)  # the default template takes no tools: calls and results are written out
+    assert "<tool_response>" in text and f'"name": "{call.function.name}"' in text and "# Tools" not in text
+
+
+def test_legacy_functions_answer_with_function_call(client: openai.OpenAI, server: LiveServer):
+    resp = client.chat.completions.create(model=server.model, messages=ASK, functions=[WEATHER["function"]],
+                                          function_call={"name": "get_weather"}, max_tokens=80)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.function_call.name == "get_weather"
+    jsonschema.validate(json.loads(choice.message.function_call.arguments), WEATHER["function"]["parameters"])
+
+
+def test_a_deterministic_tool_answer_repeats_whole_ids_included(client: openai.OpenAI, server: LiveServer):
+    def ask() -> dict:
+        return client.chat.completions.create(model=server.model, messages=ASK, tools=[WEATHER, TIME],
+                                              tool_choice="required", temperature=1.0, seed=5,
+                                              max_tokens=80).choices[0].model_dump()
+
+    assert ask() == ask()
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, "functions"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_tool_requests_get_a_400_naming_the_parameter(client: openai.OpenAI, server: LiveServer, body, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=server.model, messages=ASK, max_tokens=4, extra_body=body)
+    assert error.value.body["param"] == param
+
+
+def test_hermes_calls_are_parsed_out_of_text_and_malformed_ones_stay_text():
+    text = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+            '\n</tool_call>\n<tool_call>{"name": "unknown", "arguments": {}}</tool_call><tool_call>{oops</tool_call>')
+    content, calls = tools.parse(text, [WEATHER])
+    assert calls == [tools.ToolCall("get_weather", '{"city": "Oslo", "unit": "celsius"}')]
+    assert content.startswith("Let me check.") and "unknown" in content and "{oops" in content
+    assert tools.parse('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', [WEATHER])[0] is None
+    assert tools.holdback("text <tool") == 5 and tools.holdback("a <tool_call>{") == 12 and tools.holdback("abc") == 0
+
+
+QWEN_STYLE_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{{ message.content or '' }}{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Random weights of a small Qwen3 shape, the default tokenizer and a Qwen-style template that
+    renders `tools` itself: its text is noise, so every valid call comes from the grammar."""
+    source = weights.resolve_model_dir(None)
+    folder: Path = tmp_path_factory.mktemp("qwen3-tools")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    config = json.loads((source / "config.json").read_text())
+    config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(QWEN_STYLE_TEMPLATE)
+    engine = AsyncEngine(EngineConfig(model=str(folder), load_format="dummy", kv_cache_tokens=8192,
+                                      served_model_name="qwen3-tiny"))
+    with serve(engine) as live:
+        yield live
+
+
+def test_a_random_weight_qwen3_model_makes_valid_calls_only_through_the_grammar(qwen_server: LiveServer):
+    client = openai.OpenAI(base_url=qwen_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert client.chat.completions.create(model="qwen3-tiny", messages=ASK, tools=[WEATHER], max_tokens=16,
+                                          temperature=0).choices[0].message.tool_calls is None
+    for seed in range(3):
+        resp = client.chat.completions.create(model="qwen3-tiny", messages=ASK, tools=[WEATHER, TIME],
+                                              tool_choice="required", temperature=1.0, seed=seed, max_tokens=120)
+        [call] = resp.choices[0].message.tool_calls
+        _arguments_valid(call, {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+    history = ASK + [resp.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    with httpx2.Client(base_url=qwen_server.url, timeout=60) as http:
+        tokens = http.post("/tokenize", json={"model": "qwen3-tiny", "messages": history}).json()["tokens"]
+        text = http.post("/detokenize", json={"model": "qwen3-tiny", "tokens": tokens}).json()["prompt"]
+    assert "<tool_response>\nsunny\n</tool_response>" in text and f'"name": "{call.function.name}"' in text
