@@ -86,7 +86,7 @@ def test_an_output_the_grammar_has_not_finished_at_max_tokens_ends_with_length(m
 
 @pytest.mark.parametrize("kind, spec", [
     ("json", {"type": "objekt"}), ("json", "{not json"), ("json", {"type": "string", "format": "no-such-format"}),
-    ("regex", "a(b"), ("grammar", "start: undefined_rule"),
+    ("regex", "a(b"), ("grammar", "start: undefined_rule"), ("choice", [f"option {i}" for i in range(30000)]),
 ])
 def test_invalid_constraints_are_refused_at_admission_and_leave_the_engine_clean(make_engine, kind, spec) -> None:
     engine = make_engine()

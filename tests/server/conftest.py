@@ -131,3 +131,56 @@ async def aclient(server: LiveServer) -> AsyncIterator[openai.AsyncOpenAI]:
 def http(server: LiveServer) -> Iterator[httpx2.Client]:
     with httpx2.Client(base_url=server.url, timeout=120) as c:
         yield c
+
+
+QWEN_STYLE_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{{ message.content or '' }}{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Random weights of a small Qwen3 shape, the default tokenizer and a Qwen-style template that
+    renders `tools` itself: its text is noise, so every valid call or JSON answer comes from the grammar."""
+    source = weights.resolve_model_dir(None)
+    folder: Path = tmp_path_factory.mktemp("qwen3-tools")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    config = json.loads((source / "config.json").read_text())
+    config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(QWEN_STYLE_TEMPLATE)
+    engine = AsyncEngine(EngineConfig(model=str(folder), load_format="dummy", kv_cache_tokens=8192,
+                                      served_model_name="qwen3-tiny"))
+    with serve(engine) as live:
+        yield live

@@ -56,6 +56,8 @@ BAD_REQUESTS = [
      400, "structured_outputs"),
     ("two-structured-kinds", "POST", COMP, {"model": MODEL, "prompt": "a", "structured_outputs": {
         "regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
+    ("oversized-choice", "POST", CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {
+        "choice": [f"option {i}" for i in range(30000)]}}, 400, "structured_outputs"),
     ("empty-choice", "POST", CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"choice": []}},
      400, "structured_outputs"),
     ("undefined-grammar-rule", "POST", CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {

@@ -79,3 +79,16 @@ def test_a_constrained_deterministic_answer_repeats_bit_for_bit(client: openai.O
         return resp.choices[0].message.content, lps, resp.model_extra["output_digest"]
 
     assert ask() == ask()
+
+
+def test_a_random_weight_qwen3_model_gives_valid_json_only_through_the_grammar(qwen_server: LiveServer):
+    client = openai.OpenAI(base_url=qwen_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    schema = City.model_json_schema() | {"additionalProperties": False}
+    for seed in range(2):
+        parsed = client.chat.completions.parse(model="qwen3-tiny", messages=ASK, response_format=City,
+                                               temperature=1.0, seed=seed, max_tokens=200)
+        assert isinstance(parsed.choices[0].message.parsed, City)
+        resp = client.chat.completions.create(
+            model="qwen3-tiny", messages=ASK, temperature=1.0, seed=seed, max_tokens=200,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+        jsonschema.validate(json.loads(resp.choices[0].message.content), schema)

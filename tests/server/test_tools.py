@@ -6,9 +6,7 @@ tools itself, where only the grammar can make a call valid."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import httpx2
 import jsonschema
@@ -16,11 +14,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from engine import weights
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
 from server import tools
-from tests.server.conftest import LiveServer, serve
+from tests.server.conftest import LiveServer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -133,59 +128,6 @@ def test_hermes_calls_are_parsed_out_of_text_and_malformed_ones_stay_text():
     assert content.startswith("Let me check.") and "unknown" in content and "{oops" in content
     assert tools.parse('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', [WEATHER])[0] is None
     assert tools.holdback("text <tool") == 5 and tools.holdback("a <tool_call>{") == 12 and tools.holdback("abc") == 0
-
-
-QWEN_STYLE_TEMPLATE = """\
-{%- if tools %}<|im_start|>system
-{% if messages[0].role == 'system' %}{{ messages[0].content }}
-
-{% endif %}# Tools
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>{% for tool in tools %}
-{{ tool | tojson }}{% endfor %}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>
-{% elif messages[0].role == 'system' %}<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' and loop.first %}
-{%- elif message.role == 'tool' %}<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
-{{ message.content or '' }}{% for call in message.tool_calls %}<tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
-</tool_call>{% endfor %}<|im_end|>
-{% else %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-
-@pytest.fixture(scope="module")
-def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Random weights of a small Qwen3 shape, the default tokenizer and a Qwen-style template that
-    renders `tools` itself: its text is noise, so every valid call comes from the grammar."""
-    source = weights.resolve_model_dir(None)
-    folder: Path = tmp_path_factory.mktemp("qwen3-tools")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, folder / name)
-    config = json.loads((source / "config.json").read_text())
-    config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=1024)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "chat_template.jinja").write_text(QWEN_STYLE_TEMPLATE)
-    engine = AsyncEngine(EngineConfig(model=str(folder), load_format="dummy", kv_cache_tokens=8192,
-                                      served_model_name="qwen3-tiny"))
-    with serve(engine) as live:
-        yield live
 
 
 def test_a_random_weight_qwen3_model_makes_valid_calls_only_through_the_grammar(qwen_server: LiveServer):
