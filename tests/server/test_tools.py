@@ -14,7 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server import tools
+from engine.request import FinishReason, RequestOutput, SamplingParams
+from server import streaming, tools
+from server.protocol import ToolUse
 from tests.server.conftest import LiveServer
 
 WEATHER = {"type": "function", "function": {
@@ -145,3 +147,39 @@ def test_a_random_weight_qwen3_model_makes_valid_calls_only_through_the_grammar(
         tokens = http.post("/tokenize", json={"model": "qwen3-tiny", "messages": history}).json()["tokens"]
         text = http.post("/detokenize", json={"model": "qwen3-tiny", "tokens": tokens}).json()["prompt"]
     assert "<tool_response>\nsunny\n</tool_response>" in text and f'"name": "{call.function.name}"' in text
+
+
+def _streamed(deltas: list[str], finish: FinishReason = FinishReason.STOP) -> tuple[list[dict], dict]:
+    """The chunks a tools job streams for these text deltas, and the unstreamed body of the same text."""
+    job = streaming.Job(kind="chat", id="chatcmpl-x", model="m", fingerprint="fp", deterministic=True,
+                        prompts=[[1, 2, 3]], params=[SamplingParams()], echoes=[""], n=1, include_usage=False,
+                        token_text=str, tool_use=ToolUse([WEATHER], None, legacy=False))
+    [choice] = job.new_choices()
+    chunks = []
+    for i, delta in enumerate(deltas):
+        last = i == len(deltas) - 1
+        out = RequestOutput("r", [i], [], delta, last, finish if last else None, 3, i + 1, 0)
+        first = not choice.token_ids
+        choice.add(out)
+        chunks += job.chunks(choice, out, first)
+    return [c["choices"][0] for c in chunks], job.response([choice])["choices"][0]
+
+
+def test_auto_mode_streams_content_then_a_call_held_back_until_its_block_closes():
+    text = ['Sure. <tool', '_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}',
+            "\n</tool_call>"]
+    deltas, whole = _streamed(text)
+    contents = [d["delta"].get("content") for d in deltas if d["delta"].get("content")]
+    calls = [call for d in deltas for call in d["delta"].get("tool_calls", [])]
+    assert contents == ["Sure. "]  # "<tool" was held back: it became a call, not content
+    assert calls[0]["id"] == whole["message"]["tool_calls"][0]["id"] and calls[0]["function"]["name"] == "get_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == whole["message"]["tool_calls"][0]["function"]["arguments"]
+    assert all(c["index"] == 0 for c in calls) and len(calls) > 2  # the name, then argument fragments
+    assert deltas[-1]["finish_reason"] == whole["finish_reason"] == "tool_calls"
+    assert whole["message"]["content"] == "Sure."
+
+
+def test_auto_mode_text_that_only_looked_like_a_call_is_streamed_as_content():
+    deltas, whole = _streamed(["Use <tool", "s> wisely, or <tool_call>not json</tool_call> at all."])
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == whole["message"]["content"]
+    assert whole["finish_reason"] == "stop" and "tool_calls" not in whole["message"]
