@@ -72,7 +72,8 @@ class BlockManager:
         yields the logits for its first output token.
         """
         assert not request.block_table, "prefix lookup is for requests that hold no blocks"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.scores_prompt:
+            # Cached positions have no logits to score; recomputing them costs what a miss costs.
             return 0
         tokens = request.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.request import Request
 from kernels import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """A prompt position whose logits score the prompt's next token (a prompt logprob)."""
+
+    request: Request
+    position: int  # the logits at this position ...
+    token_id: int  # ... give the logprob of the prompt token at position + 1
+    top: int  # alternatives to report
 
 
 @dataclass
@@ -17,7 +28,8 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64, each token's position in its own sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot (block * block_size + offset) of each token
     attention: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] int64, rows whose hidden state predicts a next token
+    logits_indices: torch.Tensor  # [S + P] int64: rows that sample the next token, then rows scored
+    scored: list[PromptScore] = field(default_factory=list)  # the P scored rows, in order
 
     @property
     def num_tokens(self) -> int:

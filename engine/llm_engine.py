@@ -153,6 +153,7 @@ class LLMEngine:
             deterministic=params.deterministic,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             grammar=self.grammars.matcher(params.structured) if params.structured is not None else None,
+            prompt_logprobs=[None] * len(admitted.prompt_token_ids) if params.prompt_logprobs is not None else None,
         )
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
         self.requests[request_id] = request
@@ -186,7 +187,10 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.scheduled:
             return []
-        results = iter(self.runner.execute(step, self.eos_token_ids))
+        results = self.runner.execute(step, self.eos_token_ids)
+        for score, logprob in results.scores:
+            score.request.prompt_logprobs[score.position + 1] = logprob
+        samples = iter(results.samples)
         outputs = []
         for s in step.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
@@ -194,12 +198,14 @@ class LLMEngine:
                 s.request.invariant_blocks = False
             self.block_manager.register_full_blocks(s.request)
             if s.samples:
-                token, logprob = next(results)
+                token, logprob = next(samples)
                 try:
                     outputs.append(self._append_token(s, token, logprob))
                 except Exception as exc:  # one request's bookkeeping failed: fail it, not the batch
                     logger.exception("request %s failed", s.request.request_id)
                     outputs.append(self._fail(s.request, exc))
+            elif s.request.params.max_tokens == 0 and s.request.num_computed_tokens == s.request.num_tokens:
+                outputs.append(self._finish(s.request, FinishReason.LENGTH, [], [], ""))  # scored, nothing to add
         return outputs
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
@@ -256,6 +262,9 @@ class LLMEngine:
         return self._output(request, new_ids, new_logprobs, delta)
 
     def _output(self, request: Request, new_ids: list[int], new_logprobs: list[TokenLogprob], delta: str) -> RequestOutput:
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new_ids,
@@ -267,6 +276,7 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,
             queue_seconds=request.queue_seconds,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # -- convenience -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -12,13 +13,22 @@ import torch
 import kernels
 from engine import cpu_runtime, sampler, weights
 from engine.config import EngineConfig, ModelConfig
-from engine.forward_batch import ForwardBatch
+from engine.forward_batch import ForwardBatch, PromptScore
 from engine.models.llama import LlamaModel, dummy_state_dict
 from engine.request import TokenLogprob
 from engine.scheduler import SchedulerOutput
 from kernels import PackedWeight
 
 logger = logging.getLogger(__name__)
+
+SCORE_ROWS = 64
+"""Prompt positions scored per lm_head call: bounds the logits held at once to 64 x vocab floats."""
+
+
+@dataclass
+class StepResults:
+    samples: list[tuple[int, TokenLogprob | None]]  # (token, logprob) per request that samples, in order
+    scores: list[tuple[PromptScore, TokenLogprob]]  # each scored prompt position and its next token's logprob
 
 
 @contextlib.contextmanager
@@ -92,15 +102,23 @@ class ModelRunner:
         query_start_loc = [0]
         seq_lens: list[int] = []
         logits_indices: list[int] = []
+        scored_rows: list[int] = []
+        scored: list[PromptScore] = []
         bs = self.block_size
         for s in step.scheduled:
             request, start, end = s.request, s.start, s.start + s.num_new_tokens
+            first_row = len(input_ids)
             input_ids.extend(request.token_ids(start, end))
             positions.extend(range(start, end))
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
             if s.samples:
                 logits_indices.append(len(input_ids) - 1)
+            if request.scores_prompt:  # every prompt position but the last scores the token after it
+                for p in range(start, min(end, request.num_prompt_tokens - 1)):
+                    scored_rows.append(first_row + p - start)
+                    scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
+                                              request.params.prompt_logprobs))
         max_blocks = max(len(s.request.block_table) for s in step.scheduled)
         tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in step.scheduled]
 
@@ -122,16 +140,29 @@ class ModelRunner:
                 block_size=bs,
                 zero_slot=self.zero_slot,
             ),
-            logits_indices=tensor(logits_indices),
+            logits_indices=tensor(logits_indices + scored_rows),
+            scored=scored,
         )
 
-    def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> list[tuple[int, TokenLogprob | None]]:
-        """Run the forward pass and sample; one result per scheduled request that samples, in order."""
+    def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> StepResults:
+        """Run the forward pass, sample for the requests that sample (in order), and score prompts."""
         batch = self.prepare(step)
         sampling = [s.request for s in step.scheduled if s.samples]
         with kernels.mode("invariant" if step.invariant else "fast"):
             hidden = self.model(batch, self.kv_caches)
-            if not sampling:
-                return []
-            logits = self.model.compute_logits(hidden)
-            return sampler.sample(logits, sampling, eos_token_ids)
+            samples = sampler.sample(self.model.compute_logits(hidden[: len(sampling)]), sampling,
+                                     eos_token_ids) if sampling else []
+            scores = self._score(hidden[len(sampling) :], batch.scored)
+        return StepResults(samples, scores)
+
+    def _score(self, hidden: torch.Tensor, scored: list[PromptScore]) -> list[tuple[PromptScore, TokenLogprob]]:
+        """Prompt logprobs of the scored rows, SCORE_ROWS rows of logits at a time (a whole prompt's
+        [tokens, vocab] logits would not fit in memory for long prompts). The logits and logprobs
+        are the ops a sampled token's reported logprob comes from, row by row, so in invariant mode
+        scoring a token gives the bits generating it reported."""
+        results: list[tuple[PromptScore, TokenLogprob]] = []
+        for i in range(0, len(scored), SCORE_ROWS):
+            rows = scored[i : i + SCORE_ROWS]
+            logits = self.model.compute_logits(hidden[i : i + SCORE_ROWS]).float()
+            results += zip(rows, sampler.token_logprobs(logits, [r.token_id for r in rows], [r.top for r in rows]))
+        return results

@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None = no logprobs; k >= 0 = chosen token plus top-k
+    prompt_logprobs: int | None = None  # None = none; k >= 0 = each prompt token's logprob plus top-k
     deterministic: bool | None = None  # None = the engine's default
     structured: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
 
@@ -36,7 +37,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "max_tokens must be at least 1 (0 only to score a prompt, with prompt logprobs)"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0 or self.top_k == -1, "top_k must be 0 or -1 (off) or a positive integer"),
@@ -45,8 +47,10 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
              "repetition_penalty must be in (0, 2]"),
-            (0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "min_tokens must be in [0, max_tokens]"),
+            (0 <= self.min_tokens <= (self.min_tokens if self.max_tokens is None else self.max_tokens),
+             "min_tokens must be in [0, max_tokens]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
              "logit_bias values must be in [-100, 100]"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
@@ -82,6 +86,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int = 1  # 1 + how many tokens are more likely
 
 
 @dataclass
@@ -106,6 +111,13 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it first got a place in a step
     grammar: GrammarState | None = None  # where a structured output stands (None: unconstrained)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None), when asked
+    prompt_logprobs_sent: bool = False  # already in an output
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether every prompt position's logits are needed (prompt logprobs asked for)."""
+        return self.params.prompt_logprobs is not None
 
     @property
     def queue_seconds(self) -> float | None:
@@ -156,3 +168,4 @@ class RequestOutput:
     num_cached_tokens: int
     queue_seconds: float | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, in the request's first output

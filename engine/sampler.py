@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from engine.request import Request, SamplingParams, TokenLogprob
+from engine.request import Request, TokenLogprob
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
@@ -83,25 +83,28 @@ def _sample_on_host(logits: torch.Tensor, request: Request, eos_token_ids: tuple
     return int(kernels.gumbel_max(_filtered(row, request)[None], seed, position)[0])
 
 
-def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], params: list[SamplingParams]) -> list[TokenLogprob]:
-    """The chosen token's logprob and the top-k alternatives for the given rows of logits [S, V].
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Row i of logits [R, V] (float32): token i's logprob and the top `tops[i]` alternatives.
 
-    Top-k lists are ordered by logprob, then token id, so ties read the same on every device.
+    Each row's log-softmax is computed on its own (row-invariant), so the logprob a sampled token
+    reports and the one scoring it as a prompt token reads are the same bits. Top-k lists are
+    ordered by logprob, then token id, so ties read the same on every device.
     """
     device = logits.device
-    logprobs = kernels.log_softmax(logits[torch.tensor(rows, device=device)])  # [R, V] float32
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0].tolist()
-    max_k = max(p.logprobs for p in params)
+    logprobs = kernels.log_softmax(logits)  # [R, V] float32
+    chosen_values = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])  # [R, 1]
+    chosen = chosen_values[:, 0].tolist()
+    ranks = ((logprobs > chosen_values).sum(-1) + 1).tolist()
+    max_k = max(tops, default=0)
     if max_k:
         top_values, top_ids = (t.tolist() for t in torch.topk(logprobs, max_k))
     else:
-        top_values = top_ids = [[] for _ in rows]
+        top_values = top_ids = [[] for _ in tokens]
     entries = []
-    for token, logprob, values, ids, p in zip(tokens, chosen, top_values, top_ids, params):
+    for token, logprob, rank, values, ids, k in zip(tokens, chosen, ranks, top_values, top_ids, tops):
         # a structured output's disallowed tokens have logprob -inf: not alternatives, and not JSON
         top = sorted(((i, v) for i, v in zip(ids, values) if v != float("-inf")), key=lambda pair: (-pair[1], pair[0]))
-        top = top[: p.logprobs]
-        entries.append(TokenLogprob(token_id=token, logprob=logprob, top=top))
+        entries.append(TokenLogprob(token_id=token, logprob=logprob, top=top[:k], rank=rank))
     return entries
 
 
@@ -136,7 +139,8 @@ def sample(
     results: list[tuple[int, TokenLogprob | None]] = [(token, None) for token in tokens]
     wanting = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if wanting:
-        entries = _logprobs(logits, wanting, [tokens[i] for i in wanting], [requests[i].params for i in wanting])
+        entries = token_logprobs(logits[torch.tensor(wanting, device=device)], [tokens[i] for i in wanting],
+                                 [requests[i].params.logprobs for i in wanting])
         for i, entry in zip(wanting, entries):
             results[i] = (tokens[i], entry)
     return results

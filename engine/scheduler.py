@@ -26,7 +26,8 @@ class ScheduledRequest:
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
         start = request.num_computed_tokens
-        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
+        reaches_end = start + num_new_tokens == request.num_tokens
+        return cls(request, start, num_new_tokens, reaches_end and request.params.max_tokens > 0)
 
 
 @dataclass

@@ -301,8 +301,12 @@ def _job(
         echoes=choice_echoes,
         n=body.n,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
-        token_text=(lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else "token_id:{}".format,
+        token_text=(lambda t: tokenizer.decode([t], skip_special_tokens=False))
+        if tokenizer and not body.return_tokens_as_token_ids else "token_id:{}".format,
         tool_use=tool_use,
+        echo_logprobs=echo and logprobs is not None,
+        show_prompt_logprobs=body.prompt_logprobs is not None,
+        return_token_ids=body.return_token_ids,
     )
 
 

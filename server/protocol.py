@@ -126,12 +126,23 @@ class GenerationRequest(_OpenAIModel):
     user: str | None = None
     deterministic: bool | None = None  # detserve's extension: None = the server's default
     structured_outputs: dict | None = None  # vLLM's extension: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and this many alternatives
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the answer
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as "token_id:N"
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise unsupported("prompt_logprobs", "prompt_logprobs must be in [0, 20]")
+        if self.stream and self.engine_prompt_logprobs() is not None:
+            raise unsupported("stream", "prompt logprobs are not streamed: send stream false to get them")
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes: top-k alternatives per position, or None."""
+        return self.prompt_logprobs
 
     def structured_output(self) -> tuple[StructuredOutput, str] | None:
         """The constraint on the output, and the parameter that asked for it (to name it in errors)."""
@@ -156,6 +167,7 @@ class GenerationRequest(_OpenAIModel):
             logit_bias=_logit_bias(self.logit_bias or {}, model),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             logprobs=logprobs,
+            prompt_logprobs=self.engine_prompt_logprobs(),
             structured=structured,
             **fields,
         )
@@ -276,6 +288,7 @@ class ChatCompletionRequest(GenerationRequest):
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | dict | None = None
     response_format: dict | None = None
+    echo: bool | None = None  # a completions parameter: refused here, not ignored
     audio: dict | None = None
     modalities: list[str] | None = None
 
@@ -284,6 +297,8 @@ class ChatCompletionRequest(GenerationRequest):
         if self.response_format is not None and self.response_format.get("type") not in ("text", "json_object",
                                                                                           "json_schema"):
             raise unsupported("response_format", "response_format type must be text, json_object or json_schema")
+        if self.echo:
+            raise unsupported("echo", "echo is a /v1/completions parameter; use prompt_logprobs to score a chat")
         if self.audio is not None or (self.modalities is not None and self.modalities != ["text"]):
             raise unsupported("modalities", "only text output is supported")
         if self.top_logprobs is not None and not self.logprobs:
@@ -355,8 +370,13 @@ class CompletionRequest(GenerationRequest):
             raise unsupported("suffix", "suffix is not supported")
         if self.best_of not in (None, 1, self.n):
             raise unsupported("best_of", "best_of must equal n: every choice generated is returned")
-        if self.echo and self.logprobs is not None:
-            raise unsupported("echo", "echo with logprobs needs prompt logprobs, which detserve does not compute")
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """Echo with logprobs shows the prompt's logprobs first; echo with max_tokens 0 scores the prompt."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if self.echo and self.max_tokens == 0 and not wanted:
+            wanted = [0]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one string, several strings, one token list, or several token lists."""

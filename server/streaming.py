@@ -41,6 +41,7 @@ class Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     text_offset: int = 0  # where the next logprob token starts in the text (completions)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when the engine scored it
     streamed: int = 0  # with tools: characters of text already sent, as content or as calls
     num_calls_sent: int = 0  # with tools: calls already sent
 
@@ -52,6 +53,8 @@ class Choice:
         self.logprobs += out.new_logprobs
         self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason.value
 
@@ -77,6 +80,9 @@ class Job:
     include_usage: bool
     token_text: Callable[[int], str]
     tool_use: ToolUse | None = None  # chat with tools: calls are parsed out of the text
+    echo_logprobs: bool = False  # completions with echo and logprobs: the logprobs start with the prompt's
+    show_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
+    return_token_ids: bool = False  # vLLM's prompt_token_ids and token_ids fields
     created: int = field(default_factory=lambda: int(time.time()))
     trace: RequestTrace | None = None  # told of every output, for the metrics and the request log
 
@@ -100,12 +106,21 @@ class Job:
         body["choices"] = []
         for c in choices:
             logprobs = self._logprobs(c, c.logprobs, len(c.echo))[0]
+            if self.echo_logprobs and logprobs is not None:
+                prompt = self._prompt_logprobs_body(c)
+                logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
             if self.tool_use is None:
-                body["choices"].append(self._choice(c, c.echo + c.text, logprobs, c.finish_reason))
-                continue
-            content, calls = tools.parse(c.text, self.tool_use.tools)
-            finish = self._calls_finish(c) if calls else c.finish_reason
-            body["choices"].append(self._choice(c, content, logprobs, finish, calls=self._openai_calls(c, calls)))
+                choice = self._choice(c, c.echo + c.text, logprobs, c.finish_reason)
+            else:
+                content, calls = tools.parse(c.text, self.tool_use.tools)
+                finish = self._calls_finish(c) if calls else c.finish_reason
+                choice = self._choice(c, content, logprobs, finish, calls=self._openai_calls(c, calls))
+            body["choices"].append(choice | self._token_fields(c, c.token_ids))
+        if self.kind == "chat":  # one prompt: vLLM puts its fields beside the choices
+            body |= {k: v for k, v in self._prompt_fields(choices[0]).items()}
+        else:
+            for c, choice in zip(choices, body["choices"]):
+                choice |= self._prompt_fields(c)
         body["usage"] = self.usage(choices)
         return self.with_digest(body, choices)
 
@@ -118,6 +133,11 @@ class Job:
             return []
         text = (c.echo if first else "") + out.text_delta
         choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None, delta=True, role=first)
+        choice |= self._token_fields(c, out.new_token_ids)
+        if first and self.return_token_ids:
+            if self.kind == "chat":
+                return [self._chunk(choice) | {"prompt_token_ids": self.prompts[c.index]}]
+            choice["prompt_token_ids"] = self.prompts[c.index]
         return [self._chunk(choice)]
 
     def _tool_chunks(self, c: Choice, out: RequestOutput, first: bool, logprobs: dict | None) -> list[dict]:
@@ -217,6 +237,35 @@ class Job:
         body = {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": tops,
                 "text_offset": offsets}
         return body, offset
+
+    def _prompt_logprobs_body(self, c: Choice) -> dict:
+        """The prompt's part of an echoed completion's logprobs: its first token has none (null)."""
+        tokens = [self.token_text(t) for t in self.prompts[c.index]]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        entries = c.prompt_logprobs or [None] * len(tokens)
+        tops = [None if lp is None else {**{self.token_text(t): v for t, v in lp.top}, token: lp.logprob}
+                for token, lp in zip(tokens, entries)]
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in entries],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def _prompt_fields(self, c: Choice) -> dict:
+        """vLLM's `prompt_logprobs` ({token id: {logprob, rank, decoded_token}} per prompt token, the
+        first null) and `prompt_token_ids`, when asked for."""
+        fields = {}
+        if self.show_prompt_logprobs:
+            fields["prompt_logprobs"] = [None if lp is None else self._ranked(lp) for lp in c.prompt_logprobs or []]
+        if self.return_token_ids:
+            fields["prompt_token_ids"] = self.prompts[c.index]
+        return fields
+
+    def _ranked(self, lp: TokenLogprob) -> dict:
+        entry = {str(t): {"logprob": v, "rank": rank, "decoded_token": self.token_text(t)}
+                 for rank, (t, v) in enumerate(lp.top, start=1)}
+        entry[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_text(lp.token_id)}
+        return entry
+
+    def _token_fields(self, c: Choice, token_ids: list[int]) -> dict:
+        return {"token_ids": token_ids} if self.return_token_ids else {}
 
     def _chat_logprob(self, lp: TokenLogprob) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
