@@ -114,20 +114,20 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
             raise APIError(404, f"The model `{model}` does not exist.", "model")
         return engine.info
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         """Readiness: 200 only while the model is loaded, the engine runs and the server is not draining."""
         served(None)
         return {"status": "ok"}
 
-    @app.get("/live")
+    @app.api_route("/live", methods=["GET", "HEAD"])
     async def live() -> dict:
         """Liveness: 200 unless the engine has died (loading and draining are alive), so restarts fix only that."""
         if engine.dead:
             raise APIError(503, f"the engine has failed: {engine.error!r}")
         return {"status": "alive"}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -139,7 +139,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         return {"id": info.name, "object": "model", "created": created, "owned_by": "detserve",
                 "root": info.root, "parent": None, "max_model_len": info.max_model_len, "permission": []}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict:
         return {"object": "list", "data": [model_card(served(None))]}
 
@@ -301,6 +301,7 @@ def _job(
         echoes=choice_echoes,
         n=body.n,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
+        continuous_usage=body.stream_options is not None and body.stream_options.continuous_usage_stats,
         token_text=(lambda t: tokenizer.decode([t], skip_special_tokens=False))
         if tokenizer and not body.return_tokens_as_token_ids else "token_id:{}".format,
         tool_use=tool_use,

@@ -102,6 +102,7 @@ class _OpenAIModel(BaseModel):
 
 class StreamOptions(_OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
 
 
 class GenerationRequest(_OpenAIModel):

@@ -83,6 +83,7 @@ class Job:
     echo_logprobs: bool = False  # completions with echo and logprobs: the logprobs start with the prompt's
     show_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
     return_token_ids: bool = False  # vLLM's prompt_token_ids and token_ids fields
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     created: int = field(default_factory=lambda: int(time.time()))
     trace: RequestTrace | None = None  # told of every output, for the metrics and the request log
 
@@ -348,6 +349,8 @@ async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
                 choices[i].add(out)
                 unfinished -= out.finished
                 chunks = job.chunks(choices[i], out, first)
+                if job.continuous_usage:
+                    chunks = [chunk | {"usage": job.usage(choices)} for chunk in chunks]
                 for k, chunk in enumerate(chunks):
                     last = not unfinished and not job.include_usage and k == len(chunks) - 1
                     yield _event(job.with_digest(chunk, choices) if last else chunk)

@@ -44,3 +44,21 @@ def test_tokenize_messages_counts_the_prompt_a_chat_request_uses(http, client, s
     assert resp.usage.prompt_tokens == counted
     without_prompt = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()["count"]
     assert without_prompt < counted
+
+
+def test_head_on_the_read_only_endpoints_answers_as_get_without_a_body(http, server: LiveServer):
+    for path in ("/health", "/live", "/metrics", "/v1/models"):
+        head, get = http.head(path), http.get(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, server: LiveServer):
+    stream = client.completions.create(model=server.model, prompt="Once", max_tokens=5, temperature=0, stream=True,
+                                       stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    with_text = [c for c in chunks if c.choices]
+    assert [c.usage.completion_tokens for c in with_text] == list(range(1, 6))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens > 0
