@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Literal
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,7 @@ from engine.config import EngineConfig, option
 from engine.llm_engine import ModelInfo
 from engine.structured import GrammarError, StructuredOutput
 from engine.tokenizer import Tokenizer
-from server import streaming, tools
+from server import responses, streaming, tools
 from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
 from server.middleware import LimitBody, RequireAPIKey, TrackRequests
 from server.protocol import (
@@ -33,6 +33,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
     ToolUse,
     GenerationRequest,
@@ -114,20 +115,20 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
             raise APIError(404, f"The model `{model}` does not exist.", "model")
         return engine.info
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def health() -> dict:
         """Readiness: 200 only while the model is loaded, the engine runs and the server is not draining."""
         served(None)
         return {"status": "ok"}
 
-    @app.api_route("/live", methods=["GET", "HEAD"])
+    @app.get("/live")
     async def live() -> dict:
         """Liveness: 200 unless the engine has died (loading and draining are alive), so restarts fix only that."""
         if engine.dead:
             raise APIError(503, f"the engine has failed: {engine.error!r}")
         return {"status": "alive"}
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -139,9 +140,13 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
         return {"id": info.name, "object": "model", "created": created, "owned_by": "detserve",
                 "root": info.root, "parent": None, "max_model_len": info.max_model_len, "permission": []}
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [model_card(served(None))]}
+
+    for path, probe in (("/health", health), ("/live", live), ("/metrics", prometheus_metrics), ("/v1/models", models)):
+        # HEAD answers as GET without a body (monitoring probes use it); undocumented, like OpenAI's
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
@@ -150,6 +155,24 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
 
     @app.post("/v1/chat/completions", responses=SSE_RESPONSE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        job, messages = chat_job(body)
+        return await _respond(engine, config, job, body, request, messages)
+
+    @app.post("/v1/responses", responses=SSE_RESPONSE)
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        """The Responses API subset: runs as a chat completion, answered in the Responses shape."""
+        served(body.model)
+        with _bad_request():
+            chat = body.as_chat()
+        job, messages = chat_job(chat)
+        job.id = "resp_" + job.id.removeprefix("chatcmpl-")
+        settings = body.settings()
+        return await _respond(engine, config, job, chat, request, messages,
+                              stream=lambda: responses.stream(engine, job, settings),
+                              complete=lambda: responses.complete(engine, job, settings))
+
+    def chat_job(body: ChatCompletionRequest) -> tuple[streaming.Job, list[dict]]:
+        """The engine job of a chat request: its prompt rendered with tools, its output constraint."""
         info = served(body.model)
         with _bad_request():
             body.check_supported()
@@ -167,7 +190,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
                 structured = tools.forced_call(tool_use.forced), "tool_choice"
             job = _job("chat", engine, info, config, body, [prompt], echo=False, logprobs=body.num_logprobs,
                        max_tokens=body.requested_max_tokens, structured=structured, tool_use=tool_use)
-        return await _respond(engine, config, job, body, request, messages)
+        return job, messages
 
     @app.post("/v1/completions", responses=SSE_RESPONSE)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -318,8 +341,11 @@ async def _respond(
     body: GenerationRequest,
     request: Request,
     prompt: object,
+    stream: Callable[[], AsyncIterator[str]] | None = None,
+    complete: Callable[[], Awaitable[dict]] | None = None,
 ) -> Response:
-    """Admit the job (or 429 when the queue is full), then stream it or answer with the whole body."""
+    """Admit the job (or 429 when the queue is full), then stream it or answer with the whole body
+    (chat and text completions by default; `stream` and `complete` give another API's shape)."""
     waiting = engine.stats().num_waiting
     if waiting + len(job.prompts) > config.max_waiting_requests:
         raise APIError(429, f"the server is at capacity ({waiting} requests waiting); retry shortly",
@@ -330,9 +356,9 @@ async def _respond(
         trace.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
     job.trace = trace
     if body.stream:
-        return streaming.SSEResponse(streaming.stream(engine, job))
+        return streaming.SSEResponse(stream() if stream else streaming.stream(engine, job))
     try:
-        result = await streaming.until_disconnected(request, streaming.complete(engine, job))
+        result = await streaming.until_disconnected(request, complete() if complete else streaming.complete(engine, job))
     except Exception as exc:
         raise APIError.of(exc) from exc
     if result is None:

@@ -399,3 +399,57 @@ class TokenizeRequest(_OpenAIModel):
 class DetokenizeRequest(_OpenAIModel):
     model: str | None = None
     tokens: list[StrictInt]
+
+
+class ResponsesRequest(_OpenAIModel):
+    """The Responses API subset served: text in, one text message out (see server/responses.py)."""
+
+    model: str
+    input: str | list[dict]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # detserve's extension, as on chat
+    deterministic: bool | None = None  # detserve's extension
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    tools: list[dict] | None = None
+    text: dict | None = None
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The chat completion this request runs as; 400 for what is not served."""
+        if self.store:
+            raise unsupported("store", "store is not supported: nothing is stored (send store false)")
+        if self.previous_response_id is not None:
+            raise unsupported("previous_response_id", "previous_response_id needs a store, which detserve "
+                                                      "does not keep; send the conversation as input")
+        if self.tools:
+            raise unsupported("tools", "tools are not supported on /v1/responses; use /v1/chat/completions")
+        if ((self.text or {}).get("format") or {}).get("type", "text") != "text":
+            raise unsupported("text", "only text output is supported on /v1/responses")
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        for item in items:
+            kind = item.get("type", "message")
+            if kind != "message" or item.get("role") not in ("user", "system", "developer", "assistant"):
+                raise unsupported("input", f"input items of type {kind!r} (role {item.get('role')!r}) are not "
+                                           "supported; send messages with role user, system, developer or assistant")
+            content = item.get("content")
+            if isinstance(content, list):
+                unsupported_parts = {p.get("type") for p in content} - {"input_text", "output_text"}
+                if unsupported_parts:
+                    raise unsupported("input", f"content parts of type {sorted(map(str, unsupported_parts))} are "
+                                               "not supported; only input_text and output_text")
+                content = "\n".join(str(p.get("text", "")) for p in content)
+            messages.append({"role": item["role"], "content": content or ""})
+        return ChatCompletionRequest(
+            model=self.model, messages=messages, max_tokens=self.max_output_tokens, temperature=self.temperature,
+            top_p=self.top_p, seed=self.seed, deterministic=self.deterministic, stream=self.stream)
+
+    def settings(self) -> dict:
+        """What the response object echoes back of the request."""
+        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+                "temperature": self.temperature if self.temperature is not None else 1.0,
+                "top_p": self.top_p if self.top_p is not None else 1.0}

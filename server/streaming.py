@@ -276,7 +276,7 @@ class Job:
         return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
-async def _outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) from every choice's engine stream, as they come, until all finish."""
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
@@ -308,8 +308,8 @@ async def _outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, Re
 async def complete(engine: AsyncEngine, job: Job) -> dict:
     """Run every choice to the end; the non-streamed body."""
     choices = job.new_choices()
-    async with contextlib.aclosing(_outputs(engine, job)) as outputs:
-        async for i, out in outputs:
+    async with contextlib.aclosing(outputs(engine, job)) as results:
+        async for i, out in results:
             choices[i].add(out)
     return job.response(choices)
 
@@ -343,8 +343,8 @@ async def stream(engine: AsyncEngine, job: Job) -> AsyncIterator[str]:
     choices = job.new_choices()
     unfinished = len(choices)
     try:
-        async with contextlib.aclosing(_outputs(engine, job)) as outputs:  # closed even when we are
-            async for i, out in outputs:
+        async with contextlib.aclosing(outputs(engine, job)) as results:  # closed even when we are
+            async for i, out in results:
                 first = not choices[i].token_ids
                 choices[i].add(out)
                 unfinished -= out.finished

@@ -1,0 +1,106 @@
+"""The Responses API (`POST /v1/responses`): the subset `client.responses.create` and `.stream` use.
+
+A request becomes a chat completion (`ResponsesRequest.as_chat`: `instructions` as the system
+message, `input` as the messages), runs as one, and is answered in the Responses shape: one
+assistant message of `output_text` parts, `status` completed or incomplete (max_output_tokens), and
+when streamed the event sequence the SDK's helpers expect, each event with its `sequence_number`.
+Nothing is stored, so `store: true` and `previous_response_id` are refused (400) at the edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from typing import AsyncIterator
+
+from engine.async_engine import AsyncEngine
+from server.protocol import APIError
+from server.streaming import Choice, Job, outputs
+
+
+def _status(choice: Choice) -> tuple[str, dict | None]:
+    if choice.finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+class _Shapes:
+    """The Responses objects of one job: the response, its message item and text part."""
+
+    def __init__(self, job: Job, settings: dict) -> None:
+        self.job = job
+        self.settings = settings  # instructions, max_output_tokens, temperature, top_p as requested
+        self.message_id = "msg_" + uuid.uuid4().hex
+
+    def part(self, text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def message(self, text: str | None, status: str) -> dict:
+        content = [] if text is None else [self.part(text)]
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def response(self, choice: Choice | None, status: str, details: dict | None = None) -> dict:
+        body = {
+            "id": self.job.id, "object": "response", "created_at": self.job.created, "status": status,
+            "error": None, "incomplete_details": details, "model": self.job.model,
+            "output": [] if choice is None else [self.message(choice.text, "completed" if status == "completed"
+                                                              else "incomplete")],
+            "parallel_tool_calls": True, "previous_response_id": None, "store": False, "tool_choice": "auto",
+            "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
+            "usage": None if choice is None else self.usage(choice), **self.settings,
+        }
+        if choice is not None:
+            body = self.job.with_digest(body, [choice])
+        return body
+
+    def usage(self, choice: Choice) -> dict:
+        usage = self.job.usage([choice])
+        return {"input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"]}
+
+
+async def complete(engine: AsyncEngine, job: Job, settings: dict) -> dict:
+    """Run the request to the end; the response object."""
+    [choice] = job.new_choices()
+    async with contextlib.aclosing(outputs(engine, job)) as stream:
+        async for _, out in stream:
+            choice.add(out)
+    return _Shapes(job, settings).response(choice, *_status(choice))
+
+
+async def stream(engine: AsyncEngine, job: Job, settings: dict) -> AsyncIterator[str]:
+    """SSE events: created, in_progress, the message item and its text part opening, a text delta
+    per output, then everything closing and `response.completed` (or `response.incomplete`)."""
+    shapes = _Shapes(job, settings)
+    [choice] = job.new_choices()
+    sequence = iter(range(1 << 62))
+    where = {"item_id": shapes.message_id, "output_index": 0, "content_index": 0}
+
+    def event(kind: str, **fields) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **fields})}\n\n"
+
+    yield event("response.created", response=shapes.response(None, "in_progress"))
+    yield event("response.in_progress", response=shapes.response(None, "in_progress"))
+    yield event("response.output_item.added", output_index=0, item=shapes.message(None, "in_progress"))
+    yield event("response.content_part.added", **where, part=shapes.part(""))
+    try:
+        async with contextlib.aclosing(outputs(engine, job)) as stream_:
+            async for _, out in stream_:
+                choice.add(out)
+                if out.text_delta:
+                    yield event("response.output_text.delta", **where, delta=out.text_delta, logprobs=[])
+    except Exception as exc:
+        error = APIError.of(exc)
+        if job.trace is not None:
+            job.trace.failed(error.status, error.message)
+        yield event("error", code=str(error.status), message=error.message, param=error.param)
+        return
+    status, details = _status(choice)
+    yield event("response.output_text.done", **where, text=choice.text, logprobs=[])
+    yield event("response.content_part.done", **where, part=shapes.part(choice.text))
+    yield event("response.output_item.done", output_index=0,
+                item=shapes.message(choice.text, "completed" if status == "completed" else "incomplete"))
+    yield event(f"response.{status}", response=shapes.response(choice, status, details))
