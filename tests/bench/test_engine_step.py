@@ -43,3 +43,12 @@ def test_structured_outputs_bench_times_constrained_and_plain_steps_on_the_defau
     for row in rows:
         plain_ms, json_ms, _, _, ratio = map(float, row.split()[1:6])
         assert plain_ms > 0 and json_ms > 0 and math.isclose(ratio, plain_ms / json_ms, rel_tol=0.05)
+
+
+def test_scoring_bench_times_prefill_and_scoring_on_the_default_model(capsys) -> None:
+    from bench import scoring
+
+    assert scoring.main(["--prompt-tokens", "40", "--rounds", "1"]) == 0
+    rows = capsys.readouterr().out.split("== scoring a 40-token prompt")[1].splitlines()[2:]
+    assert [row.split("  ")[0].strip() for row in rows] == list(scoring.CASES)
+    assert all(float(row.split()[-3]) > 0 for row in rows)
