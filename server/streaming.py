@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -116,9 +117,9 @@ class Job:
                 content, calls = tools.parse(c.text, self.tool_use.tools)
                 finish = self._calls_finish(c) if calls else c.finish_reason
                 choice = self._choice(c, content, logprobs, finish, calls=self._openai_calls(c, calls))
-            body["choices"].append(choice | self._token_fields(c, c.token_ids))
+            body["choices"].append(choice | self._token_fields(c.token_ids))
         if self.kind == "chat":  # one prompt: vLLM puts its fields beside the choices
-            body |= {k: v for k, v in self._prompt_fields(choices[0]).items()}
+            body |= self._prompt_fields(choices[0])
         else:
             for c, choice in zip(choices, body["choices"]):
                 choice |= self._prompt_fields(c)
@@ -134,7 +135,7 @@ class Job:
             return []
         text = (c.echo if first else "") + out.text_delta
         choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None, delta=True, role=first)
-        choice |= self._token_fields(c, out.new_token_ids)
+        choice |= self._token_fields(out.new_token_ids)
         if first and self.return_token_ids:
             if self.kind == "chat":
                 return [self._chunk(choice) | {"prompt_token_ids": self.prompts[c.index]}]
@@ -242,7 +243,7 @@ class Job:
     def _prompt_logprobs_body(self, c: Choice) -> dict:
         """The prompt's part of an echoed completion's logprobs: its first token has none (null)."""
         tokens = [self.token_text(t) for t in self.prompts[c.index]]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]
         entries = c.prompt_logprobs or [None] * len(tokens)
         tops = [None if lp is None else {**{self.token_text(t): v for t, v in lp.top}, token: lp.logprob}
                 for token, lp in zip(tokens, entries)]
@@ -265,7 +266,7 @@ class Job:
         entry[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_text(lp.token_id)}
         return entry
 
-    def _token_fields(self, c: Choice, token_ids: list[int]) -> dict:
+    def _token_fields(self, token_ids: list[int]) -> dict:
         return {"token_ids": token_ids} if self.return_token_ids else {}
 
     def _chat_logprob(self, lp: TokenLogprob) -> dict:
