@@ -153,10 +153,10 @@ def attention_fast(
     """
     out = torch.empty_like(q)
     for b in range(meta.num_seqs):
+        if meta.is_decode(b):
+            continue
         start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
         seq_len, q_len = meta.seq_lens[b], end - start
-        if q_len == 1:
-            continue
         k = _gather_kv(k_cache, meta.block_tables[b], seq_len)
         v = _gather_kv(v_cache, meta.block_tables[b], seq_len)
         group = q.shape[1] // k.shape[1]
@@ -283,9 +283,9 @@ def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.de
         decode_plan = _DecodePlan(rows, key_rows, masked, num_splits)
     prefills = []
     for b in range(meta.num_seqs):
-        start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
-        if end - start == 1:
+        if meta.is_decode(b):
             continue
+        start, end = meta.query_start_loc[b], meta.query_start_loc[b + 1]
         seq_len = meta.seq_lens[b]
         num_splits = -(-seq_len // KV_SPLIT_SIZE)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=device)[:, None, None]  # [R, 1, 1]

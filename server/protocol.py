@@ -13,7 +13,7 @@ from starlette.responses import Response
 from engine.async_engine import EngineDeadError, RequestFailedError
 from engine.llm_engine import ModelInfo
 from engine.request import SamplingParams
-from engine.structured import GrammarError, StructuredOutput
+from engine.structured import KINDS, GrammarError, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -149,14 +149,14 @@ class GenerationRequest(_OpenAIModel):
         """The constraint on the output, and the parameter that asked for it (to name it in errors)."""
         if self.structured_outputs is None:
             return None
+        param = "structured_outputs"
         given = {k: v for k, v in self.structured_outputs.items() if v is not None and v is not False}
-        if len(given) != 1 or not set(given) <= {*_STRUCTURED_KINDS, "json_object"}:
-            raise unsupported("structured_outputs", "structured_outputs takes exactly one of json, regex, choice, "
-                                                    f"grammar or json_object, not {sorted(given) or 'none'}")
+        if len(given) != 1 or not set(given) <= {*KINDS, "json_object"}:
+            raise unsupported(param, f"{param} takes exactly one of {', '.join(KINDS)} or json_object, "
+                                     f"not {sorted(given) or 'none'}")
         (key, value), = given.items()
-        if key == "json_object":
-            return _structured("json", {"type": "object"}, "structured_outputs"), "structured_outputs"
-        return _structured(key, value, "structured_outputs"), "structured_outputs"
+        kind, value = ("json", {"type": "object"}) if key == "json_object" else (key, value)
+        return _structured(kind, value, param), param
 
     def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, model: ModelInfo,
                         structured: StructuredOutput | None = None) -> SamplingParams:
@@ -172,9 +172,6 @@ class GenerationRequest(_OpenAIModel):
             structured=structured,
             **fields,
         )
-
-
-_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
 
 
 def _structured(kind: str, value: object, param: str) -> StructuredOutput:

@@ -44,8 +44,7 @@ class _Shapes:
         body = {
             "id": self.job.id, "object": "response", "created_at": self.job.created, "status": status,
             "error": None, "incomplete_details": details, "model": self.job.model,
-            "output": [] if choice is None else [self.message(choice.text, "completed" if status == "completed"
-                                                              else "incomplete")],
+            "output": [] if choice is None else [self.message(choice.text, status)],
             "parallel_tool_calls": True, "previous_response_id": None, "store": False, "tool_choice": "auto",
             "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
             "usage": None if choice is None else self.usage(choice), **self.settings,
@@ -101,6 +100,5 @@ async def stream(engine: AsyncEngine, job: Job, settings: dict) -> AsyncIterator
     status, details = _status(choice)
     yield event("response.output_text.done", **where, text=choice.text, logprobs=[])
     yield event("response.content_part.done", **where, part=shapes.part(choice.text))
-    yield event("response.output_item.done", output_index=0,
-                item=shapes.message(choice.text, "completed" if status == "completed" else "incomplete"))
+    yield event("response.output_item.done", output_index=0, item=shapes.message(choice.text, status))
     yield event(f"response.{status}", response=shapes.response(choice, status, details))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -192,11 +191,13 @@ class Job:
                 for i, call in enumerate(calls)]
 
     def _chunk(self, choice: dict) -> dict:
-        return self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion") | {"choices": [choice]}
+        return self._chunk_head() | {"choices": [choice]}
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
-        body = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        return body | {"choices": [], "usage": self.usage(choices)}
+        return self._chunk_head() | {"choices": [], "usage": self.usage(choices)}
+
+    def _chunk_head(self) -> dict:
+        return self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
 
     def with_digest(self, body: dict, choices: list[Choice]) -> dict:
         """`body` with the output digest when the request was deterministic (then the digest is a promise)."""
@@ -229,26 +230,26 @@ class Job:
             return None, offset
         if self.kind == "chat":
             return {"content": [self._chat_logprob(lp) for lp in logprobs]}, offset
-        tokens, offsets = [], []
-        for lp in logprobs:
-            tokens.append(self.token_text(lp.token_id))
-            offsets.append(offset)
-            offset += len(tokens[-1])
-        tops = [{**{self.token_text(t): v for t, v in lp.top}, token: lp.logprob}
-                for token, lp in zip(tokens, logprobs)]
-        body = {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": tops,
-                "text_offset": offsets}
-        return body, offset
+        return self._text_logprobs([lp.token_id for lp in logprobs], logprobs, offset)
 
     def _prompt_logprobs_body(self, c: Choice) -> dict:
         """The prompt's part of an echoed completion's logprobs: its first token has none (null)."""
-        tokens = [self.token_text(t) for t in self.prompts[c.index]]
-        offsets = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]
-        entries = c.prompt_logprobs or [None] * len(tokens)
-        tops = [None if lp is None else {**{self.token_text(t): v for t, v in lp.top}, token: lp.logprob}
-                for token, lp in zip(tokens, entries)]
-        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in entries],
+        prompt = self.prompts[c.index]
+        return self._text_logprobs(prompt, c.prompt_logprobs or [None] * len(prompt), 0)[0]
+
+    def _text_logprobs(self, token_ids: list[int], entries: list[TokenLogprob | None],
+                       offset: int) -> tuple[dict, int]:
+        """A completions `logprobs` object for these tokens (an entry None: a null logprob, as the
+        prompt's first token has), and the text offset after them."""
+        tokens, offsets, tops = [], [], []
+        for token_id, lp in zip(token_ids, entries):
+            tokens.append(self.token_text(token_id))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+            tops.append(None if lp is None else {**{self.token_text(t): v for t, v in lp.top}, tokens[-1]: lp.logprob})
+        body = {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in entries],
                 "top_logprobs": tops, "text_offset": offsets}
+        return body, offset
 
     def _prompt_fields(self, c: Choice) -> dict:
         """vLLM's `prompt_logprobs` ({token id: {logprob, rank, decoded_token}} per prompt token, the

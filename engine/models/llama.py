@@ -118,7 +118,7 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Hidden states of the rows that predict a next token: [S, hidden]."""
+        """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored)."""
         x = self.embed(batch.input_ids)
         rotary = kernels.RotaryInputs(batch.positions, self.cos_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):

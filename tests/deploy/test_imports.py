@@ -29,7 +29,7 @@ SERVER_MAY_IMPORT = {
     "engine.llm_engine": {"ModelInfo"},
     "engine.request": {"FinishReason", "RequestOutput", "SamplingParams", "TokenLogprob"},
     "engine.tokenizer": {"Tokenizer"},
-    "engine.structured": {"GrammarError", "StructuredOutput"},
+    "engine.structured": {"KINDS", "GrammarError", "StructuredOutput"},
 }
 
 
