@@ -73,8 +73,8 @@ def _triton_device(x: torch.Tensor) -> bool:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    """Invariant mode on a Triton device: run the Triton kernels."""
-    return _invariant() and _triton_device(x)
+    """Invariant mode on a Triton device: run the Triton kernels (device first: the CPU answers at once)."""
+    return _triton_device(x) and _invariant()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,13 +90,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
     if _use_triton(x):
         from kernels import rmsnorm
 
-        return rmsnorm.rms_norm(x2, weight, eps, _triton_config(x.device).rows).view(shape)
-    return reference.rms_norm(x2, weight, eps).view(shape)
+        return rmsnorm.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps, _triton_config(x.device).rows).view(x.shape)
+    return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(

@@ -33,8 +33,9 @@ ROWS_PER_CALL = 16
 KV_SPLIT_SIZE = 256
 """Keys per attention split: a fixed split *size*, so splits sit at the same absolute positions."""
 
-VERSION = 2
-"""Bumped whenever these ops' arithmetic changes (2: SiLU via exp, attention as batched items),
+VERSION = 3
+"""Bumped whenever these ops' arithmetic changes (2: SiLU via exp, attention as batched items;
+3: the attention scale and mask applied inside the score matmul),
 so the system fingerprint stops promising the old bits."""
 
 
@@ -69,7 +70,13 @@ def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Both modes: one row's mean of squares is one reduction over its own contiguous elements,
-    whose order depends on the row length only, never on the number of rows (tests pin it)."""
+    whose order depends on the row length only, never on the number of rows (tests pin it).
+
+    For float32, torch's own `rms_norm` runs these very ops in C++ (same bits, checked here), in
+    one call from Python instead of eight; for 16-bit inputs it rounds differently, hence the
+    spelled-out ops there."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     variance = x32.pow(2).mean(-1, keepdim=True)
     return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
@@ -82,7 +89,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     in the batch; exp, add and divide give the same bits on both paths (tests pin it)."""
     gate, up = x.chunk(2, dim=-1)
     g = gate.float()
-    return (g / (1 + torch.exp(-g))).to(x.dtype) * up
+    silu = torch.div(g, torch.neg(g).exp_().add_(1))  # fresh tensors only: g may be a view of x
+    return (silu if x.dtype == torch.float32 else silu.to(x.dtype)).mul_(up)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -94,16 +102,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.
     """Rotate-half (NeoX-style) rotary embedding, as Hugging Face Llama/Qwen apply it.
 
     q [T, H, D], k [T, Hkv, D]. Only gathers, multiplies and adds: exact per element, so invariant
-    as is. The step's rotation rows are gathered once and shared by every layer.
+    as is. The step's rotation rows are gathered once and shared by every layer, and q and k are
+    rotated as one tensor (four ops in all, not four per tensor).
     """
     half = rotary.cos_sin.shape[-1] // 2
     cos_cos, minus_sin_sin = rotary.plan("reference", lambda: _rotation_rows(rotary))
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * cos_cos + torch.roll(xf, half, dims=-1) * minus_sin_sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    qk = torch.cat([q, k], dim=1).float()
+    rotated = (qk * cos_cos + torch.roll(qk, half, dims=-1) * minus_sin_sin).to(q.dtype)
+    return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
 
 
 def _rotation_rows(rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,23 +239,23 @@ class _DecodePlan:
 
     rows: torch.Tensor  # [B] flat query row of each decode
     key_rows: torch.Tensor  # [Hkv * B * J * S] rows of the cache viewed as [slots * Hkv, D], see _key_rows
-    masked: torch.Tensor  # [B, J, 1, S] True at keys after the query
+    bias: torch.Tensor  # [Hkv * B * J, 1, S] float: -inf at keys after the query, else 0
     num_splits: int  # J: the most splits any decode has
 
 
 @dataclass
 class _PrefillPlan:
-    """One sequence's run of several queries: their rows, keys, and per split the keys each may not see."""
+    """One sequence's run of several queries: their rows, keys, and per split the bias of each query."""
 
     start: int
     end: int
     key_rows: torch.Tensor  # [Hkv * J * S]
-    split_masks: list[torch.Tensor | None]  # per split: [R, 1, S] True where masked, None if none is
+    split_biases: list[torch.Tensor]  # per split: [R, 1, S] (-inf where masked), or [1, 1, S] zeros if none is
 
 
 @dataclass
 class InvariantPlan:
-    """Index and mask tensors for `attention_invariant`, built once per step and shared by every layer."""
+    """Index and bias tensors for `attention_invariant`, built once per step and shared by every layer."""
 
     decodes: _DecodePlan | None
     prefills: list[_PrefillPlan]
@@ -270,6 +276,11 @@ def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_
     return (slots[None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None, None]).reshape(-1)
 
 
+def _bias(masked: torch.Tensor) -> torch.Tensor:
+    """float32 0 where a key is visible, -inf where `masked`: added to the scores inside the matmul."""
+    return torch.zeros(masked.shape, device=masked.device).masked_fill_(masked, float("-inf"))
+
+
 def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> InvariantPlan:
     decodes = [b for b in range(meta.num_seqs) if meta.is_decode(b)]
     decode_plan = None
@@ -277,11 +288,13 @@ def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.de
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
         key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
         lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), num_splits, 1, KV_SPLIT_SIZE)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(1, len(decodes) * num_splits, 1, KV_SPLIT_SIZE)
+        bias = _bias(masked.expand(num_kv_heads, -1, -1, -1)).view(-1, 1, KV_SPLIT_SIZE)
         rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
         key_rows = _key_rows(meta, decodes, num_splits, num_kv_heads, device)
-        decode_plan = _DecodePlan(rows, key_rows, masked, num_splits)
+        decode_plan = _DecodePlan(rows, key_rows, bias, num_splits)
     prefills = []
+    visible = torch.zeros(1, 1, KV_SPLIT_SIZE, device=device)
     for b in range(meta.num_seqs):
         if meta.is_decode(b):
             continue
@@ -289,11 +302,11 @@ def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.de
         seq_len = meta.seq_lens[b]
         num_splits = -(-seq_len // KV_SPLIT_SIZE)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=device)[:, None, None]  # [R, 1, 1]
-        masks: list[torch.Tensor | None] = []
+        biases = []
         for j in range(num_splits):
-            mask = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
-            masks.append(mask if bool(mask.any()) else None)
-        prefills.append(_PrefillPlan(start, end, _key_rows(meta, [b], num_splits, num_kv_heads, device), masks))
+            masked = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
+            biases.append(_bias(masked) if bool(masked.any()) else visible)
+        prefills.append(_PrefillPlan(start, end, _key_rows(meta, [b], num_splits, num_kv_heads, device), biases))
     return InvariantPlan(decode_plan, prefills)
 
 
@@ -313,72 +326,76 @@ def attention_invariant(
     is a batch of items of one fixed shape: one query row's G heads of one KV head ([G, D]) against
     one fixed split of KV_SPLIT_SIZE keys at absolute positions. The step's decodes share one
     batched call per layer (their keys gathered head-major, one copy); a prefill run shares each
-    split's keys among its queries through a stride-0 batch (no copy). The splits' partial softmax
-    states are merged in order 0, 1, 2, ... by elementwise ops, which are exact (or, for exp, the
-    same code at every position: tests pin that). A split wholly after a query is an exact no-op
-    in the merge (scale exp(0) = 1, contribution 0). Masked keys get probability exactly +0, and
+    split's keys among its queries through a stride-0 batch (no copy: a batch across heads or
+    sequences would need one copy of the keys per query row). The splits' partial softmax states
+    are merged in order 0, 1, 2, ... by elementwise ops, which are exact (or, for exp, the same code
+    at every position: tests pin that). A split wholly after a query is an exact no-op in the merge
+    (scale exp(0) = 1, contribution 0). Masked keys get probability exactly +0 (exp(-inf)), and
     keys past a sequence read the always-zero slot.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    q = q.float() * scale  # elementwise, hence exact at any shape
+    dtype, q = q.dtype, q.float()
     plan = meta.plan(("reference", num_kv_heads), lambda: _invariant_plan(meta, num_kv_heads, q.device))
+    out = None
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
-        queries = (q if batch == num_tokens else q[d.rows]).view(batch, num_kv_heads, 1, group, head_dim)
+        queries = (q if batch == num_tokens else q.index_select(0, d.rows)).view(batch, num_kv_heads, 1, group, head_dim)
         queries = queries.transpose(0, 1).expand(-1, -1, splits, -1, -1).reshape(-1, group, head_dim)
         o, m, l = _attend_split(queries, _gather_items(k_cache, d.key_rows), _gather_items(v_cache, d.key_rows),
-                                d.masked, (num_kv_heads, batch, splits, group))
+                                d.bias, scale, (num_kv_heads, batch, splits, group))
         if splits > 1:
             o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
         result = (o / l).view(num_kv_heads, batch, group, head_dim).transpose(0, 1)
-        result = result.reshape(batch, num_heads, head_dim).to(out.dtype)
+        result = result.reshape(batch, num_heads, head_dim).to(dtype)
         if batch == num_tokens:
             return result
+        out = q.new_empty(q.shape, dtype=dtype)
         out[d.rows] = result
+    out = q.new_empty(q.shape, dtype=dtype) if out is None else out
     for p in plan.prefills:
-        rows, splits = p.end - p.start, len(p.split_masks)
+        rows, splits = p.end - p.start, len(p.split_biases)
         keys = _gather_items(k_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
         values = _gather_items(v_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
         queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
         for h in range(num_kv_heads):
             partials = [  # each split's keys are shared by the run's queries through a stride-0 batch
                 _attend_split(queries[:, h], keys[h, j][None].expand(rows, -1, -1),
-                              values[h, j][None].expand(rows, -1, -1), mask, (rows, group))
-                for j, mask in enumerate(p.split_masks)
+                              values[h, j][None].expand(rows, -1, -1), bias, scale, (rows, group))
+                for j, bias in enumerate(p.split_biases)
             ]
             o, l = _merge_splits(partials)
-            out[p.start : p.end, h * group : (h + 1) * group] = (o / l).to(out.dtype)
+            out[p.start : p.end, h * group : (h + 1) * group] = o / l
     return out
 
 
 EXP_FLOOR = -80.0
-"""Exponents are clamped to [EXP_FLOOR, 0] in attention: torch's CPU exp takes a slow path (about
-20x) for vectors holding results that underflow or overflow, and below e^-80 (~1.8e-35) a key's
-weight is nothing next to the maximum's weight of 1. The clamp is elementwise, hence invariant."""
+"""Exponents in the split merge are clamped to [EXP_FLOOR, 0]: torch's CPU exp takes a slow path
+(2.3x here for a tensor where every third result underflows), and below e^-80 (~1.8e-35) a split's
+weight is nothing next to the maximum's weight of 1. The clamp is elementwise, hence invariant.
+Within a split the scores are not clamped: masked keys must come out of exp(-inf) as exactly 0."""
+
+_NO_KEY = torch.finfo(torch.float32).min
+"""The max score of a split with no visible key (all -inf): finite, so exp(-inf - max) is 0, not NaN."""
 
 
 def _attend_split(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None, shape: tuple[int, ...]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One split's partial softmax state per item: (weighted values, max score, normalizer).
 
-    q [N, G, D], k and v [N, S, D] with N * G = prod(shape); the state comes back as shape + (D,)
-    and shape + (1,); `masked` broadcasts to shape + (S,). Masked keys get weight exactly +0; a
-    split with no visible key gives max -inf, normalizer 0 and values 0.
+    q [N, G, D], k and v [N, S, D] with N * G = prod(shape); `bias` [N or 1, 1, S] is 0 at visible
+    keys and -inf at masked ones, added to the scaled scores by the matmul itself. The state comes
+    back as shape + (D,) and shape + (1,). Masked keys get weight exactly +0; a split with no
+    visible key gives max _NO_KEY, normalizer 0 and values 0.
     """
-    s = torch.bmm(q, k.transpose(1, 2)).view(*shape, KV_SPLIT_SIZE)
-    if masked is None:
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp((s - m).clamp(min=EXP_FLOOR))
-    else:
-        m = s.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
-        p = torch.exp((s - m).clamp(min=EXP_FLOOR, max=0.0)).masked_fill(masked, 0.0)
-    o = torch.bmm(p.view(-1, q.shape[1], KV_SPLIT_SIZE), v).view(*shape, v.shape[-1])
-    return o, m, p.sum(-1, keepdim=True)
+    s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    m = s.amax(-1, keepdim=True).clamp_(min=_NO_KEY)
+    p = torch.exp(s.sub_(m))
+    o = torch.bmm(p, v).view(*shape, v.shape[-1])
+    return o, m.view(*shape, 1), p.sum(-1, keepdim=True).view(*shape, 1)
 
 
 def _merge_splits(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

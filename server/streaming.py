@@ -279,7 +279,19 @@ class Job:
 
 
 async def outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from every choice's engine stream, as they come, until all finish."""
+    """(choice index, output) from every choice's engine stream, as they come, until all finish.
+
+    One choice (the usual request) is read straight from its stream: a pump task and a queue per
+    request would cost the event loop a task switch per token, which the engine thread waits out
+    on the GIL (the server then trails the engine by that much).
+    """
+    if len(job.prompts) == 1:
+        async with contextlib.aclosing(engine.generate(f"{job.id}-0", job.prompts[0], job.params[0])) as stream:
+            async for out in stream:
+                if job.trace is not None:
+                    job.trace.output(0, out)
+                yield 0, out
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
     async def pump(i: int) -> None:

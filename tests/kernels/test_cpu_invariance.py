@@ -122,9 +122,11 @@ def test_silu_mul_row_is_independent_of_batch_and_threads(intermediate: int, com
 
 
 def test_exp_gives_the_same_bits_in_the_vector_body_and_the_scalar_tail() -> None:
-    """What silu_mul and attention rely on (torch's own silu fails this: see reference.silu_mul)."""
-    x = torch.cat([torch.linspace(-80, 0, 200_003), torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 20])
-    x = x.clamp(max=80)
+    """What silu_mul and attention rely on (torch's own silu fails this: see reference.silu_mul),
+    down to results that underflow and the masked scores' exp(-inf) = 0."""
+    x = torch.cat([torch.linspace(-120, 0, 200_003), torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 20,
+                   torch.full((5_000,), float("-inf"))])
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))].clamp(max=80)
     whole = torch.exp(x)  # almost all in 16-wide vectors
     one_by_one = torch.cat([torch.exp(x[i : i + 1]) for i in range(0, x.numel(), 997)])  # scalar code
     assert torch.equal(whole[::997], one_by_one)
