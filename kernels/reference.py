@@ -336,9 +336,9 @@ def attention_invariant(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    dtype, q = q.dtype, q.float()
+    out = torch.empty_like(q)
+    q = q.float()
     plan = meta.plan(("reference", num_kv_heads), lambda: _invariant_plan(meta, num_kv_heads, q.device))
-    out = None
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
@@ -349,12 +349,10 @@ def attention_invariant(
         if splits > 1:
             o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
         result = (o / l).view(num_kv_heads, batch, group, head_dim).transpose(0, 1)
-        result = result.reshape(batch, num_heads, head_dim).to(dtype)
+        result = result.reshape(batch, num_heads, head_dim).to(out.dtype)
         if batch == num_tokens:
             return result
-        out = q.new_empty(q.shape, dtype=dtype)
         out[d.rows] = result
-    out = q.new_empty(q.shape, dtype=dtype) if out is None else out
     for p in plan.prefills:
         rows, splits = p.end - p.start, len(p.split_biases)
         keys = _gather_items(k_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)

@@ -1,8 +1,8 @@
 """Engine output streams -> OpenAI responses: SSE chunks as tokens arrive, or one aggregated body.
 
-Each choice is its own engine request. Their streams are merged by one task per choice; closing the
-merged stream (finished, failed, or the client went away) cancels those tasks, which closes each
-engine stream and so aborts its request and frees its KV blocks.
+Each choice is its own engine request. Several choices' streams are merged by one task per choice
+(a single choice is read directly); closing the merged stream (finished, failed, or the client went
+away) closes each engine stream and so aborts its request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -279,19 +279,26 @@ class Job:
 
 
 async def outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from every choice's engine stream, as they come, until all finish.
+    """(choice index, output) from every choice's engine stream, as they come, until all finish."""
+    streams = _one_stream(engine, job) if len(job.prompts) == 1 else _merged_streams(engine, job)
+    async with contextlib.aclosing(streams) as results:
+        async for i, out in results:
+            if job.trace is not None:
+                job.trace.output(i, out)
+            yield i, out
 
-    One choice (the usual request) is read straight from its stream: a pump task and a queue per
-    request would cost the event loop a task switch per token, which the engine thread waits out
-    on the GIL (the server then trails the engine by that much).
-    """
-    if len(job.prompts) == 1:
-        async with contextlib.aclosing(engine.generate(f"{job.id}-0", job.prompts[0], job.params[0])) as stream:
-            async for out in stream:
-                if job.trace is not None:
-                    job.trace.output(0, out)
-                yield 0, out
-        return
+
+async def _one_stream(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The usual request, one choice, read straight from its engine stream: the pump task and queue
+    of `_merged_streams` would cost the event loop a task switch per token, which the engine thread
+    waits out on the GIL (the server then trails the engine by that much)."""
+    async with contextlib.aclosing(engine.generate(f"{job.id}-0", job.prompts[0], job.params[0])) as stream:
+        async for out in stream:
+            yield 0, out
+
+
+async def _merged_streams(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Several choices' engine streams, merged as their outputs come by one pump task per choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
 
     async def pump(i: int) -> None:
@@ -311,8 +318,6 @@ async def outputs(engine: AsyncEngine, job: Job) -> AsyncIterator[tuple[int, Req
             if isinstance(item, Exception):
                 raise item
             unfinished -= item.finished
-            if job.trace is not None:
-                job.trace.output(i, item)
             yield i, item
     finally:
         for task in tasks:
