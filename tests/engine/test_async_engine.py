@@ -65,6 +65,21 @@ async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: 
     assert llm.stats().kv_cache_usage == 0
 
 
+async def test_the_engine_thread_steps_on_while_the_event_loop_is_busy(async_engine: AsyncEngine) -> None:
+    """Steps do not wait for the event loop: a request runs to its end while the loop is blocked,
+    and its stream then yields every token once."""
+    llm = async_engine.engine
+    stream = async_engine.generate("unattended", [7, 8, 9], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    outputs = [await stream.__anext__()]
+    deadline = time.monotonic() + 300  # only a hang
+    while llm.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)  # holds the event loop: no callback of it runs meanwhile
+    assert not llm.has_unfinished_requests()
+    outputs += [out async for out in stream]
+    assert sum(len(out.new_token_ids) for out in outputs) == outputs[-1].num_output_tokens == 8
+    assert [out.finished for out in outputs] == [False] * (len(outputs) - 1) + [True]
+
+
 async def test_bad_requests_fail_alone_and_the_engine_keeps_serving(async_engine: AsyncEngine) -> None:
     too_long = list(range(10, 10 + async_engine.info.max_model_len))
     with pytest.raises(ValueError, match="maximum context length"):
