@@ -1,14 +1,15 @@
 """CPU serving speed, side by side in one run: detserve (deterministic and fast requests), the same
 engine in-process, and optionally llama.cpp's `llama-server` on the same GGUF.
 
-Each server is started with its default flags, one at a time (the machine's cores are shared), and
-driven by `detserve bench serve`'s client: closed loop, streamed chat completions of random
-prompts (about 40 tokens with the chat template), 128 output tokens each (`ignore_eos`),
-temperature 0. The in-process row runs the same prompts through `LLMEngine.step()` with the same
-concurrency, no HTTP: the server should keep at least 90 % of it. Each cell is the median of
-`--rounds` runs, deterministic and fast runs alternating (this machine is shared and noisy). Prints
-one table of output tokens per second and the ratios the CPU targets are stated in
-(bench/RESULTS.md).
+Each server is started with its default flags and driven by `detserve bench serve`'s client:
+closed loop, streamed chat completions of random prompts (about 40 tokens with the chat template),
+128 output tokens each (`ignore_eos`), temperature 0. The in-process row runs the same prompts
+through `LLMEngine.step()` with the same concurrency, no HTTP: the server should keep at least
+90 % of it. The `detserve (curl)` row drives the server with `curl` processes instead, whose CPU
+per token is next to nothing (`measure_with_curl` says why that matters on 2 cores). All of them stay up (an idle one takes no CPU) and each round runs every one in turn,
+so a drift of the shared, noisy machine hits all alike; each cell is the median of `--rounds`
+rounds. Prints one table of output tokens per second and the ratios the CPU targets are stated
+in (bench/RESULTS.md).
 
     python -m bench.cpu_serving --llama-server /path/to/llama-server
 
@@ -21,14 +22,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import httpx2
 
 from server.bench import serve
-from server.bench.common import free_port, launched
+from server.bench.common import build_payload, free_port, launched
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
@@ -65,6 +75,42 @@ def measure_server(args: argparse.Namespace) -> float:
     return report.metrics.output_throughput
 
 
+def measure_with_curl(args: argparse.Namespace) -> float:
+    """The same closed loop with `curl` processes as the clients: output tokens per second.
+
+    The Python client costs about 0.14 ms of CPU per streamed token (measured), which on 2 cores
+    comes out of the engine's step, and more than once: the step's other OpenMP thread spins at
+    the next barrier while one is preempted. curl costs next to nothing per token, so this row
+    shows what the server itself keeps of the engine's speed. Tokens are counted from each
+    response's final usage chunk, read after the clock stops.
+    """
+    model = httpx2.get(f"{args.base_url}/models", timeout=30).json()["data"][0]["id"]
+    extra = {"ignore_eos": True} | ({} if args.deterministic is None else {"deterministic": args.deterministic})
+    bodies = [json.dumps(build_payload("chat", model, item.prompt, item.max_tokens, temperature=0.0, stream=True,
+                                       extra=extra)) for item in serve.load_workload(args)]
+    with tempfile.TemporaryDirectory() as out:
+        def one_slot(slot: int) -> None:
+            for i in range(slot, len(bodies), args.max_concurrency):
+                subprocess.run(["curl", "-sSfN", "-o", f"{out}/{i}", "-H", "content-type: application/json",
+                                "--data-binary", "@-", f"{args.base_url}/chat/completions"],
+                               input=bodies[i].encode(), check=True)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.max_concurrency) as slots:
+            list(slots.map(one_slot, range(args.max_concurrency)))
+        duration = time.perf_counter() - started
+        tokens = sum(_completion_tokens(Path(out, str(i)).read_text()) for i in range(len(bodies)))
+    return tokens / duration
+
+
+def _completion_tokens(stream: str) -> int:
+    chunks = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: {")]
+    usage = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    if not usage:
+        raise RuntimeError("a streamed response ended without its usage chunk")
+    return usage[-1]["completion_tokens"]
+
+
 def measure_engine(engine: LLMEngine, args: argparse.Namespace, deterministic: bool) -> float:
     """The same workload through the engine in this process: closed loop at the same concurrency."""
     items = serve.load_workload(args)
@@ -83,6 +129,10 @@ def measure_engine(engine: LLMEngine, args: argparse.Namespace, deterministic: b
     return tokens / (time.perf_counter() - started)
 
 
+def _mode(deterministic: bool | None) -> str:
+    return "-" if deterministic is None else "deterministic" if deterministic else "fast"
+
+
 def table(rows: list[Row]) -> str:
     by = {(r.server, r.mode, r.concurrency): r.tokens_per_second for r in rows}
     lines = [f"{'':28}" + "".join(f"{f'concurrency {c}':>16}" for c in sorted({r.concurrency for r in rows}))]
@@ -91,6 +141,7 @@ def table(rows: list[Row]) -> str:
         lines.append(f"{server + ' ' + mode:28}{cells}")
     ratios = [("deterministic / fast", ("detserve", "deterministic"), ("detserve", "fast")),
               ("server / engine, deterministic", ("detserve", "deterministic"), ("engine", "deterministic")),
+              ("server / engine, curl", ("detserve (curl)", "deterministic"), ("engine", "deterministic")),
               ("deterministic / llama.cpp", ("detserve", "deterministic"), ("llama.cpp", "-"))]
     for name, top, bottom in ratios:
         cells = [by.get((*top, c), float("nan")) / by.get((*bottom, c), float("nan"))
@@ -105,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, help="the model (default: the default model's GGUF)")
     parser.add_argument("--concurrency", default="1,8", help="(default: %(default)s)")
     parser.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency (default: 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per cell; the table shows the median (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every system once; a cell is their median (default: 3)")
     parser.add_argument("--input-words", type=int, default=30, help="random words per prompt (default: 30)")
     parser.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="llama-server's -t (default: %(default)s)")
@@ -120,38 +171,41 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(Row(name, mode, concurrency, statistics.median(runs)))
         print(f"{name} {mode} concurrency {concurrency}: {' '.join(f'{r:.1f}' for r in runs)} tok/s", flush=True)
 
-    def run_server(name: str, command: list[str], port: int, modes: list[bool | None]) -> None:
-        with launched(command, port, logs / f"cpu-serving-{name}-{port}.log"):
-            url = f"http://127.0.0.1:{port}/v1"
-            for c in concurrencies:
-                runs: dict[bool | None, list[float]] = {m: [] for m in modes}
-                for _ in range(args.rounds):
-                    for deterministic in modes:
-                        client = client_args(url, c, args.requests_per_slot, deterministic, args.input_words,
-                                             args.output_len)
-                        runs[deterministic].append(measure_server(client))
-                for deterministic, values in runs.items():
-                    record(name, "-" if deterministic is None else "deterministic" if deterministic else "fast", c, values)
-
-    port = free_port()
     model_flag = ["--model", str(gguf)] if args.gguf else []
-    run_server("detserve", [sys.executable, "-m", "server", "serve", *model_flag, "--port", str(port)], port,
-               [True, False])
-    if args.llama_server:
-        port = free_port()
-        run_server("llama.cpp", [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads),
-                                 "-np", str(max(concurrencies)), "-c", str(max(concurrencies) * 1024)], port, [None])
-    if not args.skip_engine:
-        engine = LLMEngine(EngineConfig(model=str(gguf)))
+    with contextlib.ExitStack() as running:
+        systems: list[tuple[str, str, Callable[[int], float]]] = []  # (server, mode, tokens/s at a concurrency)
+
+        def client(url: str, concurrency: int, deterministic: bool | None) -> argparse.Namespace:
+            return client_args(url, concurrency, args.requests_per_slot, deterministic, args.input_words,
+                               args.output_len)
+
+        def serve_http(name: str, command: Callable[[int], list[str]], modes: list[bool | None]) -> None:
+            port = free_port()
+            running.enter_context(launched(command(port), port, logs / f"cpu-serving-{name}-{port}.log"))
+            url = f"http://127.0.0.1:{port}/v1"
+            for d in modes:
+                systems.append((name, _mode(d), lambda c, d=d: measure_server(client(url, c, d))))
+            if name == "detserve" and shutil.which("curl"):
+                systems.append(("detserve (curl)", "deterministic",
+                                lambda c: measure_with_curl(client(url, c, True))))
+
+        serve_http("detserve", lambda port: [sys.executable, "-m", "server", "serve", *model_flag, "--port", str(port)],
+                   [True, False])
+        if args.llama_server:
+            serve_http("llama.cpp", lambda port: [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t",
+                                                  str(args.threads), "-np", str(max(concurrencies)), "-c",
+                                                  str(max(concurrencies) * 1024)], [None])
+        if not args.skip_engine:
+            engine = LLMEngine(EngineConfig(model=str(gguf)))
+            for d in (True, False):
+                systems.append(("engine", _mode(d), lambda c, d=d: measure_engine(engine, client("unused", c, d), d)))
         for c in concurrencies:
-            runs = {True: [], False: []}
+            runs: dict[tuple[str, str], list[float]] = {(name, mode): [] for name, mode, _ in systems}
             for _ in range(args.rounds):
-                for deterministic in (True, False):
-                    client = client_args("http://unused", c, args.requests_per_slot, deterministic, args.input_words,
-                                         args.output_len)
-                    runs[deterministic].append(measure_engine(engine, client, deterministic))
-            for deterministic, values in runs.items():
-                record("engine", "deterministic" if deterministic else "fast", c, values)
+                for name, mode, measure in systems:
+                    runs[name, mode].append(measure(c))
+            for (name, mode), values in runs.items():
+                record(name, mode, c, values)
     print(f"\n== output tokens/s, {args.output_len}-token outputs, closed loop, {gguf.name} ==")
     print(table(rows))
     return 0
