@@ -6,10 +6,10 @@ closed loop, streamed chat completions of random prompts (about 40 tokens with t
 128 output tokens each (`ignore_eos`), temperature 0. The in-process row runs the same prompts
 through `LLMEngine.step()` with the same concurrency, no HTTP: the server should keep at least
 90 % of it. The `detserve (curl)` row drives the server with `curl` processes instead, whose CPU
-per token is next to nothing (`measure_with_curl` says why that matters on 2 cores). All of them stay up (an idle one takes no CPU) and each round runs every one in turn,
-so a drift of the shared, noisy machine hits all alike; each cell is the median of `--rounds`
-rounds. Prints one table of output tokens per second and the ratios the CPU targets are stated
-in (bench/RESULTS.md).
+per token is next to nothing (`measure_with_curl` says why that matters on 2 cores). All of them
+stay up (an idle one takes no CPU) and each round runs every one in turn, so a drift of the
+shared, noisy machine hits all alike; each cell is the median of `--rounds` rounds. Prints one
+table of output tokens per second and the ratios the CPU targets are stated in (bench/RESULTS.md).
 
     python -m bench.cpu_serving --llama-server /path/to/llama-server
 
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, help="the model (default: the default model's GGUF)")
     parser.add_argument("--concurrency", default="1,8", help="(default: %(default)s)")
     parser.add_argument("--requests-per-slot", type=int, default=3, help="requests per unit of concurrency (default: 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every system once; a cell is their median (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, each running every system once; a cell is their median (default: 3)")
     parser.add_argument("--input-words", type=int, default=30, help="random words per prompt (default: 30)")
     parser.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="llama-server's -t (default: %(default)s)")

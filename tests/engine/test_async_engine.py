@@ -69,7 +69,8 @@ async def test_the_engine_thread_steps_on_while_the_event_loop_is_busy(async_eng
     """Steps do not wait for the event loop: a request runs to its end while the loop is blocked,
     and its stream then yields every token once."""
     llm = async_engine.engine
-    stream = async_engine.generate("unattended", [7, 8, 9], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    stream = async_engine.generate("unattended", [7, 8, 9], params)
     outputs = [await stream.__anext__()]
     deadline = time.monotonic() + 300  # only a hang
     while llm.has_unfinished_requests() and time.monotonic() < deadline:
