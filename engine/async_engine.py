@@ -208,6 +208,7 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _serve(self, loaded: asyncio.Future[None]) -> None:
+        """The engine thread: load the model (unless given), then apply commands and step until stopped or failed."""
         loop = self._loop
         assert loop is not None
         try:
