@@ -328,11 +328,11 @@ def attention_invariant(
     batched call per layer (their keys gathered head-major, one copy); a prefill run shares each
     split's keys among its queries through a stride-0 batch (no copy: a batch across heads or
     sequences would need one copy of the keys per query row; keys times a prompt's queries as
-    columns would need none, but a column's bits change with the number of columns, measured). The splits' partial softmax states
-    are merged in order 0, 1, 2, ... by elementwise ops, which are exact (or, for exp, the same code
-    at every position: tests pin that). A split wholly after a query is an exact no-op in the merge
-    (scale exp(0) = 1, contribution 0). Masked keys get probability exactly +0 (exp(-inf)), and
-    keys past a sequence read the always-zero slot.
+    columns would need none, but a column's bits change with the number of columns, measured).
+    The splits' partial softmax states are merged in order 0, 1, 2, ... by elementwise ops, which
+    are exact (or, for exp, the same code at every position: tests pin that). A split wholly after
+    a query is an exact no-op in the merge (scale exp(0) = 1, contribution 0). Masked keys get
+    probability exactly +0 (exp(-inf)), and keys past a sequence read the always-zero slot.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

@@ -28,9 +28,10 @@ from server.app import create_app
 from tests.server.conftest import LiveServer
 
 pytestmark = pytest.mark.slow
-# Derandomized: few schema-valid completions get past the semantic checks the published schema does not state
-# (an empty prompt, ids outside the vocabulary, logprobs over 20), so with fresh draws each run the
-# check that fuzzing reached generation failed now and then (no 200 in 30 draws); these draws do.
+# Derandomized: few schema-valid completions get past the semantic checks the published schema
+# does not state (an empty prompt, ids outside the vocabulary, logprobs over 20), so with fresh
+# draws each run the check that fuzzing reached generation failed now and then (no 200 in 30
+# draws); these draws do.
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 # The schema the server publishes at /openapi.json; building the app loads no model.
 SCHEMA = schemathesis.openapi.from_dict(create_app(EngineConfig()).openapi())
