@@ -82,7 +82,7 @@ USER 10001:10001
 # Convert the default GGUF into $DETSERVE_CACHE_DIR now, in this stage: the cache key includes
 # the GGUF's path and mtime as this image has them, so the container starts in seconds, offline.
 # safetensors writes the weights 0600: open them to any uid the platform may run the image as.
-RUN python -c "from engine.weights import resolve_model_dir; print(resolve_model_dir(None))" \
+RUN python -c "from detserve.engine.weights import resolve_model_dir; print(resolve_model_dir(None))" \
     && chmod -R a+rX "$DETSERVE_CACHE_DIR"
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

@@ -37,12 +37,12 @@ from typing import Callable
 
 import httpx2
 
-from server.bench import serve
-from server.bench.common import build_payload, free_port, launched
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
-from engine.weights import default_model_path
+from detserve.server.bench import serve
+from detserve.server.bench.common import build_payload, free_port, launched
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import SamplingParams
+from detserve.engine.weights import default_model_path
 
 
 @dataclass
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 systems.append(("detserve (curl)", "deterministic",
                                 lambda c: measure_with_curl(client(url, c, True))))
 
-        serve_http("detserve", lambda port: [sys.executable, "-m", "server", "serve", *model_flag, "--port", str(port)],
+        serve_http("detserve", lambda port: [sys.executable, "-m", "detserve.server", "serve", *model_flag, "--port", str(port)],
                    [True, False])
         if args.llama_server:
             serve_http("llama.cpp", lambda port: [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t",

@@ -29,10 +29,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the repo
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
-from engine.structured import StructuredOutput
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import SamplingParams
+from detserve.engine.structured import StructuredOutput
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],

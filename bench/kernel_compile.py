@@ -106,7 +106,7 @@ def plans(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
     a q view of the fused qkv output, a 16-token page) and decide the launch's specialisation."""
     import triton
 
-    from kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
+    from detserve.kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
 
     def o_proj(config):
         return config.matmul_for(hidden, hidden)
@@ -181,7 +181,7 @@ def compile_all(capabilities: list[tuple[int, int]], dtype: str, shapes: dict[st
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from kernels import configs
+    from detserve.kernels import configs
 
     results = []
     for major, minor in capabilities:

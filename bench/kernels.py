@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
+from detserve.kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
 
 DEVICE, DTYPE = "cuda", torch.bfloat16  # what the tables measure (tests run the code in the Triton interpreter)
 MATMUL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.request import Request, SamplingParams
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from detserve import kernels
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import Request, SamplingParams
+from detserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 PROMPTS = [
     "What is the capital of France?",

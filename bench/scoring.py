@@ -22,9 +22,9 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the repo
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import SamplingParams
 
 CASES = {
     "prefill + 1 token": SamplingParams(max_tokens=1, temperature=0.0),

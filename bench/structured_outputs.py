@@ -20,9 +20,9 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the repo
 import torch
 
 from bench.engine_step import time_decode_steps
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.structured import StructuredOutput
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.structured import StructuredOutput
 
 ITEMS = {  # an array of records: every step is inside some string, number or enum of the grammar
     "type": "array",

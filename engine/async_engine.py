@@ -23,10 +23,10 @@ import threading
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Union
 
-from engine.config import EngineConfig
-from engine.llm_engine import AdmittedRequest, EngineStats, LLMEngine, ModelInfo
-from engine.request import RequestOutput, SamplingParams
-from engine.tokenizer import Tokenizer
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import AdmittedRequest, EngineStats, LLMEngine, ModelInfo
+from detserve.engine.request import RequestOutput, SamplingParams
+from detserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

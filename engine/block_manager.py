@@ -17,7 +17,7 @@ import struct
 from collections import OrderedDict
 from typing import Sequence
 
-from engine.request import Request
+from detserve.engine.request import Request
 
 
 def block_hash(parent: int | None, token_ids: Sequence[int], invariant: bool) -> int:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.request import Request
-from kernels import AttentionMetadata
+from detserve.engine.request import Request
+from detserve.kernels import AttentionMetadata
 
 
 @dataclass(frozen=True)

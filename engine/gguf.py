@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels import QuantizedWeight
+from detserve.kernels import QuantizedWeight
 
 _BLOCK = 32
 

@@ -10,15 +10,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import kernels
-from engine import __version__, weights
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig, ModelConfig
-from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from engine.scheduler import ScheduledRequest, Scheduler
-from engine.structured import Grammars
-from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from detserve import kernels
+from detserve.engine import __version__, weights
+from detserve.engine.block_manager import BlockManager
+from detserve.engine.config import EngineConfig, ModelConfig
+from detserve.engine.model_runner import ModelRunner
+from detserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from detserve.engine.scheduler import ScheduledRequest, Scheduler
+from detserve.engine.structured import Grammars
+from detserve.engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Iterator
 
 import torch
 
-import kernels
-from engine import cpu_runtime, sampler, weights
-from engine.config import EngineConfig, ModelConfig
-from engine.forward_batch import ForwardBatch, PromptScore
-from engine.models.llama import LlamaModel, dummy_state_dict
-from engine.request import TokenLogprob
-from engine.scheduler import SchedulerOutput
-from kernels import PackedWeight
+from detserve import kernels
+from detserve.engine import cpu_runtime, sampler, weights
+from detserve.engine.config import EngineConfig, ModelConfig
+from detserve.engine.forward_batch import ForwardBatch, PromptScore
+from detserve.engine.models.llama import LlamaModel, dummy_state_dict
+from detserve.engine.request import TokenLogprob
+from detserve.engine.scheduler import SchedulerOutput
+from detserve.kernels import PackedWeight
 
 logger = logging.getLogger(__name__)
 

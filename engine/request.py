@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from engine.structured import GrammarState, StructuredOutput
+from detserve.engine.structured import GrammarState, StructuredOutput
 
 
 @dataclass

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from engine.request import Request, TokenLogprob
+from detserve import kernels
+from detserve.engine.request import Request, TokenLogprob
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, request: Request, eos_token_ids: tuple[int, ...]) -> torch.Tensor:

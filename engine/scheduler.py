@@ -12,8 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager
-from engine.request import Request, RequestStatus
+from detserve.engine.block_manager import BlockManager
+from detserve.engine.request import Request, RequestStatus
 
 
 @dataclass

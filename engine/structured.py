@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from engine.tokenizer import Tokenizer
+from detserve.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import llguidance

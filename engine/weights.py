@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels import QuantizedWeight, int4_fits, quantize
+from detserve.kernels import QuantizedWeight, int4_fits, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     logger.info("converting %s (once; cached in %s)", gguf_path.name, target)
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine import gguf
+    from detserve.engine import gguf
 
     folder, name = str(gguf_path.parent), gguf_path.name
     hf_config = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()

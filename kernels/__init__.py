@@ -28,10 +28,10 @@ from typing import Iterator, Literal
 
 import torch
 
-from kernels import configs, quantized, reference
-from kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
-from kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
-from kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
+from detserve.kernels import configs, quantized, reference
+from detserve.kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
+from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
+from detserve.kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
 
 Mode = Literal["invariant", "fast"]
 MODES: tuple[Mode, ...] = ("invariant", "fast")
@@ -82,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     if isinstance(weight, PackedWeight):
         return quantized.linear(x, weight, bias)
     if _use_triton(x):
-        from kernels import matmul
+        from detserve.kernels import matmul
 
         return matmul.linear(x, weight, bias, _triton_config(x.device).matmul_for(*weight.shape))
     return (reference.linear_invariant if _invariant() else reference.linear_fast)(x, weight, bias)
@@ -91,7 +91,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
     if _use_triton(x):
-        from kernels import rmsnorm
+        from detserve.kernels import rmsnorm
 
         return rmsnorm.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps, _triton_config(x.device).rows).view(x.shape)
     return reference.rms_norm(x, weight, eps)
@@ -105,7 +105,7 @@ def add_rms_norm(
     Same bits as the two ops apart: the add rounds to the input dtype before the norm either way.
     """
     if _use_triton(x):
-        from kernels import rmsnorm
+        from detserve.kernels import rmsnorm
 
         return rmsnorm.add_rms_norm(x, residual, weight, eps, _triton_config(x.device).rows)
     total = x + residual
@@ -115,7 +115,7 @@ def add_rms_norm(
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I]."""
     if _use_triton(x):
-        from kernels import elementwise
+        from detserve.kernels import elementwise
 
         return elementwise.silu_mul(x)
     return reference.silu_mul(x)
@@ -124,7 +124,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise log-softmax in float32: [S, V] -> [S, V]."""
     if _use_triton(logits):
-        from kernels import sampling
+        from detserve.kernels import sampling
 
         return sampling.log_softmax(logits, _triton_config(logits.device).rows)
     return reference.log_softmax(logits)
@@ -140,7 +140,7 @@ def sample_tokens(
     cheap, and on the GPU it keeps the [S, V] logits off the host (only S token ids cross).
     """
     if _triton_device(logits):
-        from kernels import sampling
+        from detserve.kernels import sampling
 
         return sampling.sample_tokens(logits, temperatures, seeds, positions, _triton_config(logits.device).rows)
     return reference.sample_tokens(logits, temperatures, seeds, positions)
@@ -163,7 +163,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
 def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q [T, H, D] and k [T, Hkv, D]; exact per element, same bits in both modes."""
     if _use_triton(q):
-        from kernels import elementwise
+        from detserve.kernels import elementwise
 
         return elementwise.rope(q, k, rotary.positions, rotary.cos_sin)
     return reference.rope(q, k, rotary)
@@ -181,7 +181,7 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache; returns [T, H, D]."""
     if _use_triton(q):
-        from kernels import paged_attention
+        from detserve.kernels import paged_attention
 
         return paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, _triton_config(q.device).attention)
     return (reference.attention_invariant if _invariant() else reference.attention_fast)(

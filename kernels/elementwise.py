@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import LAUNCH_OPTIONS
+from detserve.kernels.configs import LAUNCH_OPTIONS
 
 _SILU_BLOCK = 1024  # output columns per program
 _SILU_WARPS = 4

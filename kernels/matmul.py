@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.arrivals import arrival_counts, last_to_arrive
-from kernels.configs import LAUNCH_OPTIONS, MatmulConfig
+from detserve.kernels.arrivals import arrival_counts, last_to_arrive
+from detserve.kernels.configs import LAUNCH_OPTIONS, MatmulConfig
 
 Launch = Literal["auto", "parallel", "sequential"]
 

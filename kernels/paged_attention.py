@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.arrivals import arrival_counts, last_to_arrive
-from kernels.configs import LAUNCH_OPTIONS, AttentionConfig
-from kernels.inputs import AttentionMetadata
-from kernels.reference import KV_SPLIT_SIZE
+from detserve.kernels.arrivals import arrival_counts, last_to_arrive
+from detserve.kernels.configs import LAUNCH_OPTIONS, AttentionConfig
+from detserve.kernels.inputs import AttentionMetadata
+from detserve.kernels.reference import KV_SPLIT_SIZE
 
 Launch = Literal["auto", "parallel", "sequential"]
 

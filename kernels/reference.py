@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
+from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 
 ROWS_PER_CALL = 16
 """Rows per call of an invariant float matmul (16 measured fastest among invariant sizes on 2 cores)."""

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import LAUNCH_OPTIONS, RowConfig
+from detserve.kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 
 @triton.jit

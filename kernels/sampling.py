@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import LAUNCH_OPTIONS, RowConfig
+from detserve.kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)

@@ -1,5 +1,5 @@
-"""`python -m server serve ...` is `detserve serve ...`."""
+"""`python -m detserve.server serve ...` is `detserve serve ...`."""
 
-from server.cli import main
+from detserve.server.cli import main
 
 main()

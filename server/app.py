@@ -17,16 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from engine import __version__
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig, option
-from engine.llm_engine import ModelInfo
-from engine.structured import GrammarError, StructuredOutput
-from engine.tokenizer import Tokenizer
-from server import responses, streaming, tools
-from server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
-from server.middleware import LimitBody, RequireAPIKey, TrackRequests
-from server.protocol import (
+from detserve.engine import __version__
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.config import EngineConfig, option
+from detserve.engine.llm_engine import ModelInfo
+from detserve.engine.structured import GrammarError, StructuredOutput
+from detserve.engine.tokenizer import Tokenizer
+from detserve.server import responses, streaming, tools
+from detserve.server.metrics import CONTENT_TYPE, InFlight, Metrics, RequestTrace
+from detserve.server.middleware import LimitBody, RequireAPIKey, TrackRequests
+from detserve.server.protocol import (
     ERROR_RESPONSES,
     SSE_RESPONSE,
     APIError,

@@ -22,13 +22,13 @@ from typing import Literal
 import uvicorn
 from fastapi import FastAPI
 
-from server.bench import determinism as bench_determinism
-from server.bench import serve as bench_serve
-from server.bench import soak as bench_soak
-from engine.config import EngineConfig
-from engine.async_engine import AsyncEngine
-from server.app import ServerConfig, create_app
-from server.metrics import InFlight
+from detserve.server.bench import determinism as bench_determinism
+from detserve.server.bench import serve as bench_serve
+from detserve.server.bench import soak as bench_soak
+from detserve.engine.config import EngineConfig
+from detserve.engine.async_engine import AsyncEngine
+from detserve.server.app import ServerConfig, create_app
+from detserve.server.metrics import InFlight
 
 logger = logging.getLogger("detserve")
 

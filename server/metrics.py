@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.async_engine import AsyncEngine
-from engine.request import RequestOutput
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.request import RequestOutput
 
 request_log = logging.getLogger("detserve.requests")
 

@@ -12,8 +12,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.metrics import InFlight, Metrics, RequestTrace
-from server.protocol import APIError
+from detserve.server.metrics import InFlight, Metrics, RequestTrace
+from detserve.server.protocol import APIError
 
 REQUEST_ID_HEADER = "x-request-id"
 

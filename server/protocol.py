@@ -10,10 +10,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
-from engine.async_engine import EngineDeadError, RequestFailedError
-from engine.llm_engine import ModelInfo
-from engine.request import SamplingParams
-from engine.structured import KINDS, GrammarError, StructuredOutput
+from detserve.engine.async_engine import EngineDeadError, RequestFailedError
+from detserve.engine.llm_engine import ModelInfo
+from detserve.engine.request import SamplingParams
+from detserve.engine.structured import KINDS, GrammarError, StructuredOutput
 
 logger = logging.getLogger(__name__)
 

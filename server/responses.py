@@ -14,9 +14,9 @@ import json
 import uuid
 from typing import AsyncIterator
 
-from engine.async_engine import AsyncEngine
-from server.protocol import APIError
-from server.streaming import Choice, Job, outputs
+from detserve.engine.async_engine import AsyncEngine
+from detserve.server.protocol import APIError
+from detserve.server.streaming import Choice, Job, outputs
 
 
 def _status(choice: Choice) -> tuple[str, dict | None]:

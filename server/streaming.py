@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.async_engine import AsyncEngine
-from engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
-from server import tools
-from server.metrics import RequestTrace
-from server.protocol import APIError, ToolUse
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from detserve.server import tools
+from detserve.server.metrics import RequestTrace
+from detserve.server.protocol import APIError, ToolUse
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from engine.structured import StructuredOutput
+from detserve.engine.structured import StructuredOutput
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)

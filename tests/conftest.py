@@ -14,8 +14,8 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,10 +13,10 @@ import math
 import torch
 from torch import nn
 
-import kernels
-from engine.config import ModelConfig
-from engine.forward_batch import ForwardBatch
-from kernels import PackedWeight, QuantizedWeight
+from detserve import kernels
+from detserve.engine.config import ModelConfig
+from detserve.engine.forward_batch import ForwardBatch
+from detserve.kernels import PackedWeight, QuantizedWeight
 
 Weight = torch.Tensor | PackedWeight  # what a projection multiplies by
 

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Iterable, Literal, Sequence
 import httpx2
 from tqdm import tqdm
 
-from server.bench.common import (
+from detserve.server.bench.common import (
     Endpoint,
     Grid,
     RequestResult,
@@ -470,7 +470,7 @@ def _preview(text: str, width: int = 60) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench.determinism", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m detserve.server.bench.determinism", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Sequence
 import httpx2
 from tqdm import tqdm
 
-from server.bench.common import (
+from detserve.server.bench.common import (
     Grid,
     RequestResult,
     Row,
@@ -323,7 +323,7 @@ class ServeReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench.serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m detserve.server.bench.serve", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import httpx2
 import psutil
 
-from server.bench.common import (
+from detserve.server.bench.common import (
     Endpoint,
     Grid,
     add_client_arguments,
@@ -380,7 +380,7 @@ def _launched(args: argparse.Namespace) -> Iterator[None]:
     """Start `detserve serve` on a free port, point args at it, stop it (SIGTERM, drained) at the end."""
     port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"detserve-soak-{port}.log"
-    command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
+    command = [sys.executable, "-m", "detserve.server", "serve", "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
     with launched(command, port, log, timeout=300) as process:
         args.base_url, args.pid = f"http://127.0.0.1:{port}/v1", process.pid
         print(f"soak: serving on port {port} (pid {process.pid}, log {log})", file=sys.stderr)
@@ -388,7 +388,7 @@ def _launched(args: argparse.Namespace) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m detserve.server.bench.soak", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -12,7 +12,7 @@ import httpx2
 import pytest
 import uvicorn
 
-from server.bench.common import free_port, launched
+from detserve.server.bench.common import free_port, launched
 from tests.bench.fake_server import FakeServer
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def detserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `detserve serve` on the default model, as users start it; its /v1 base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("detserve") / "server.log"
-    with launched([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)], port, log,
+    with launched([sys.executable, "-m", "detserve.server", "serve", "--host", "127.0.0.1", "--port", str(port)], port, log,
                   timeout=300):
         yield f"http://127.0.0.1:{port}/v1"
 

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Iterator
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.bench.determinism import DEFAULT_PROMPT
+from detserve.server.bench.determinism import DEFAULT_PROMPT
 
 MODEL = "fake-model"
 FINGERPRINT = "fp_fake"

@@ -6,7 +6,7 @@ import json
 
 import httpx2
 
-from server.bench.common import build_payload, send_request
+from detserve.server.bench.common import build_payload, send_request
 
 
 def sse(*chunks: dict | str) -> bytes:

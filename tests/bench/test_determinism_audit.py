@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.bench import determinism
+from detserve.server.bench import determinism
 from tests.bench.fake_server import FINGERPRINT, MODEL, FakeServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_the_module_runs_as_a_script_and_writes_the_json_file(fake, tmp_path):
     fake.reset(diverge_every=2, diverge_at=0)
     output = tmp_path / "audit.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "server.bench.determinism", "--base-url", fake.url.removesuffix("/v1"), "-n", "2",
+        [sys.executable, "-m", "detserve.server.bench.determinism", "--base-url", fake.url.removesuffix("/v1"), "-n", "2",
          "--max-tokens", "3", "--output", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.bench import determinism, serve
+from detserve.server.bench import determinism, serve
 
 pytestmark = pytest.mark.slow
 

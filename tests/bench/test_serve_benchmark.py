@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.bench import serve
-from server.bench.serve import WorkItem, arrivals
+from detserve.server.bench import serve
+from detserve.server.bench.serve import WorkItem, arrivals
 from tests.bench.fake_server import MODEL, FakeServer
 
 

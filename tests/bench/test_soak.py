@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from server.bench import soak
-from server.cli import build_parser
+from detserve.server.bench import soak
+from detserve.server.cli import build_parser
 
 pytestmark = pytest.mark.slow
 

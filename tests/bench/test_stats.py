@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from server.bench import determinism, serve
-from server.bench.common import RequestResult, build_payload, normalize_base_url, percentile_label, sample_length, summarize
-from server.bench.determinism import analyze, first_divergence, histogram, logprob_drift, split_evenly
-from server.bench.serve import WorkItem, compute_metrics, tpot
+from detserve.server.bench import determinism, serve
+from detserve.server.bench.common import RequestResult, build_payload, normalize_base_url, percentile_label, sample_length, summarize
+from detserve.server.bench.determinism import analyze, first_divergence, histogram, logprob_drift, split_evenly
+from detserve.server.bench.serve import WorkItem, compute_metrics, tpot
 
 
 def completion(tokens: list[str], logprobs: list[float] | None = None) -> RequestResult:

@@ -23,26 +23,36 @@ OPTIONAL = {
 # What the server may use of the engine: the async interface, the model's facts, configs and
 # request types, and the tokenizer type. Never the scheduler, block manager, runner or kernels.
 SERVER_MAY_IMPORT = {
-    "engine": {"__version__"},
-    "engine.async_engine": {"AsyncEngine", "EngineDeadError", "RequestFailedError"},
-    "engine.config": {"EngineConfig", "option"},
-    "engine.llm_engine": {"ModelInfo"},
-    "engine.request": {"FinishReason", "RequestOutput", "SamplingParams", "TokenLogprob"},
-    "engine.tokenizer": {"Tokenizer"},
-    "engine.structured": {"KINDS", "GrammarError", "StructuredOutput"},
+    "detserve.engine": {"__version__"},
+    "detserve.engine.async_engine": {"AsyncEngine", "EngineDeadError", "RequestFailedError"},
+    "detserve.engine.config": {"EngineConfig", "option"},
+    "detserve.engine.llm_engine": {"ModelInfo"},
+    "detserve.engine.request": {"FinishReason", "RequestOutput", "SamplingParams", "TokenLogprob"},
+    "detserve.engine.tokenizer": {"Tokenizer"},
+    "detserve.engine.structured": {"KINDS", "GrammarError", "StructuredOutput"},
 }
 
 
 def _imports(package: str) -> list[tuple[Path, str, list[str]]]:
-    """(file, module, names) of every absolute import in a product package; names [] for `import m`."""
+    """(file, module, names) of every absolute import in a product package; names [] for `import m`
+    and for `from detserve import engine` (module `detserve.engine`)."""
     found = []
     for path in sorted((ROOT / package).rglob("*.py")):
+        where = path.relative_to(ROOT)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                found += [(path.relative_to(ROOT), alias.name, []) for alias in node.names]
+                found += [(where, alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "detserve":
+                found += [(where, f"detserve.{alias.name}", []) for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found.append((path.relative_to(ROOT), node.module, [alias.name for alias in node.names]))
+                found.append((where, node.module, [alias.name for alias in node.names]))
     return found
+
+
+def _layer(module: str) -> str | None:
+    """"server", "engine" or "kernels" for a module of that product layer, else None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "detserve" and len(parts) > 1 and parts[1] in PRODUCT else None
 
 
 def _imported_modules() -> dict[str, Path]:
@@ -64,7 +74,7 @@ def test_every_third_party_import_of_the_product_is_a_declared_dependency():
     distributions = packages_distributions()
     undeclared = []
     for module, where in _imported_modules().items():
-        if module in sys.stdlib_module_names or module in PRODUCT or module == "__future__" or module in OPTIONAL:
+        if module in sys.stdlib_module_names or module in ("detserve", "__future__") or module in OPTIONAL:
             continue
         owners = {_normalized(d) for d in distributions.get(module, [module])}
         if not owners & declared:
@@ -75,21 +85,27 @@ def test_every_third_party_import_of_the_product_is_a_declared_dependency():
 def test_the_server_uses_only_the_engines_public_interface_and_never_the_kernels():
     strays = []
     for path, module, names in _imports("server"):
-        top = module.split(".")[0]
+        layer = _layer(module)
         allowed = SERVER_MAY_IMPORT.get(module)
-        if top == "kernels" or (top == "engine" and (allowed is None or not set(names) <= allowed)):
+        if layer == "kernels" or (layer == "engine" and (allowed is None or not set(names) <= allowed)):
             strays.append(f"{path}: {module} {names}")
-        if path.parts[1] == "bench" and top in ("engine", "kernels"):
+        if path.parts[1] == "bench" and layer in ("engine", "kernels"):
             strays.append(f"{path}: {module} (the bench clients speak HTTP only)")
     assert not strays, strays
 
 
 def test_the_engine_reaches_the_kernels_through_their_facade_and_kernels_import_no_layer_above():
     strays = [f"{path}: {module}" for path, module, _ in _imports("engine")
-              if module.split(".")[0] == "kernels" and module != "kernels"]
-    strays += [f"{path}: {module}" for path, module, _ in _imports("kernels")
-               if module.split(".")[0] in ("engine", "server")]
+              if _layer(module) == "kernels" and module != "detserve.kernels"]
+    strays += [f"{path}: {module}" for path, module, _ in _imports("kernels") if _layer(module) in ("engine", "server")]
     assert not strays, strays
+
+
+def test_the_product_imports_itself_under_the_detserve_namespace_only():
+    """The installed names are detserve.*: a bare `import kernels` would find Hugging Face's package."""
+    bare = [f"{path}: {module}" for package in PRODUCT for path, module, _ in _imports(package)
+            if module.split(".")[0] in PRODUCT]
+    assert not bare, bare
 
 
 def test_the_product_does_not_import_the_developer_tools():

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.cli import build_parser, engine_config, server_config
+from detserve.server.cli import build_parser, engine_config, server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

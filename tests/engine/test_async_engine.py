@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from engine.request import FinishReason, RequestOutput, SamplingParams
+from detserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ async def test_a_failing_step_kills_the_engine_and_fails_its_requests(make_engin
 
 
 async def test_a_fault_in_one_request_fails_it_alone(async_engine: AsyncEngine, monkeypatch) -> None:
-    from engine.tokenizer import IncrementalDetokenizer
+    from detserve.engine.tokenizer import IncrementalDetokenizer
 
     real_add = IncrementalDetokenizer.add
     poison = 4242

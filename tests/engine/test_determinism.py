@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.llm_engine import LLMEngine
-from engine.request import Request, SamplingParams
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import Request, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, logprobs=3, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=10, temperature=0.8, seed=1234, logprobs=3, ignore_eos=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from engine import weights
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.request import Request, SamplingParams
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from detserve import kernels
+from detserve.engine import weights
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import Request, SamplingParams
+from detserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -174,8 +174,8 @@ def test_fingerprint_separates_kernel_modes_and_is_stable(make_engine) -> None:
 
 
 def test_gguf_blocks_read_as_integers_dequantize_to_exactly_transformers_weights(hf_model) -> None:
-    from engine import gguf
-    from kernels.quantized import QuantizedWeight
+    from detserve.engine import gguf
+    from detserve.kernels.quantized import QuantizedWeight
 
     state = gguf.read_weights(weights.default_model_path())
     reference = hf_model.state_dict()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.request import FinishReason, Request, SamplingParams
-from engine.sampler import apply_penalties_and_bias, sample
-from kernels.reference import uniform_noise
-from engine.tokenizer import StopChecker
+from detserve.engine.request import FinishReason, Request, SamplingParams
+from detserve.engine.sampler import apply_penalties_and_bias, sample
+from detserve.kernels.reference import uniform_noise
+from detserve.engine.tokenizer import StopChecker
 
 VOCAB = 1000
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import random
 
-from engine.block_manager import BlockManager
-from engine.request import Request, RequestStatus, SamplingParams
-from engine.scheduler import Scheduler
+from detserve.engine.block_manager import BlockManager
+from detserve.engine.request import Request, RequestStatus, SamplingParams
+from detserve.engine.scheduler import Scheduler
 
 _ids = itertools.count()
 

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from engine.llm_engine import LLMEngine
-from engine.request import Request, SamplingParams
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import Request, SamplingParams
 from tests.engine.test_determinism import QUESTION, random_request
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True)

@@ -12,9 +12,9 @@ import re
 import jsonschema
 import pytest
 
-from engine.llm_engine import LLMEngine
-from engine.request import FinishReason, SamplingParams
-from engine.structured import GrammarError, StructuredOutput
+from detserve.engine.llm_engine import LLMEngine
+from detserve.engine.request import FinishReason, SamplingParams
+from detserve.engine.structured import GrammarError, StructuredOutput
 from tests.engine.test_determinism import Result, random_request
 
 PERSON = {

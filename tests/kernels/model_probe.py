@@ -10,9 +10,9 @@ import random
 
 import torch
 
-import kernels
-from engine.request import Request, SamplingParams
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from detserve import kernels
+from detserve.engine.request import Request, SamplingParams
+from detserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
 def step_logits(engine, work: list[tuple[object, int, int]]) -> torch.Tensor:

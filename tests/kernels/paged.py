@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kernels import AttentionMetadata, reference
+from detserve.kernels import AttentionMetadata, reference
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 Chunk = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]  # seq id, q [n, H, D], k, v [n, Hkv, D], start

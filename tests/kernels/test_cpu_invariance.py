@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import reference
-from kernels.quantized import QuantizedWeight, quantize_int4, quantize_int8
+from detserve import kernels
+from detserve.kernels import reference
+from detserve.kernels.quantized import QuantizedWeight, quantize_int4, quantize_int8
 
 SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
 QWEN25_05B = [(1152, 896), (896, 896), (9728, 896), (896, 4864)]

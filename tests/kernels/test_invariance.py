@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import KV_SPLIT_SIZE
+from detserve import kernels
+from detserve.kernels import KV_SPLIT_SIZE
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
 SETTINGS = settings(max_examples=25, deadline=None)

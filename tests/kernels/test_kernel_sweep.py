@@ -18,7 +18,7 @@ from tests.kernels.triton_setup import DEVICE
 pytest.importorskip("triton")
 
 from bench import kernels as bench  # noqa: E402
-from kernels import configs  # noqa: E402
+from detserve.kernels import configs  # noqa: E402
 
 WIDER = dataclasses.replace(SMALL, block_n=64)
 ATTENTION = configs.AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from detserve import kernels
 
 
 def test_mask_keeps_exactly_the_allowed_tokens_including_bit_31_and_a_partial_last_word() -> None:

@@ -18,9 +18,9 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-from kernels import KV_SPLIT_SIZE  # noqa: E402
-from kernels.configs import AttentionConfig  # noqa: E402
-from kernels.paged_attention import paged_attention  # noqa: E402
+from detserve.kernels import KV_SPLIT_SIZE  # noqa: E402
+from detserve.kernels.configs import AttentionConfig  # noqa: E402
+from detserve.kernels.paged_attention import paged_attention  # noqa: E402
 
 # 16 query tokens x 2 heads per program; 4 key tiles per split.
 SMALL = AttentionConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)

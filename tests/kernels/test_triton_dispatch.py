@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
-from kernels import configs
+from detserve import kernels
+from detserve.kernels import configs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the digest adds the Triton configs where CUDA runs them")

@@ -18,8 +18,8 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import elementwise, reference  # noqa: E402
+from detserve import kernels  # noqa: E402
+from detserve.kernels import elementwise, reference  # noqa: E402
 
 DTYPES = [torch.float16, torch.float32]
 SETTINGS = settings(max_examples=12, deadline=None)

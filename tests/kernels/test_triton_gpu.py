@@ -21,8 +21,8 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import KV_SPLIT_SIZE, configs, matmul, paged_attention, rmsnorm, sampling  # noqa: E402
+from detserve import kernels  # noqa: E402
+from detserve.kernels import KV_SPLIT_SIZE, configs, matmul, paged_attention, rmsnorm, sampling  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -202,8 +202,8 @@ def test_invariant_mode_on_cuda_dispatches_to_triton_and_fingerprints_its_config
 
 @pytest.fixture(scope="module")
 def llama_8b(tmp_path_factory):
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from detserve.engine.config import EngineConfig
+    from detserve.engine.llm_engine import LLMEngine
 
     folder: Path = tmp_path_factory.mktemp("llama3-8b")
     (folder / "config.json").write_text(json.dumps(LLAMA3_8B))

@@ -17,8 +17,8 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-from kernels import configs, matmul  # noqa: E402
-from kernels.configs import MatmulConfig  # noqa: E402
+from detserve.kernels import configs, matmul  # noqa: E402
+from detserve.kernels.configs import MatmulConfig  # noqa: E402
 
 # Small tiles so K <= 256, N <= 96 give up to 4 splits and 3x3 tiles, and M <= 40 meets both launches.
 SMALL = MatmulConfig(

@@ -22,11 +22,11 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.request import SamplingParams  # noqa: E402
-from kernels import KV_SPLIT_SIZE, configs  # noqa: E402
+from detserve import kernels  # noqa: E402
+from detserve.engine.config import EngineConfig  # noqa: E402
+from detserve.engine.llm_engine import LLMEngine  # noqa: E402
+from detserve.engine.request import SamplingParams  # noqa: E402
+from detserve.kernels import KV_SPLIT_SIZE, configs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU, test_triton_gpu.py runs these checks at 8B shapes")
 
@@ -65,7 +65,7 @@ def tiny_engine(tmp_path_factory) -> LLMEngine:
 @pytest.fixture
 def on_triton(monkeypatch) -> list[str]:
     """Route every op to its Triton kernel, as on a GPU; returns the Triton modules' ops as called."""
-    from kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
+    from detserve.kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
 
     monkeypatch.setattr(kernels, "_triton_device", lambda x: True)
     monkeypatch.setattr(kernels, "_triton_config", lambda device: TILES)

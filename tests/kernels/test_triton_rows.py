@@ -14,7 +14,7 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-from kernels import configs, reference, rmsnorm, sampling  # noqa: E402
+from detserve.kernels import configs, reference, rmsnorm, sampling  # noqa: E402
 
 ROWS = configs.PINNED[(9, 0)].rows
 DTYPES = [torch.float16, torch.float32]

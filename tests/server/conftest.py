@@ -23,10 +23,10 @@ import pytest
 import pytest_asyncio
 import uvicorn
 
-from engine.async_engine import AsyncEngine
-from engine import weights
-from engine.config import EngineConfig
-from server.app import ServerConfig, create_app
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine import weights
+from detserve.engine.config import EngineConfig
+from detserve.server.app import ServerConfig, create_app
 
 
 @dataclass

@@ -14,11 +14,11 @@ import httpx2
 import openai
 import pytest
 
-import engine as detserve_engine
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from server import cli
-from server.app import ServerConfig, create_app
+from detserve import engine as detserve_engine
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.config import EngineConfig
+from detserve.server import cli
+from detserve.server.app import ServerConfig, create_app
 
 KEY = "sk-test-key"
 
@@ -105,7 +105,7 @@ def test_invalid_flags_exit_with_a_usage_error(flags, monkeypatch):
 
 def test_python_m_server_runs_the_cli():
     repo = Path(__file__).parents[2]
-    result = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], cwd=repo, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "detserve.server", "serve", "--help"], cwd=repo, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--determinism" in result.stdout and "--api-key" in result.stdout
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-import engine
+from detserve import engine
 from tests.server.conftest import LiveServer
 
 

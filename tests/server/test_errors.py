@@ -8,9 +8,9 @@ import json
 import openai
 import pytest
 
-from engine.async_engine import RequestFailedError
-from engine.request import FinishReason, RequestOutput, SamplingParams
-from server import streaming
+from detserve.engine.async_engine import RequestFailedError
+from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from detserve.server import streaming
 from tests.server.conftest import LiveServer
 
 MODEL = "{model}"  # replaced by the served model's name

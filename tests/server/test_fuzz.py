@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from engine.config import EngineConfig
-from server.app import create_app
+from detserve.engine.config import EngineConfig
+from detserve.server.app import create_app
 from tests.server.conftest import LiveServer
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.async_engine import AsyncEngine
-from server.app import ServerConfig
+from detserve.engine.async_engine import AsyncEngine
+from detserve.server.app import ServerConfig
 from tests.server.conftest import LiveServer, serve
 
 KEY = "sk-ops-test"

@@ -13,8 +13,8 @@ import random
 import httpx2
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.tokenizer import IncrementalDetokenizer
+from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.tokenizer import IncrementalDetokenizer
 from tests.server.conftest import LiveServer, serve
 from tests.server.test_operations import grew, scrape
 

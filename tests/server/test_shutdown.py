@@ -41,7 +41,7 @@ def start_server(tmp_path: Path, *flags: str) -> ServerProcess:
         port = sock.getsockname()[1]
     stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), *flags],
+        [sys.executable, "-m", "detserve.server", "serve", "--port", str(port), *flags],
         cwd=REPO, stdout=stdout.open("w"), stderr=stderr.open("w"),
     )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", stdout, stderr)

@@ -14,9 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from engine.request import FinishReason, RequestOutput, SamplingParams
-from server import streaming, tools
-from server.protocol import ToolUse
+from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from detserve.server import streaming, tools
+from detserve.server.protocol import ToolUse
 from tests.server.conftest import LiveServer
 
 WEATHER = {"type": "function", "function": {
