@@ -121,7 +121,7 @@ def measure_engine(engine: LLMEngine, args: argparse.Namespace, deterministic: b
     started = time.perf_counter()
     while pending or running:
         while pending and running < args.max_concurrency:
-            engine.add_request(f"bench-{len(pending)}-{deterministic}", pending.pop(), params)
+            engine.add_request(f"bench-{len(pending)}-{deterministic}", engine.admit(pending.pop(), params))
             running += 1
         for output in engine.step():
             tokens += len(output.new_token_ids)

@@ -76,8 +76,8 @@ def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: 
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, deterministic=deterministic,
                             structured=structured)
     requests = [
-        engine.add_request(f"bench-{deterministic}-{batch}-{i}", [rng.randrange(vocab) for _ in range(prompt_tokens)],
-                           params)
+        engine.add_request(f"bench-{deterministic}-{batch}-{i}",
+                           engine.admit([rng.randrange(vocab) for _ in range(prompt_tokens)], params))
         for i in range(batch)
     ]
     while any(r.num_output_tokens == 0 for r in requests):  # prefill, untimed

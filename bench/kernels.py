@@ -181,14 +181,15 @@ def bench_attention(config: configs.AttentionConfig) -> list[tuple[str, float, f
         for batch, seq_len in cases:
             q_len = 1 if kind == "decode" else seq_len
             q, k_cache, v_cache, meta = _paged(batch, seq_len, q_len)
-            plan = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, _fresh(meta), scale, config))
-            ours = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config))  # plan cached
+            planned = _attention_plan(meta, config)
+            plan = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, _attention_plan(meta, config), scale))
+            ours = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, planned, scale))  # planned once
             sdpa = _sdpa_ms(q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2), seq_len, kind == "prefill", scale)
             kv_bytes = 2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2
             case = f"{kind} {batch} x {seq_len}"
             graph = None
             if kind == "decode" and kv_bytes > 2 * l2_bytes:
-                graph = kv_bytes / _graph_ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config)) / 1e6
+                graph = kv_bytes / _graph_ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, planned, scale)) / 1e6
             bandwidth = f"{kv_bytes / ours / 1e6:9.0f} {kv_bytes / sdpa / 1e6:9.0f}" if kind == "decode" else f"{'':9} {'':9}"
             shown = f"{graph:10.0f}" if graph else f"{'-':>10}"
             print(f"{case:>22} {ours:9.4f} {sdpa:9.4f} {bandwidth} {ours / sdpa:6.2f} {max(plan - ours, 0.0):8.3f} {shown}")
@@ -207,9 +208,9 @@ def _sdpa_ms(q: torch.Tensor, seq_len: int, causal: bool, scale: float) -> float
     return min(gqa, _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)))
 
 
-def _fresh(meta: AttentionMetadata) -> AttentionMetadata:
-    """The same step without its cached plan: times the once-per-step planning as well."""
-    return AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.block_size, meta.zero_slot)
+def _attention_plan(meta: AttentionMetadata, config: configs.AttentionConfig, launch: str = "auto"):
+    """The step's attention plan, as the engine builds it once per step."""
+    return paged_attention.plan(meta, NUM_HEADS // NUM_KV_HEADS, config, meta.block_tables.device, launch)
 
 
 @dataclass
@@ -307,7 +308,7 @@ def sweep_attention(candidates: list[configs.AttentionConfig]) -> None:
     print(f"{'#':>2} " + " ".join(f"{case:>10}" for case in cases) + "  config")
     for index, config in enumerate(candidates):
         q, k_cache, v_cache, meta = _paged(8, 700, 3)
-        runs = [paged_attention.paged_attention(q, k_cache, v_cache, _fresh(meta), scale, config, launch)
+        runs = [paged_attention.paged_attention(q, k_cache, v_cache, _attention_plan(meta, config, launch), scale)
                 for launch in ("parallel", "sequential")]
         if not torch.equal(*runs):
             print(f"{index:>2} " + " ".join(f"{'x':>10}" for _ in cases) + f"  {config}")
@@ -315,7 +316,8 @@ def sweep_attention(candidates: list[configs.AttentionConfig]) -> None:
         cells = []
         for batch, seq_len, q_len in [(b, n, 1) for b, n in DECODE] + [(b, n, n) for b, n in PREFILL]:
             q, k_cache, v_cache, meta = _paged(batch, seq_len, q_len)
-            ms = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, config))
+            planned = _attention_plan(meta, config)
+            ms = _ms(lambda: paged_attention.paged_attention(q, k_cache, v_cache, planned, scale))
             cells.append(f"{2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * 2 / ms / 1e6:10.0f}" if q_len == 1 else f"{ms:10.3f}")
         print(f"{index:>2} " + " ".join(cells) + f"  {config}")
 

@@ -12,7 +12,9 @@ Always the same thread, too: torch's OpenMP pool belongs to the thread that call
 hopping between two threads of asyncio's default pool kept two pools whose idle workers spin on
 the cores the other needs (measured: 33 against 78 tokens/s in-process at concurrency 1, on 2 cores).
 
-The loop only reads the engine (`admit`, `stats`, `info`); only the engine thread changes it.
+The loop only reads the engine: it admits requests (`admit`: tokenizing, checking, compiling the
+grammar, all of which change nothing in the engine) and reads `stats` and `info`. Only the engine
+thread changes it, and it takes an admitted request as it is: nothing is checked twice.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from detserve.engine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot take requests now: the model is still loading, or the engine failed."""
+
+
+class EngineDeadError(EngineUnavailableError):
     """The engine loop failed; no request can be served until the process restarts."""
 
 
@@ -42,8 +48,7 @@ class RequestFailedError(RuntimeError):
 @dataclass(frozen=True)
 class _Add:
     request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
+    request: AdmittedRequest
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,9 @@ _Delivery = tuple[str, Union[RequestOutput, ValueError]]
 
 
 class AsyncEngine:
-    """What the server uses of the engine, and all it uses: the model's facts (`info`, `tokenizer`),
-    `admit` to check a request, `generate` to run it, `abort`, `stats()`, and the lifecycle."""
+    """What the server uses of the engine, and all it uses: the model's facts (`serving_info`,
+    `tokenizer`), `admit` to check a request, `generate` to run the admitted request, `abort`,
+    `stats()`, and the lifecycle."""
 
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
         """`engine`: an already loaded engine for `config` (shared between tests, or embedded use)."""
@@ -112,26 +118,36 @@ class AsyncEngine:
         """The model's tokenizer, for chat templates and token text; None for a model without one."""
         return self._loaded().tokenizer
 
+    def serving_info(self) -> ModelInfo:
+        """The served model's facts while the engine takes requests; EngineUnavailableError (loading
+        or failed) otherwise."""
+        engine = self._require_engine()
+        if not self.ready:
+            raise EngineUnavailableError("the model is still loading")
+        return engine.info
+
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or the ValueError a model without one gives every text-needing request."""
+        return self._loaded().require_tokenizer()
+
     def admit(self, prompt: str | list[int], params: SamplingParams) -> AdmittedRequest:
-        """Check a request and settle its defaults (`LLMEngine.admit`); ValueError says what is wrong."""
+        """Check a request, settle its defaults and compile its grammar (`LLMEngine.admit`), on the
+        caller's thread; ValueError says what is wrong."""
         return self._require_engine().admit(prompt, params)
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs until it finishes. Closing the stream early aborts the request.
+    async def generate(self, request_id: str, request: AdmittedRequest) -> AsyncIterator[RequestOutput]:
+        """Stream an admitted request's outputs until it finishes. Closing the stream early aborts it.
 
-        Raises ValueError before the first output for a request the engine cannot serve (admission
-        runs when the engine takes the request, between steps).
+        The engine thread queues it between steps as it is; ValueError for an id already in use.
         """
         self._require_engine()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._post(_Add(request_id, prompt, params))
+        self._post(_Add(request_id, request))
         finished = False
         try:
             while not finished:
@@ -166,12 +182,13 @@ class AsyncEngine:
 
     def _loaded(self) -> LLMEngine:
         if self.engine is None:
-            raise EngineDeadError(f"the engine failed to load: {self.error!r}" if self.error else
-                                  "the engine is still loading")
+            if self.error is not None:
+                raise EngineDeadError(f"the engine failed to load: {self.error!r}")
+            raise EngineUnavailableError("the model is still loading")
         return self.engine
 
     def _require_engine(self) -> LLMEngine:
-        """The engine, if it can take work."""
+        """The engine, if it can take work (loaded, not failed)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine has failed: {self.error!r}")
         return self._loaded()
@@ -250,7 +267,7 @@ class AsyncEngine:
                     deliveries.append((command.request_id, output))
                 continue
             try:
-                engine.add_request(command.request_id, command.prompt, command.params)
+                engine.add_request(command.request_id, command.request)
             except ValueError as exc:
                 deliveries.append((command.request_id, exc))
             finally:

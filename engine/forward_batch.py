@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from detserve.engine.request import Request
-from detserve.kernels import AttentionMetadata
+from detserve.kernels import AttentionMetadata, AttentionPlan
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64, each token's position in its own sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot (block * block_size + offset) of each token
     attention: AttentionMetadata
+    attention_plan: AttentionPlan  # built once for the step's mode by the runner, read by every layer
     logits_indices: torch.Tensor  # [S + P] int64: rows that sample the next token, then rows scored
     scored: list[PromptScore] = field(default_factory=list)  # the P scored rows, in order
 

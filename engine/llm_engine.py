@@ -16,8 +16,8 @@ from detserve.engine.block_manager import BlockManager
 from detserve.engine.config import EngineConfig, ModelConfig
 from detserve.engine.model_runner import ModelRunner
 from detserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from detserve.engine.scheduler import ScheduledRequest, Scheduler
-from detserve.engine.structured import Grammars
+from detserve.engine.scheduler import Scheduler
+from detserve.engine.structured import Grammars, GrammarState
 from detserve.engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class AdmittedRequest:
-    """A request that passed admission: its prompt as token ids and its params with every default settled."""
+    """A request that passed admission, which the engine then trusts: its prompt as token ids, its
+    params with every default settled, and its grammar's matcher (compiled once, at admission)."""
 
     prompt_token_ids: list[int]
     params: SamplingParams  # max_tokens and deterministic set
+    grammar: GrammarState | None = None  # where the structured output starts; None: unconstrained
+
+    def with_seed(self, seed: int | None) -> "AdmittedRequest":
+        """Another choice of the same request: the same prompt and rules, its own seed and grammar state."""
+        return AdmittedRequest(self.prompt_token_ids, replace(self.params, seed=seed),
+                               self.grammar.copy() if self.grammar is not None else None)
 
 
 @dataclass(frozen=True)
@@ -110,13 +117,12 @@ class LLMEngine:
         """Check a request and settle its defaults, or raise ValueError saying what is wrong.
 
         The one place where a prompt is encoded (or its token ids checked against the vocabulary),
-        its length checked against the context window and the KV cache, and `deterministic` and
-        `max_tokens` (None: the rest of the context) take their defaults.
+        its length checked against the context window and the KV cache, its grammar compiled, and
+        `deterministic` and `max_tokens` (None: the rest of the context) take their defaults. It
+        reads the engine and changes nothing, so the event loop runs it while the engine thread steps.
         """
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; send the prompt as token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.require_tokenizer().encode(prompt)
         else:
             ids = list(prompt)
             self.info.check_token_ids(ids)
@@ -133,18 +139,23 @@ class LLMEngine:
         if total > self.info.max_request_tokens:
             raise ValueError(f"the request needs {total} tokens of KV cache but the server holds "
                              f"{self.info.max_request_tokens}")
+        grammar = None
         if params.structured is not None:
-            if self.grammars is None:
-                raise ValueError("structured outputs need the model's tokenizer, and this model has none")
-            self.grammars.compile(params.structured)  # GrammarError (a ValueError) if it is invalid
+            self.require_tokenizer()
+            grammar = self.grammars.matcher(params.structured)  # GrammarError (a ValueError) if it is invalid
         deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
-        return AdmittedRequest(ids, replace(params, max_tokens=max_tokens, deterministic=deterministic))
+        return AdmittedRequest(ids, replace(params, max_tokens=max_tokens, deterministic=deterministic), grammar)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
-        """Admit and queue a request. Raises ValueError for anything the engine cannot serve."""
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or the ValueError every text-needing request gets from a model without one."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; send prompts as token ids to /v1/completions")
+        return self.tokenizer
+
+    def add_request(self, request_id: str, admitted: AdmittedRequest) -> Request:
+        """Queue an admitted request as it is (`admit` checked it). ValueError for a duplicate id."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        admitted = self.admit(prompt, params)
         params = admitted.params
         request = Request(
             request_id=request_id,
@@ -152,7 +163,7 @@ class LLMEngine:
             params=params,
             deterministic=params.deterministic,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
-            grammar=self.grammars.matcher(params.structured) if params.structured is not None else None,
+            grammar=admitted.grammar,
             prompt_logprobs=[None] * len(admitted.prompt_token_ids) if params.prompt_logprobs is not None else None,
         )
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
@@ -184,28 +195,19 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> update: the scheduler advances each request by the step's output
+        (paired by request id), then each request with a new token (or a scored prompt) reports it."""
         step = self.scheduler.schedule()
         if not step.scheduled:
             return []
-        results = self.runner.execute(step, self.eos_token_ids)
-        for score, logprob in results.scores:
-            score.request.prompt_logprobs[score.position + 1] = logprob
-        samples = iter(results.samples)
+        output = self.runner.execute(step, self.eos_token_ids)
         outputs = []
-        for s in step.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            if not step.invariant:
-                s.request.invariant_blocks = False
-            self.block_manager.register_full_blocks(s.request)
-            if s.samples:
-                token, logprob = next(samples)
-                try:
-                    outputs.append(self._append_token(s, token, logprob))
-                except Exception as exc:  # one request's bookkeeping failed: fail it, not the batch
-                    logger.exception("request %s failed", s.request.request_id)
-                    outputs.append(self._fail(s.request, exc))
-            elif s.request.params.max_tokens == 0 and s.request.num_computed_tokens == s.request.num_tokens:
-                outputs.append(self._finish(s.request, FinishReason.LENGTH, [], [], ""))  # scored, nothing to add
+        for request in self.scheduler.update_from_output(step, output.sampled, output.prompt_logprobs):
+            try:
+                outputs.append(self._report(request))
+            except Exception as exc:  # one request's bookkeeping failed: fail it, not the batch
+                logger.exception("request %s failed", request.request_id)
+                outputs.append(self._fail(request, exc))
         return outputs
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
@@ -213,32 +215,23 @@ class LLMEngine:
         output.error = f"{type(exc).__name__}: {exc}"
         return output
 
-    def _append_token(self, s: ScheduledRequest, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        request = s.request
-        request.output_token_ids.append(token)
-        if logprob is not None:
-            request.output_logprobs.append(logprob)
+    def _report(self, request: Request) -> RequestOutput:
+        """The output of a request the step advanced: its new token with the text it adds, finished
+        when a stop rule says so; or, for a request that only scores its prompt, its end."""
+        if request.params.max_tokens == 0:
+            return self._finish(request, FinishReason.LENGTH, [], [], "")  # scored, nothing to add
+        token = request.output_token_ids[-1]
+        new_logprobs = request.output_logprobs[-1:] if request.params.logprobs is not None else []
         if request.grammar is not None:
             request.grammar.advance(token)
         text = self._text[request.request_id]
-        delta_chars = 0
+        stop_at = None
         if text.detokenizer is not None:
-            delta_chars = len(text.detokenizer.add(token))
-        p = request.params
-        reason = None
-        stop_at = text.stop.find(text.detokenizer.text, delta_chars) if text.detokenizer is not None else None
+            num_new_chars = len(text.detokenizer.add(token))
+            stop_at = text.stop.find(text.detokenizer.text, num_new_chars)
         if stop_at is not None:
             text.detokenizer.text = text.detokenizer.text[:stop_at]
-            reason = FinishReason.STOP
-        elif request.num_output_tokens >= p.min_tokens and (
-            token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        ):
-            reason = FinishReason.STOP
-        elif request.grammar is not None and request.grammar.done:  # the structured output is complete
-            reason = FinishReason.STOP
-        elif request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        new_logprobs = [logprob] if logprob is not None else []
+        reason = check_stop(request, stop_at is not None, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             return self._finish(request, reason, [token], new_logprobs, None)
         delta = text.stop.take_emittable(text.detokenizer.text, False) if text.detokenizer else ""
@@ -284,7 +277,8 @@ class LLMEngine:
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (for tests and scripts); returns the finished requests in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        requests = [self.add_request(f"gen-{next(self._generate_ids)}", p, sp) for p, sp in zip(prompts, params_list)]
+        requests = [self.add_request(f"gen-{next(self._generate_ids)}", self.admit(p, sp))
+                    for p, sp in zip(prompts, params_list)]
         while any(not r.finished for r in requests):
             self.step()
         return requests
@@ -307,6 +301,24 @@ class LLMEngine:
             f"threads={torch.get_num_threads()}",
         ]
         return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def check_stop(request: Request, hit_stop_string: bool, eos_token_ids: tuple[int, ...],
+               max_model_len: int) -> FinishReason | None:
+    """Whether the token just appended ends the request, and why: a stop string, a stop token or
+    EOS (once min_tokens are out), a finished structured output, or the length limits."""
+    p, token = request.params, request.output_token_ids[-1]
+    if hit_stop_string:
+        return FinishReason.STOP
+    if request.num_output_tokens >= p.min_tokens and (
+        token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)
+    ):
+        return FinishReason.STOP
+    if request.grammar is not None and request.grammar.done:
+        return FinishReason.STOP
+    if request.num_output_tokens >= p.max_tokens or request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
 
 
 def _model_name(config: EngineConfig) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +26,48 @@ SCORE_ROWS = 64
 
 
 @dataclass
-class StepResults:
-    samples: list[tuple[int, TokenLogprob | None]]  # (token, logprob) per request that samples, in order
-    scores: list[tuple[PromptScore, TokenLogprob]]  # each scored prompt position and its next token's logprob
+class ModelRunnerOutput:
+    """What one forward pass computed, keyed by request id (never by place in the batch)."""
+
+    sampled: dict[str, tuple[int, TokenLogprob | None]]  # request id -> (next token, its logprob if asked)
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]]  # request id -> (prompt position, its logprob)
+
+
+def kernel_mode(step: SchedulerOutput) -> kernels.Mode:
+    """Invariant kernels when any request of the step asked for determinism, else fast ones."""
+    return "invariant" if step.invariant else "fast"
+
+
+@dataclass
+class _Rows:
+    """A step's rows as host lists: every scheduled request's new tokens back to back."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    seq_lens: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)  # rows that sample
+    scored_rows: list[int] = field(default_factory=list)  # rows whose logits score a prompt token
+    scored: list[PromptScore] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, step: SchedulerOutput) -> "_Rows":
+        rows = cls()
+        for s in step.scheduled:
+            request, start, end = s.request, s.start, s.start + s.num_new_tokens
+            first_row = len(rows.input_ids)
+            rows.input_ids.extend(request.token_ids(start, end))
+            rows.positions.extend(range(start, end))
+            rows.query_start_loc.append(len(rows.input_ids))
+            rows.seq_lens.append(end)
+            if s.samples:
+                rows.logits_indices.append(len(rows.input_ids) - 1)
+            if request.scores_prompt:  # every prompt position but the last scores the token after it
+                for p in range(start, min(end, request.num_prompt_tokens - 1)):
+                    rows.scored_rows.append(first_row + p - start)
+                    rows.scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
+                                                   request.params.prompt_logprobs))
+        return rows
 
 
 @contextlib.contextmanager
@@ -96,29 +135,9 @@ class ModelRunner:
         )
 
     def prepare(self, step: SchedulerOutput) -> ForwardBatch:
-        """Flatten the step's requests into one batch of tokens with their positions and cache slots."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        scored_rows: list[int] = []
-        scored: list[PromptScore] = []
-        bs = self.block_size
-        for s in step.scheduled:
-            request, start, end = s.request, s.start, s.start + s.num_new_tokens
-            first_row = len(input_ids)
-            input_ids.extend(request.token_ids(start, end))
-            positions.extend(range(start, end))
-            query_start_loc.append(len(input_ids))
-            seq_lens.append(end)
-            if s.samples:
-                logits_indices.append(len(input_ids) - 1)
-            if request.scores_prompt:  # every prompt position but the last scores the token after it
-                for p in range(start, min(end, request.num_prompt_tokens - 1)):
-                    scored_rows.append(first_row + p - start)
-                    scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
-                                              request.params.prompt_logprobs))
+        """Flatten the step's requests into one batch of tokens with their positions and cache slots,
+        and plan the step's attention once for every layer, in the step's kernel mode."""
+        rows = _Rows.of(step)
         max_blocks = max(len(s.request.block_table) for s in step.scheduled)
         tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in step.scheduled]
 
@@ -126,34 +145,42 @@ class ModelRunner:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         block_tables = tensor(tables, torch.int32)
-        token_positions = tensor(positions)
+        token_positions = tensor(rows.positions)
         token_seqs = torch.repeat_interleave(
-            torch.arange(len(seq_lens), device=self.device), tensor([s.num_new_tokens for s in step.scheduled]))
+            torch.arange(len(rows.seq_lens), device=self.device), tensor([s.num_new_tokens for s in step.scheduled]))
+        attention = kernels.AttentionMetadata(
+            query_start_loc=rows.query_start_loc,
+            seq_lens=rows.seq_lens,
+            block_tables=block_tables,
+            block_size=self.block_size,
+            zero_slot=self.zero_slot,
+        )
+        with kernels.mode(kernel_mode(step)):
+            plan = kernels.plan_attention(attention, self.model_config.num_heads, self.model_config.num_kv_heads)
         return ForwardBatch(
-            input_ids=tensor(input_ids),
+            input_ids=tensor(rows.input_ids),
             positions=token_positions,
-            slot_mapping=kernels.cache_slots(block_tables, token_seqs, token_positions, bs),
-            attention=kernels.AttentionMetadata(
-                query_start_loc=query_start_loc,
-                seq_lens=seq_lens,
-                block_tables=block_tables,
-                block_size=bs,
-                zero_slot=self.zero_slot,
-            ),
-            logits_indices=tensor(logits_indices + scored_rows),
-            scored=scored,
+            slot_mapping=kernels.cache_slots(block_tables, token_seqs, token_positions, self.block_size),
+            attention=attention,
+            attention_plan=plan,
+            logits_indices=tensor(rows.logits_indices + rows.scored_rows),
+            scored=rows.scored,
         )
 
-    def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> StepResults:
-        """Run the forward pass, sample for the requests that sample (in order), and score prompts."""
+    def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> ModelRunnerOutput:
+        """Run the forward pass, sample for the requests that sample, and score prompts."""
         batch = self.prepare(step)
         sampling = [s.request for s in step.scheduled if s.samples]
-        with kernels.mode("invariant" if step.invariant else "fast"):
+        with kernels.mode(kernel_mode(step)):
             hidden = self.model(batch, self.kv_caches)
             samples = sampler.sample(self.model.compute_logits(hidden[: len(sampling)]), sampling,
                                      eos_token_ids) if sampling else []
             scores = self._score(hidden[len(sampling) :], batch.scored)
-        return StepResults(samples, scores)
+        prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = {}
+        for score, logprob in scores:  # the logits at a position score the prompt token after it
+            prompt_logprobs.setdefault(score.request.request_id, []).append((score.position + 1, logprob))
+        return ModelRunnerOutput({r.request_id: sample for r, sample in zip(sampling, samples, strict=True)},
+                                 prompt_logprobs)
 
     def _score(self, hidden: torch.Tensor, scored: list[PromptScore]) -> list[tuple[PromptScore, TokenLogprob]]:
         """Prompt logprobs of the scored rows, SCORE_ROWS rows of logits at a time (a whole prompt's

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from detserve.engine.structured import GrammarState, StructuredOutput
 
 
+class ParamError(ValueError):
+    """A ValueError that names the request field at fault (the HTTP edge's 400 names it as `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request. Validated here so the HTTP edge and Python callers agree."""
@@ -36,29 +44,31 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
+        checks = [  # (holds, the field at fault, what must hold): each range written here only
             (self.max_tokens is None or self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
-             "max_tokens must be at least 1 (0 only to score a prompt, with prompt logprobs)"),
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0 or self.top_k == -1, "top_k must be 0 or -1 (off) or a positive integer"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
+             "max_tokens", "max_tokens must be at least 1 (0 only to score a prompt, with prompt logprobs)"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+             "temperature must be a finite number >= 0"),
+            (0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+            (self.top_k >= 0 or self.top_k == -1, "top_k", "top_k must be 0 or -1 (off) or a positive integer"),
+            (0 <= self.min_p <= 1, "min_p", "min_p must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
+            (0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty), "repetition_penalty",
              "repetition_penalty must be in (0, 2]"),
             (0 <= self.min_tokens <= (self.min_tokens if self.max_tokens is None else self.max_tokens),
-             "min_tokens must be in [0, max_tokens]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
-            (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
+             "min_tokens", "min_tokens must be in [0, max_tokens]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "prompt_logprobs must be in [0, 20]"),
+            (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias",
              "logit_bias values must be in [-100, 100]"),
-            (all(s for s in self.stop), "stop strings must be non-empty"),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed", "seed must be in [0, 2**63)"),
         ]
-        for ok, message in checks:
+        for ok, param, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ParamError(param, message)
         if self.top_k == -1:
             self.top_k = 0
 
@@ -143,6 +153,12 @@ class Request:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
+
+    def append_output(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        """A sampled token (and its logprob, when the request asked for logprobs)."""
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
 
     @property
     def num_output_tokens(self) -> int:

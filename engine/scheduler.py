@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from detserve.engine.block_manager import BlockManager
-from detserve.engine.request import Request, RequestStatus
+from detserve.engine.request import Request, RequestStatus, TokenLogprob
 
 
 @dataclass
@@ -103,6 +103,28 @@ class Scheduler:
 
         invariant = any(s.request.deterministic for s in scheduled)
         return SchedulerOutput(scheduled, invariant, preempted)
+
+    def update_from_output(self, step: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprob | None]],
+                           prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]]) -> list[Request]:
+        """Advance every request of `step` by what the step computed, paired by request id: its
+        progress, the KV blocks it filled (published to the prefix cache, marked fast-written when
+        the step ran fast kernels), its prompt logprobs, and the token it sampled. Returns the
+        requests with something to report: a new token, or (max_tokens 0) a prompt fully scored."""
+        updated = []
+        for s in step.scheduled:
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            if not step.invariant:
+                request.invariant_blocks = False
+            self.block_manager.register_full_blocks(request)
+            for position, logprob in prompt_logprobs.get(request.request_id, ()):
+                request.prompt_logprobs[position] = logprob
+            if request.request_id in sampled:
+                request.append_output(*sampled[request.request_id])
+                updated.append(request)
+            elif request.params.max_tokens == 0 and request.num_computed_tokens == request.num_tokens:
+                updated.append(request)
+        return updated
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and queue it first among the waiting, to recompute later."""

@@ -106,21 +106,16 @@ class Grammars:
     def tokenizer(self) -> "llguidance.LLTokenizer":
         return _llguidance().hf.from_tokenizer(self._hf, n_vocab=self._vocab_size, eos_token=self._eos or None)
 
-    @functools.lru_cache(maxsize=256)
-    def compile(self, output: StructuredOutput) -> str:
-        """The checked grammar text for `output`, or GrammarError saying what is wrong with it."""
+    def matcher(self, output: StructuredOutput) -> "GrammarState":
+        """A fresh matcher for `output`, its grammar compiled once, here; GrammarError saying what is
+        wrong with it. Admission calls this; the engine thread only advances the matcher."""
         grammar = output.grammar_text()
         if len(grammar) > MAX_GRAMMAR_BYTES:
             raise GrammarError(f"the {output.kind} constraint is {len(grammar)} bytes as a grammar; "
                                f"at most {MAX_GRAMMAR_BYTES} are accepted")
-        is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer,
-                                                                                   limits=self._limits)
-        if is_error:
-            raise GrammarError(messages[0])
-        return grammar
-
-    def matcher(self, output: StructuredOutput) -> "GrammarState":
-        matcher = _llguidance().LLMatcher(self.tokenizer, self.compile(output), limits=self._limits, log_level=0)
+        matcher = _llguidance().LLMatcher(self.tokenizer, grammar, limits=self._limits, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
         return GrammarState(matcher, self._vocab_size)
 
 
@@ -129,7 +124,12 @@ class GrammarState:
 
     def __init__(self, matcher: "llguidance.LLMatcher", vocab_size: int) -> None:
         self._matcher = matcher
+        self._vocab_size = vocab_size
         self._words = (vocab_size + 31) // 32
+
+    def copy(self) -> "GrammarState":
+        """An independent matcher at the same place (another choice of the same request)."""
+        return GrammarState(self._matcher.deep_copy(), self._vocab_size)
 
     def bitmask(self) -> torch.Tensor:
         """int32 [ceil(V / 32)]: bit t % 32 of word t // 32 is set where token t may come next."""

@@ -4,18 +4,17 @@ The model calls these functions and never knows the mode: determinism is a kerne
 different model. `with kernels.mode("invariant"): ...` selects the mode for the forward pass in
 the current context and restores the previous one afterwards, even on error.
 
-On CPU both modes run the pure-PyTorch ops in `reference.py`; only float matmuls and attention
-differ between the modes there (RMSNorm, SiLU-mul, log-softmax and the 4/8-bit matmuls of
-`quantized.py` are row-invariant as they are, and tests prove it). On a CUDA tensor, `fast` is plain
-torch (cuBLAS, SDPA) and `invariant` runs the Triton kernels (matmul.py, rmsnorm.py,
-paged_attention.py, sampling.py's log-softmax, elementwise.py) with the tile configs pinned for
-the GPU's arch in configs.py, when triton can be imported. Reductions (matmul, RMSNorm, attention,
-log-softmax) are where the batch leaks in, hence those kernels. Elementwise ops compute each
-output element by the same formula whatever the shape, so they are batch-invariant as they are:
-RoPE and SiLU-mul run in Triton for fusion (one launch instead of several torch kernels and
-temporaries), while residual adds and kv_store stay torch in both modes. Token sampling
-(`sample_tokens`) has one implementation per device, used in both modes: on CUDA its Triton
-kernel keeps the logits on the GPU.
+Where each op runs is declared once, in `DISPATCH`: on a CUDA tensor (with triton importable) the
+Triton kernel of `gpu.py` in the modes that run it, otherwise the pure-PyTorch op of the mode from
+`reference/`. Reductions (matmul, RMSNorm, attention, log-softmax) are where the batch leaks in,
+hence their Triton kernels in invariant mode, while fast mode on a GPU is plain torch (cuBLAS,
+SDPA). On CPU only float matmuls and attention differ between the modes; RMSNorm, SiLU-mul and
+log-softmax reduce each row on its own (tests prove it). Elementwise ops compute each output
+element by the same formula whatever the shape: RoPE and SiLU-mul run in Triton for fusion, the
+cache write and the token mask stay torch. Token sampling has one implementation per device,
+used in both modes: on CUDA its Triton kernel keeps the logits on the GPU. One op is dispatched
+by its weight instead: `linear` with a packed 4/8-bit weight runs the CPU's integer kernels
+(`quantized.py`) in both modes, since they are row-invariant as they are.
 """
 
 from __future__ import annotations
@@ -24,17 +23,53 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Union
 
 import torch
 
-from detserve.kernels import configs, quantized, reference
-from detserve.kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
+from detserve.kernels import configs, contract, quantized
+from detserve.kernels.contract import KV_SPLIT_SIZE, ROWS_PER_CALL
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
-from detserve.kernels.reference import KV_SPLIT_SIZE, ROWS_PER_CALL
+from detserve.kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
+from detserve.kernels.reference import attention as torch_attention
+from detserve.kernels.reference import noise, rows
+
+if TYPE_CHECKING:
+    from detserve.kernels import paged_attention
 
 Mode = Literal["invariant", "fast"]
 MODES: tuple[Mode, ...] = ("invariant", "fast")
+
+AttentionPlan = Union[torch_attention.InvariantPlan, torch_attention.FastPlan, "paged_attention.Plan"]
+"""One step's attention work as the backend of its mode and device lays it out (`plan_attention`)."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Where one op runs: `triton` (a function of gpu.py) on a CUDA tensor in `triton_modes`, where
+    triton imports; otherwise the torch op of the mode."""
+
+    invariant: Callable
+    fast: Callable
+    triton: str | None = None
+    triton_modes: tuple[Mode, ...] = ("invariant",)
+
+
+DISPATCH: dict[str, Kernels] = {
+    "linear": Kernels(rows.linear_invariant, rows.linear_fast, "linear"),
+    "rms_norm": Kernels(rows.rms_norm, rows.rms_norm, "rms_norm"),
+    "add_rms_norm": Kernels(rows.add_rms_norm, rows.add_rms_norm, "add_rms_norm"),
+    "silu_mul": Kernels(rows.silu_mul, rows.silu_mul, "silu_mul"),
+    "log_softmax": Kernels(rows.log_softmax, rows.log_softmax, "log_softmax"),
+    "rope": Kernels(rows.rope, rows.rope, "rope"),
+    "apply_token_bitmask": Kernels(rows.apply_token_bitmask, rows.apply_token_bitmask),
+    "kv_store": Kernels(torch_attention.kv_store, torch_attention.kv_store),
+    "plan_attention": Kernels(torch_attention.plan_invariant, torch_attention.plan_fast, "plan_attention"),
+    "attention": Kernels(torch_attention.attention_invariant, torch_attention.attention_fast, "attention"),
+    "sample_tokens": Kernels(noise.sample_tokens, noise.sample_tokens, "sample_tokens", MODES),
+    "gumbel_max": Kernels(noise.gumbel_max, noise.gumbel_max),
+}
 
 _current_mode: contextvars.ContextVar[Mode] = contextvars.ContextVar("detserve_kernel_mode", default="invariant")
 
@@ -54,47 +89,42 @@ def current_mode() -> Mode:
     return _current_mode.get()
 
 
-def _invariant() -> bool:
-    return _current_mode.get() == "invariant"
-
-
 @functools.cache
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_config(device: torch.device) -> configs.ArchConfig:
-    return configs.for_capability(torch.cuda.get_device_capability(device))
+@functools.cache
+def _gpu():
+    from detserve.kernels import gpu
+
+    return gpu
 
 
 def _triton_device(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on x: a CUDA tensor, with triton importable."""
+    """Whether the Triton kernels can run on x: a CUDA tensor, with triton importable (the device is
+    asked first: the CPU answers at once)."""
     return x.is_cuda and _triton_available()
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """Invariant mode on a Triton device: run the Triton kernels (device first: the CPU answers at once)."""
-    return _triton_device(x) and _invariant()
+def _kernel(op: str, on: torch.Tensor) -> Callable:
+    """The function that runs `op` on tensors like `on` in the current mode, as DISPATCH declares."""
+    kernels, current = DISPATCH[op], _current_mode.get()
+    if kernels.triton is not None and current in kernels.triton_modes and _triton_device(on):
+        return getattr(_gpu(), kernels.triton)
+    return kernels.invariant if current == "invariant" else kernels.fast
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ weight[N, K].T (+ bias) -> [T, N]; a packed 4/8-bit weight runs its CPU kernel in both modes."""
     if isinstance(weight, PackedWeight):
         return quantized.linear(x, weight, bias)
-    if _use_triton(x):
-        from detserve.kernels import matmul
-
-        return matmul.linear(x, weight, bias, _triton_config(x.device).matmul_for(*weight.shape))
-    return (reference.linear_invariant if _invariant() else reference.linear_fast)(x, weight, bias)
+    return _kernel("linear", x)(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
-    if _use_triton(x):
-        from detserve.kernels import rmsnorm
-
-        return rmsnorm.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps, _triton_config(x.device).rows).view(x.shape)
-    return reference.rms_norm(x, weight, eps)
+    return _kernel("rms_norm", x)(x, weight, eps)
 
 
 def add_rms_norm(
@@ -104,30 +134,17 @@ def add_rms_norm(
 
     Same bits as the two ops apart: the add rounds to the input dtype before the norm either way.
     """
-    if _use_triton(x):
-        from detserve.kernels import rmsnorm
-
-        return rmsnorm.add_rms_norm(x, residual, weight, eps, _triton_config(x.device).rows)
-    total = x + residual
-    return rms_norm(total, weight, eps), total
+    return _kernel("add_rms_norm", x)(x, residual, weight, eps)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I]."""
-    if _use_triton(x):
-        from detserve.kernels import elementwise
-
-        return elementwise.silu_mul(x)
-    return reference.silu_mul(x)
+    return _kernel("silu_mul", x)(x)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise log-softmax in float32: [S, V] -> [S, V]."""
-    if _use_triton(logits):
-        from detserve.kernels import sampling
-
-        return sampling.log_softmax(logits, _triton_config(logits.device).rows)
-    return reference.log_softmax(logits)
+    return _kernel("log_softmax", logits)(logits)
 
 
 def sample_tokens(
@@ -139,54 +156,45 @@ def sample_tokens(
     int64 there. One implementation per device in both modes: it is row-wise by construction and
     cheap, and on the GPU it keeps the [S, V] logits off the host (only S token ids cross).
     """
-    if _triton_device(logits):
-        from detserve.kernels import sampling
-
-        return sampling.sample_tokens(logits, temperatures, seeds, positions, _triton_config(logits.device).rows)
-    return reference.sample_tokens(logits, temperatures, seeds, positions)
+    return _kernel("sample_tokens", logits)(logits, temperatures, seeds, positions)
 
 
 def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The seeded draws from float64 rows [S, V] already divided by the temperature (and filtered),
     with the noise `sample_tokens` uses; [S] int64. For the sampler's per-row host path."""
-    return reference.gumbel_max(scaled, seeds, positions)
+    return _kernel("gumbel_max", scaled)(scaled, seeds, positions)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits [S, V] with -inf wherever bitmask [S, ceil(V / 32)] int32 has bit t % 32 of word t // 32
     clear (a structured output's disallowed tokens). Elementwise, so exact in both modes and devices."""
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
-    return logits.masked_fill(allowed == 0, float("-inf"))
+    return _kernel("apply_token_bitmask", logits)(logits, bitmask)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q [T, H, D] and k [T, Hkv, D]; exact per element, same bits in both modes."""
-    if _use_triton(q):
-        from detserve.kernels import elementwise
-
-        return elementwise.rope(q, k, rotary.positions, rotary.cos_sin)
-    return reference.rope(q, k, rotary)
+    return _kernel("rope", q)(q, k, rotary)
 
 
 def kv_store(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write this step's K/V into the paged cache before attention reads it (both modes)."""
-    reference.kv_store(k, v, k_cache, v_cache, slot_mapping)
+    _kernel("kv_store", k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def plan_attention(meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+    """The step's attention work for the current mode and the device of `meta`'s block tables: built
+    once per step by the model runner (its cost shows there), read by every layer's `attention`."""
+    return _kernel("plan_attention", meta.block_tables)(meta, num_heads, num_kv_heads, meta.block_tables.device)
 
 
 def attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over the paged cache; returns [T, H, D]."""
-    if _use_triton(q):
-        from detserve.kernels import paged_attention
-
-        return paged_attention.paged_attention(q, k_cache, v_cache, meta, scale, _triton_config(q.device).attention)
-    return (reference.attention_invariant if _invariant() else reference.attention_fast)(
-        q, k_cache, v_cache, meta, scale
-    )
+    """Causal attention of q [T, H, D] over the paged cache as `plan` lays it out; returns [T, H, D].
+    The plan must come from `plan_attention` in the same mode (a backend refuses another's plan)."""
+    return _kernel("attention", q)(q, k_cache, v_cache, plan, scale)
 
 
 def config_digest() -> str:
@@ -195,7 +203,7 @@ def config_digest() -> str:
     Where invariant mode can run Triton (a CUDA device and triton importable), the digest adds the
     triton version and the tile configs pinned for the current device's arch.
     """
-    digest = f"torch-ref-v{reference.VERSION}:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
+    digest = f"torch-ref-v{contract.VERSION}:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
     if _triton_available() and torch.cuda.is_available():
         import triton
 
@@ -204,12 +212,16 @@ def config_digest() -> str:
 
 
 __all__ = [
+    "DISPATCH",
     "AttentionMetadata",
+    "AttentionPlan",
     "KV_SPLIT_SIZE",
+    "Kernels",
     "MODES",
     "Mode",
     "PackedWeight",
     "QuantizedWeight",
+    "ROWS_PER_CALL",
     "RotaryInputs",
     "add_rms_norm",
     "apply_token_bitmask",
@@ -223,6 +235,7 @@ __all__ = [
     "linear",
     "log_softmax",
     "mode",
+    "plan_attention",
     "quantize",
     "rms_norm",
     "rope",

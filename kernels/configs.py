@@ -36,7 +36,7 @@ class MatmulConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Fixed query-row and key tiles; the KV split size itself is reference.KV_SPLIT_SIZE."""
+    """Fixed query-row and key tiles; the KV split size itself is contract.KV_SPLIT_SIZE."""
 
     block_m: int  # rows per program: query tokens x the query heads of one KV head
     block_n: int  # keys per tile; must divide KV_SPLIT_SIZE so tiles never straddle a split

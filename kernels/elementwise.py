@@ -8,9 +8,9 @@ only (no reduction across elements), by the same instructions whatever the grid,
 sizes change which program computes an element, never its bits. That is also why the blocks are
 module constants rather than part of the pinned, fingerprinted configs.
 
-Op order follows kernels/reference.py, with FMA contraction off (LAUNCH_OPTIONS) so each multiply
+Op order follows kernels/reference/rows.py, with FMA contraction off (LAUNCH_OPTIONS) so each multiply
 and add rounds on its own as in torch. RoPE only multiplies and adds, so it reproduces
-`reference.rope` bit for bit. silu_mul's exp and division are Triton's fast fp32 ones on the GPU
+`reference.rows.rope` bit for bit. silu_mul's exp and division are Triton's fast fp32 ones on the GPU
 (ex2.approx, div.full: within a few ulp) and numpy's in the interpreter, so its fp32 silu may
 differ from torch's in the last bits: the reference's op order, not necessarily its bits.
 """
@@ -95,7 +95,7 @@ def _rope_kernel(
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of q [T, H, D] and k [T, Hkv, D] in one launch; the bits of `reference.rope`.
+    """Rotate-half RoPE of q [T, H, D] and k [T, Hkv, D] in one launch; the bits of `reference.rows.rope`.
 
     q and k may be strided views (slices of the fused qkv output); positions [T] int, cos_sin
     [max_pos, D] float32 (cos | sin halves). Returns new contiguous tensors in the inputs' dtype.

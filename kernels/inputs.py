@@ -1,32 +1,15 @@
 """What the kernels take besides activations and weights: one step's positions and cache layout.
 
-The model runner builds these once per step; every layer passes the same objects, so a backend
-derives what it needs from them (index tensors, masks, rotary rows) on first use and the other
-layers reuse it through `plan`. Each backend names and types its own plans; these classes only
-hold them for the step.
+The model runner builds these once per step and every layer passes the same objects. What a
+backend derives from them once per step (the attention plan) is built explicitly by the runner
+(`kernels.plan_attention`) and carried, typed, in the forward batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Hashable, TypeVar
+from dataclasses import dataclass
 
 import torch
-
-Plan = TypeVar("Plan")
-
-
-@dataclass
-class StepInputs:
-    """Per-step plans, built by their backend on first use and shared by every layer of the step."""
-
-    plans: dict[Hashable, object] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
-
-    def plan(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
-        """The plan stored under `key` (a backend's name, plus whatever shapes it depends on), built once."""
-        if key not in self.plans:
-            self.plans[key] = build()
-        return self.plans[key]  # type: ignore[return-value]
 
 
 def cache_slots(block_tables: torch.Tensor, seqs: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -38,7 +21,7 @@ def cache_slots(block_tables: torch.Tensor, seqs: torch.Tensor, positions: torch
 
 
 @dataclass
-class AttentionMetadata(StepInputs):
+class AttentionMetadata:
     """Where each sequence's queries and keys are, for attention over the paged KV cache.
 
     The batch is flat: sequence `b` owns query rows `query_start_loc[b]:query_start_loc[b+1]`,
@@ -61,9 +44,20 @@ class AttentionMetadata(StepInputs):
         return self.query_start_loc[b + 1] - self.query_start_loc[b] == 1
 
 
-@dataclass
-class RotaryInputs(StepInputs):
-    """Each token's position and the model's rotary table, for `kernels.rope`."""
+@dataclass(frozen=True)
+class RotaryInputs:
+    """Each token's position and the model's rotary table, for `kernels.rope`, with the step's
+    rotation rows gathered once for every layer: (cos | cos) and (-sin | sin) of each token. With
+    them, [x1 | x2] becomes [x1*cos + x2*(-sin) | x2*cos + x1*sin], which is x1*cos - x2*sin to the
+    bit, in 4 ops a tensor (the torch path; the Triton kernel reads the table itself)."""
 
     positions: torch.Tensor  # [T] int64
     cos_sin: torch.Tensor  # [max_positions, head_dim] float32: cos | sin halves
+    cos_cos: torch.Tensor  # [T, 1, head_dim] float32
+    minus_sin_sin: torch.Tensor  # [T, 1, head_dim] float32
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, cos_sin: torch.Tensor) -> "RotaryInputs":
+        cos, sin = cos_sin[positions].split(cos_sin.shape[-1] // 2, dim=-1)  # [T, D/2] each
+        return cls(positions, cos_sin, torch.cat([cos, cos], dim=-1)[:, None, :],
+                   torch.cat([-sin, sin], dim=-1)[:, None, :])

@@ -34,7 +34,7 @@ import triton.language as tl
 from detserve.kernels.arrivals import arrival_counts, last_to_arrive
 from detserve.kernels.configs import LAUNCH_OPTIONS, AttentionConfig
 from detserve.kernels.inputs import AttentionMetadata
-from detserve.kernels.reference import KV_SPLIT_SIZE
+from detserve.kernels.contract import KV_SPLIT_SIZE
 
 Launch = Literal["auto", "parallel", "sequential"]
 
@@ -232,9 +232,13 @@ def _attention_merge_kernel(
 
 
 @dataclass
-class _Plan:
-    """Work items of one step, built once and shared by every layer (all layers have equal shapes)."""
+class Plan:
+    """Work items of one step, built once by `plan` and shared by every layer (all layers have equal
+    shapes), for the tiles of `config`."""
 
+    meta: AttentionMetadata
+    group: int  # query heads per KV head
+    config: AttentionConfig
     items: torch.Tensor  # int32, flat: [num_items, ITEM_FIELDS] (sequential items first), then `programs`
     programs: torch.Tensor  # int32, flat: [num_programs, 2] (item, split) of each parallel split program
     num_sequential: int
@@ -242,9 +246,13 @@ class _Plan:
     num_slots: int  # partial slots: sum over parallel items of rows x splits
 
 
-def _build_plan(
-    meta: AttentionMetadata, group: int, config: AttentionConfig, launch: Launch, device: torch.device
-) -> _Plan:
+def plan(meta: AttentionMetadata, group: int, config: AttentionConfig, device: torch.device,
+         launch: Launch = "auto") -> Plan:
+    """The step's work items for `group` query heads per KV head. `launch` forces one launch for
+    every sequence (for tests); "auto" splits decode-sized sequences in parallel, which is safe
+    because both launches give the same bits."""
+    if group > config.block_m or KV_SPLIT_SIZE % config.block_n:
+        raise ValueError(f"attention config {config} cannot serve {group} query heads per KV head")
     rows_per_item = config.block_m // group
     sequential: list[list[int]] = []
     parallel: list[list[int]] = []
@@ -271,7 +279,10 @@ def _build_plan(
     flat = [f for item in sequential + parallel for f in item]
     flat += [f for item, split in programs for f in (len(sequential) + item, split)]  # absolute item index
     table = torch.tensor(flat, dtype=torch.int32).to(device)  # one copy to the device per step
-    return _Plan(
+    return Plan(
+        meta=meta,
+        group=group,
+        config=config,
         items=table,
         programs=table[num_items * ITEM_FIELDS.value :],
         num_sequential=len(sequential),
@@ -280,29 +291,17 @@ def _build_plan(
     )
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    config: AttentionConfig,
-    launch: Launch = "auto",
-) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D] -> [T, H, D].
-
-    The step's K/V must already be in the cache. `launch` forces one launch for every sequence
-    (for tests); "auto" splits decode-sized sequences in parallel, which is safe because both
-    launches give the same bits. The plan is built once per step (`meta.plan`) for every layer.
-    """
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Plan,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D] -> [T, H, D],
+    as `plan` (built once per step) lays it out. The step's K/V must already be in the cache."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    if group > config.block_m or KV_SPLIT_SIZE % config.block_n:
-        raise ValueError(f"attention config {config} cannot serve {group} query heads per KV head")
+    meta, config, group = plan.meta, plan.config, plan.group
+    if group != num_heads // num_kv_heads:
+        raise ValueError(f"the plan is for {group} query heads per KV head, not {num_heads // num_kv_heads}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride() == v_cache.stride()):
         raise ValueError("paged attention needs contiguous K/V caches of one layout")
-    plan = meta.plan(("triton", group, config, launch), lambda: _build_plan(meta, group, config, launch, q.device))
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q)
     head = triton.next_power_of_2(head_dim)

@@ -7,7 +7,7 @@ the number of rows, so neither do a row's bits.
 
 Sampling is Gumbel-max: argmax(logits / T + g) with g = -log(-log(u)) in float64, where u comes
 from a counter-based hash (splitmix64) of (seed, token position, vocab index), bit for bit the
-hash of `reference.uniform_noise`. No generator state exists, so a row's draw depends on nothing
+hash of `reference.noise.uniform_noise`. No generator state exists, so a row's draw depends on nothing
 but its own seed and position, and only the chosen token ids leave the GPU.
 """
 
@@ -17,15 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from detserve.kernels import contract
 from detserve.kernels.configs import LAUNCH_OPTIONS, RowConfig
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-# splitmix64 and the stream constants of reference.uniform_noise
-GOLDEN: tl.constexpr = tl.constexpr(0x9E3779B97F4A7C15)
-MIX1: tl.constexpr = tl.constexpr(0xBF58476D1CE4E5B9)
-MIX2: tl.constexpr = tl.constexpr(0x94D049BB133111EB)
-POSITION_STRIDE: tl.constexpr = tl.constexpr(0xD1B54A32D192ED03)
+# splitmix64 and the stream constants of the host's noise (`reference.noise.uniform_noise`)
+GOLDEN: tl.constexpr = tl.constexpr(contract.GOLDEN)
+MIX1: tl.constexpr = tl.constexpr(contract.MIX1)
+MIX2: tl.constexpr = tl.constexpr(contract.MIX2)
+POSITION_STRIDE: tl.constexpr = tl.constexpr(contract.POSITION_STRIDE)
 TWO_POW_MINUS_53: tl.constexpr = tl.constexpr(1.1102230246251565e-16)
 
 

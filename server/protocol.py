@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
-from detserve.engine.async_engine import EngineDeadError, RequestFailedError
+from detserve.engine.async_engine import EngineUnavailableError, RequestFailedError
 from detserve.engine.llm_engine import ModelInfo
 from detserve.engine.request import SamplingParams
 from detserve.engine.structured import KINDS, GrammarError, StructuredOutput
@@ -31,7 +31,7 @@ _ERROR_TYPES = {
 # Request fields that map one to one onto SamplingParams; absent (None) ones keep its defaults.
 _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "deterministic",
+    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "deterministic",
 )
 
 
@@ -60,11 +60,11 @@ class APIError(Exception):
         """The client-facing form of anything a request can raise: its fault 4xx, the server's 5xx."""
         if isinstance(exc, APIError):
             return exc
-        if isinstance(exc, ValueError):
-            return cls(400, str(exc))
+        if isinstance(exc, ValueError):  # a ParamError names the field
+            return cls(400, str(exc), getattr(exc, "param", None))
         if isinstance(exc, RequestFailedError):
             return cls(500, f"the request failed in the engine: {exc}")
-        if isinstance(exc, EngineDeadError):
+        if isinstance(exc, EngineUnavailableError):
             return cls(503, str(exc))
         logger.error("request failed", exc_info=exc)
         return cls(500, f"internal error: {type(exc).__name__}")
@@ -109,7 +109,7 @@ class GenerationRequest(_OpenAIModel):
     """Fields shared by chat and text completions."""
 
     model: str
-    n: int = Field(1, ge=1, le=128)
+    n: int = 1  # its range is the server's (--max-n), checked where choices are fanned out
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -136,8 +136,6 @@ class GenerationRequest(_OpenAIModel):
     def check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            raise unsupported("prompt_logprobs", "prompt_logprobs must be in [0, 20]")
         if self.stream and self.engine_prompt_logprobs() is not None:
             raise unsupported("stream", "prompt logprobs are not streamed: send stream false to get them")
 
@@ -158,15 +156,15 @@ class GenerationRequest(_OpenAIModel):
         kind, value = ("json", {"type": "object"}) if key == "json_object" else (key, value)
         return _structured(kind, value, param), param
 
-    def sampling_params(self, choice: int, max_tokens: int | None, logprobs: int | None, model: ModelInfo,
+    def sampling_params(self, model: ModelInfo, max_tokens: int | None, logprobs: int | None,
                         structured: StructuredOutput | None = None) -> SamplingParams:
-        """Params for choice `choice`: a seeded request gives choice i the seed + i, so choices differ reproducibly."""
+        """The request's params (its first choice's: `serving.fan_out` gives the others theirs);
+        their ranges are SamplingParams' own checks."""
         fields = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
         return SamplingParams(
             max_tokens=max_tokens,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=self.seed,
             logit_bias=_logit_bias(self.logit_bias or {}, model),
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             logprobs=logprobs,
             prompt_logprobs=self.engine_prompt_logprobs(),
             structured=structured,

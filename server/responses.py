@@ -10,13 +10,27 @@ Nothing is stored, so `store: true` and `previous_response_id` are refused (400)
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from typing import AsyncIterator
 
-from detserve.engine.async_engine import AsyncEngine
-from detserve.server.protocol import APIError
-from detserve.server.streaming import Choice, Job, outputs
+from starlette.requests import Request
+from starlette.responses import Response
+
+from detserve.server.chat import ServingChat
+from detserve.server.protocol import ResponsesRequest
+from detserve.server.serving import Choice, Job, Renderer, bad_request, collect
+from detserve.server.stream import Outputs, sse_event
+
+
+class ServingResponses(ServingChat):
+    id_prefix = "resp_"
+
+    async def create(self, body: ResponsesRequest, request: Request) -> Response:
+        self.model_info(body.model)
+        with bad_request():
+            chat = body.as_chat()
+        job, _, messages = self.prepare(chat)
+        return await self.respond(job, ResponsesRenderer(job, body.settings()), request, messages)
 
 
 def _status(choice: Choice) -> tuple[str, dict | None]:
@@ -25,11 +39,12 @@ def _status(choice: Choice) -> tuple[str, dict | None]:
     return "completed", None
 
 
-class _Shapes:
-    """The Responses objects of one job: the response, its message item and text part."""
+class ResponsesRenderer(Renderer):
+    """The Responses objects of one job: the response, its message item and text part, and the
+    stream's event sequence."""
 
     def __init__(self, job: Job, settings: dict) -> None:
-        self.job = job
+        super().__init__(job)
         self.settings = settings  # instructions, max_output_tokens, temperature, top_p as requested
         self.message_id = "msg_" + uuid.uuid4().hex
 
@@ -60,45 +75,37 @@ class _Shapes:
                 "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": usage["total_tokens"]}
 
+    async def body(self, outputs: Outputs) -> dict:
+        """Run the request to the end; the response object."""
+        [choice] = await collect(self.job, outputs)
+        return self.response(choice, *_status(choice))
 
-async def complete(engine: AsyncEngine, job: Job, settings: dict) -> dict:
-    """Run the request to the end; the response object."""
-    [choice] = job.new_choices()
-    async with contextlib.aclosing(outputs(engine, job)) as stream:
-        async for _, out in stream:
-            choice.add(out)
-    return _Shapes(job, settings).response(choice, *_status(choice))
+    async def events(self, outputs: Outputs) -> AsyncIterator[str]:
+        """SSE events: created, in_progress, the message item and its text part opening, a text delta
+        per output, then everything closing and `response.completed` (or `response.incomplete`)."""
+        [choice] = self.job.new_choices()
+        sequence = iter(range(1 << 62))
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
 
+        def event(kind: str, **fields) -> str:
+            return sse_event({"type": kind, "sequence_number": next(sequence), **fields}, event=kind)
 
-async def stream(engine: AsyncEngine, job: Job, settings: dict) -> AsyncIterator[str]:
-    """SSE events: created, in_progress, the message item and its text part opening, a text delta
-    per output, then everything closing and `response.completed` (or `response.incomplete`)."""
-    shapes = _Shapes(job, settings)
-    [choice] = job.new_choices()
-    sequence = iter(range(1 << 62))
-    where = {"item_id": shapes.message_id, "output_index": 0, "content_index": 0}
-
-    def event(kind: str, **fields) -> str:
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **fields})}\n\n"
-
-    yield event("response.created", response=shapes.response(None, "in_progress"))
-    yield event("response.in_progress", response=shapes.response(None, "in_progress"))
-    yield event("response.output_item.added", output_index=0, item=shapes.message(None, "in_progress"))
-    yield event("response.content_part.added", **where, part=shapes.part(""))
-    try:
-        async with contextlib.aclosing(outputs(engine, job)) as stream_:
-            async for _, out in stream_:
-                choice.add(out)
-                if out.text_delta:
-                    yield event("response.output_text.delta", **where, delta=out.text_delta, logprobs=[])
-    except Exception as exc:
-        error = APIError.of(exc)
-        if job.trace is not None:
-            job.trace.failed(error.status, error.message)
-        yield event("error", code=str(error.status), message=error.message, param=error.param)
-        return
-    status, details = _status(choice)
-    yield event("response.output_text.done", **where, text=choice.text, logprobs=[])
-    yield event("response.content_part.done", **where, part=shapes.part(choice.text))
-    yield event("response.output_item.done", output_index=0, item=shapes.message(choice.text, status))
-    yield event(f"response.{status}", response=shapes.response(choice, status, details))
+        yield event("response.created", response=self.response(None, "in_progress"))
+        yield event("response.in_progress", response=self.response(None, "in_progress"))
+        yield event("response.output_item.added", output_index=0, item=self.message(None, "in_progress"))
+        yield event("response.content_part.added", **where, part=self.part(""))
+        try:
+            async with contextlib.aclosing(outputs) as results:
+                async for _, out in results:
+                    choice.add(out)
+                    if out.text_delta:
+                        yield event("response.output_text.delta", **where, delta=out.text_delta, logprobs=[])
+        except Exception as exc:
+            error = self.job.failed(exc)
+            yield event("error", code=str(error.status), message=error.message, param=error.param)
+            return
+        status, details = _status(choice)
+        yield event("response.output_text.done", **where, text=choice.text, logprobs=[])
+        yield event("response.content_part.done", **where, part=self.part(choice.text))
+        yield event("response.output_item.done", output_index=0, item=self.message(choice.text, status))
+        yield event(f"response.{status}", response=self.response(choice, status, details))

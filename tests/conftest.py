@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import pytest
 import torch
@@ -42,3 +43,15 @@ def make_engine():
         return engine
 
     return make
+
+
+def record_admission_calls(llm: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record (call, thread name) of every admission, tokenizer encode and grammar compile of `llm`."""
+    calls: list[tuple[str, str]] = []
+    for owner, name in ((llm, "admit"), (llm.tokenizer, "encode"), (llm.grammars, "matcher")):
+        def counted(*args, _original=getattr(owner, name), _name=name, **kwargs):
+            calls.append((_name, threading.current_thread().name))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -93,7 +93,7 @@ class DecoderLayer(nn.Module):
         q, k = kernels.rope(q, k, rotary)
         # Write first, then attend over the cache only: fresh and cached keys take one path.
         kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
-        attn = kernels.attention(q, k_cache, v_cache, batch.attention, c.head_dim**-0.5)
+        attn = kernels.attention(q, k_cache, v_cache, batch.attention_plan, c.head_dim**-0.5)
         h, x = kernels.add_rms_norm(kernels.linear(attn.reshape(num_tokens, q_size), self.o_proj), x,
                                     self.post_attention_norm, c.rms_norm_eps)
         return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
@@ -120,7 +120,7 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored)."""
         x = self.embed(batch.input_ids)
-        rotary = kernels.RotaryInputs(batch.positions, self.cos_sin)
+        rotary = kernels.RotaryInputs.of(batch.positions, self.cos_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, batch, k_cache, v_cache, rotary)
         x = x[batch.logits_indices]

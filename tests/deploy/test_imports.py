@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 PRODUCT = ("server", "engine", "kernels")
 OPTIONAL = {
-    "triton": "the GPU kernels; kernels/__init__.py imports them only where triton is importable and a CUDA device runs",
+    "triton": "the GPU kernels; kernels/__init__.py imports them (kernels/gpu.py) only where triton is importable and a CUDA tensor is at hand",
 }
 
 
@@ -24,10 +24,10 @@ OPTIONAL = {
 # request types, and the tokenizer type. Never the scheduler, block manager, runner or kernels.
 SERVER_MAY_IMPORT = {
     "detserve.engine": {"__version__"},
-    "detserve.engine.async_engine": {"AsyncEngine", "EngineDeadError", "RequestFailedError"},
+    "detserve.engine.async_engine": {"AsyncEngine", "EngineUnavailableError", "RequestFailedError"},
     "detserve.engine.config": {"EngineConfig", "option"},
-    "detserve.engine.llm_engine": {"ModelInfo"},
-    "detserve.engine.request": {"FinishReason", "RequestOutput", "SamplingParams", "TokenLogprob"},
+    "detserve.engine.llm_engine": {"AdmittedRequest", "ModelInfo"},
+    "detserve.engine.request": {"FinishReason", "ParamError", "RequestOutput", "SamplingParams", "TokenLogprob"},
     "detserve.engine.tokenizer": {"Tokenizer"},
     "detserve.engine.structured": {"KINDS", "GrammarError", "StructuredOutput"},
 }

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 import time
 
 import pytest
 
 from detserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from detserve.engine.structured import StructuredOutput
+from tests.conftest import record_admission_calls
 
 
 @pytest.fixture
@@ -22,7 +26,7 @@ async def async_engine(make_engine):
 
 
 async def collect(engine: AsyncEngine, request_id: str, prompt, params: SamplingParams):
-    return [out async for out in engine.generate(request_id, prompt, params)]
+    return [out async for out in engine.generate(request_id, engine.admit(prompt, params))]
 
 
 async def test_stream_yields_each_token_once_and_finishes_once(async_engine: AsyncEngine) -> None:
@@ -54,7 +58,8 @@ async def test_closing_a_stream_early_aborts_and_frees_its_blocks(async_engine: 
         return aborted[-1]
 
     monkeypatch.setattr(llm, "abort_request", abort_request)
-    stream = async_engine.generate("early", [7, 8, 9], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    stream = async_engine.generate("early", async_engine.admit([7, 8, 9], SamplingParams(max_tokens=200, temperature=0,
+                                                                                       ignore_eos=True)))
     first = await stream.__anext__()
     assert not first.finished
     await stream.aclose()
@@ -70,7 +75,7 @@ async def test_the_engine_thread_steps_on_while_the_event_loop_is_busy(async_eng
     and its stream then yields every token once."""
     llm = async_engine.engine
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    stream = async_engine.generate("unattended", [7, 8, 9], params)
+    stream = async_engine.generate("unattended", async_engine.admit([7, 8, 9], params))
     outputs = [await stream.__anext__()]
     deadline = time.monotonic() + 300  # only a hang
     while llm.has_unfinished_requests() and time.monotonic() < deadline:
@@ -134,3 +139,14 @@ async def test_a_fault_in_one_request_fails_it_alone(async_engine: AsyncEngine, 
     assert isinstance(results[0], RequestFailedError) and "injected" in str(results[0])
     assert results[1][-1].finished and results[1][-1].num_output_tokens == 4
     assert async_engine.ready
+
+
+async def test_the_engine_thread_queues_an_admitted_request_without_admitting_it_again(
+        async_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = async_engine.engine
+    calls = record_admission_calls(llm, monkeypatch)
+    params = SamplingParams(max_tokens=4, temperature=0, structured=StructuredOutput.of("regex", "[a-z]{3}"))
+    outputs = await collect(async_engine, "admitted-once", "Spell a word:", params)
+    assert outputs[-1].finished and re.fullmatch("[a-z]{3}", "".join(o.text_delta for o in outputs))
+    here = threading.current_thread().name
+    assert sorted(calls) == [("admit", here), ("encode", here), ("matcher", here)]  # none on the engine thread

@@ -52,7 +52,7 @@ def random_request(engine: LLMEngine, rng: random.Random, name: str) -> Request:
         deterministic=rng.random() < 0.8,
         logprobs=rng.choice([None, 0, 2]),
     )
-    return engine.add_request(name, prompt, params)
+    return engine.add_request(name, engine.admit(prompt, params))
 
 
 def run_under_load(engine: LLMEngine, rng: random.Random, run: int) -> tuple[Result, Result]:
@@ -69,7 +69,7 @@ def run_under_load(engine: LLMEngine, rng: random.Random, run: int) -> tuple[Res
             others.append(random_request(engine, rng, f"bg-{run}-{len(others)}"))
         for i, params in enumerate((GREEDY, SEEDED)):
             if probe_steps[i] == step:
-                probes.append(engine.add_request(f"probe-{run}-{i}", probe_ids(engine), params))
+                probes.append(engine.add_request(f"probe-{run}-{i}", engine.admit(probe_ids(engine), params)))
         engine.step()
         step += 1
     for other in others:

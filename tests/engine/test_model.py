@@ -138,7 +138,7 @@ def test_dummy_weights_build_any_config_reproducibly(tmp_path: Path) -> None:
     runs = [e.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8, temperature=0))[0].output_token_ids for e in engines]
     assert runs[0] == runs[1] and len(runs[0]) == 8
     with pytest.raises(ValueError, match="token ids"):
-        engines[0].add_request("text", "hello", SamplingParams())
+        engines[0].admit("hello", SamplingParams())
 
 
 def test_gguf_conversion_is_cached_so_the_second_start_is_fast(make_engine) -> None:

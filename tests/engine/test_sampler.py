@@ -10,7 +10,7 @@ import torch
 
 from detserve.engine.request import FinishReason, Request, SamplingParams
 from detserve.engine.sampler import apply_penalties_and_bias, sample
-from detserve.kernels.reference import uniform_noise
+from detserve.kernels.reference.noise import uniform_noise
 from detserve.engine.tokenizer import StopChecker
 
 VOCAB = 1000
@@ -126,7 +126,7 @@ def test_engine_truncates_at_stop_strings_and_stops_on_stop_token_ids(make_engin
     assert "3" in text, text
     stop = "3"
     outputs = []
-    engine.add_request("stopper", prompt, SamplingParams(max_tokens=20, temperature=0, stop=[stop]))
+    engine.add_request("stopper", engine.admit(prompt, SamplingParams(max_tokens=20, temperature=0, stop=[stop])))
     while engine.has_unfinished_requests():
         outputs += engine.step()
     streamed = "".join(o.text_delta for o in outputs)

@@ -6,8 +6,8 @@ import itertools
 import random
 
 from detserve.engine.block_manager import BlockManager
-from detserve.engine.request import Request, RequestStatus, SamplingParams
-from detserve.engine.scheduler import Scheduler
+from detserve.engine.request import Request, RequestStatus, SamplingParams, TokenLogprob
+from detserve.engine.scheduler import Scheduler, SchedulerOutput
 
 _ids = itertools.count()
 
@@ -18,16 +18,10 @@ def make_request(num_prompt_tokens: int, deterministic: bool = True, tokens: lis
     return Request(f"r{i}", prompt, SamplingParams(max_tokens=64), deterministic, seed=0)
 
 
-def run_step(scheduler: Scheduler, token: int = 5) -> list:
-    """What the engine does after a step: advance progress, publish blocks, append sampled tokens."""
+def run_step(scheduler: Scheduler, token: int = 5) -> SchedulerOutput:
+    """One step as the engine takes it, `token` sampled by every request the step samples for."""
     out = scheduler.schedule()
-    for s in out.scheduled:
-        s.request.num_computed_tokens += s.num_new_tokens
-        if not out.invariant:
-            s.request.invariant_blocks = False
-        scheduler.block_manager.register_full_blocks(s.request)
-        if s.samples:
-            s.request.output_token_ids.append(token)
+    scheduler.update_from_output(out, {s.request.request_id: (token, None) for s in out.scheduled if s.samples}, {})
     return out
 
 
@@ -164,3 +158,18 @@ def test_evicted_cached_block_is_forgotten_before_reuse() -> None:
     sched.add(c)
     run_step(sched)
     assert c.num_cached_prompt_tokens == 0
+
+
+def test_a_steps_update_pairs_sampled_tokens_and_prompt_logprobs_by_request_id() -> None:
+    sched = Scheduler(BlockManager(num_blocks=100, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    first, second = make_request(3), make_request(5)
+    second.prompt_logprobs = [None] * 5
+    for request in (first, second):
+        sched.add(request)
+    out = sched.schedule()
+    scored = TokenLogprob(token_id=9, logprob=-1.5, top=[])
+    updated = sched.update_from_output(out, {second.request_id: (11, None), first.request_id: (10, None)},
+                                       {second.request_id: [(2, scored)]})
+    assert updated == [first, second]  # in the step's order, whatever order the output lists them in
+    assert (first.output_token_ids, second.output_token_ids) == ([10], [11])
+    assert second.prompt_logprobs[2] is scored and first.num_computed_tokens == 3

@@ -76,7 +76,7 @@ def test_scored_logprobs_keep_their_bits_amid_concurrent_load(make_engine) -> No
         others = [random_request(engine, rng, f"load-{run}-{i}") for i in range(rng.randint(1, 10))]
         for _ in range(rng.randint(0, 3)):
             engine.step()
-        score = engine.add_request(f"score-{run}", prompt + generated.output_token_ids, SCORE)
+        score = engine.add_request(f"score-{run}", engine.admit(prompt + generated.output_token_ids, SCORE))
         while not score.finished:
             engine.step()
         for other in others:

@@ -91,7 +91,7 @@ def test_an_output_the_grammar_has_not_finished_at_max_tokens_ends_with_length(m
 def test_invalid_constraints_are_refused_at_admission_and_leave_the_engine_clean(make_engine, kind, spec) -> None:
     engine = make_engine()
     with pytest.raises(GrammarError):
-        engine.add_request("bad-grammar", [1, 2, 3], constrained(kind, spec))
+        engine.admit([1, 2, 3], constrained(kind, spec))
     assert not engine.has_unfinished_requests() and engine.stats().kv_cache_usage == 0
 
 
@@ -112,7 +112,7 @@ def test_a_constrained_request_keeps_its_bits_amid_load_chunking_preemption_and_
     rng = random.Random(5)
     for run in range(6):  # amid 0-12 random requests arriving at random steps
         others = [random_request(reference, rng, f"bg-{run}-{i}") for i in range(rng.randint(0, 6))]
-        probes = [reference.add_request(f"probe-{run}-{i}", prompt, p) for i, p in enumerate((greedy, seeded))]
+        probes = [reference.add_request(f"probe-{run}-{i}", reference.admit(prompt, p)) for i, p in enumerate((greedy, seeded))]
         for _ in range(rng.randint(0, 3)):
             reference.step()
         others += [random_request(reference, rng, f"late-{run}-{i}") for i in range(rng.randint(0, 6))]

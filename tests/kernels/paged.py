@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from detserve.kernels import AttentionMetadata, reference
+from detserve.kernels import AttentionMetadata
+from detserve.kernels.reference.attention import kv_store
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 Chunk = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]  # seq id, q [n, H, D], k, v [n, Hkv, D], start
@@ -63,12 +64,21 @@ class PagedCache:
             zero_slot=self.zero_slot,
         )
         q, k, v = (torch.cat([c[i] for c in chunks]).to(self.device, self.k.dtype) for i in (1, 2, 3))
-        reference.kv_store(k, v, self.k, self.v, torch.tensor(slots, device=self.device))
+        kv_store(k, v, self.k, self.v, torch.tensor(slots, device=self.device))
         return q, meta
 
     def release(self, seq: str) -> None:
         """Free a sequence's blocks; they keep their stale K/V for the next owner to ignore."""
         self.free += self.tables.pop(seq)
+
+
+def triton_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, config, launch: str = "auto") -> torch.Tensor:
+    """The Triton paged attention of one step, planned for `config` and `launch` and run."""
+    from detserve.kernels import paged_attention
+
+    plan = paged_attention.plan(meta, q.shape[1] // k_cache.shape[2], config, q.device, launch)
+    return paged_attention.paged_attention(q, k_cache, v_cache, plan, scale)
 
 
 def sequence(length: int, seed: int, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 32):

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detserve import kernels
-from detserve.kernels import reference
+from detserve.kernels.reference import noise
 from detserve.kernels.quantized import QuantizedWeight, quantize_int4, quantize_int8
 
 SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
@@ -122,7 +122,7 @@ def test_silu_mul_row_is_independent_of_batch_and_threads(intermediate: int, com
 
 
 def test_exp_gives_the_same_bits_in_the_vector_body_and_the_scalar_tail() -> None:
-    """What silu_mul and attention rely on (torch's own silu fails this: see reference.silu_mul),
+    """What silu_mul and attention rely on (torch's own silu fails this: see reference.rows.silu_mul),
     down to results that underflow and the masked scores' exp(-inf) = 0."""
     x = torch.cat([torch.linspace(-120, 0, 200_003), torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 20,
                    torch.full((5_000,), float("-inf"))])
@@ -153,6 +153,6 @@ def test_log_softmax_and_sampling_rows_are_independent_of_batch_and_threads(comp
 
 def test_batched_gumbel_noise_equals_each_row_drawn_alone() -> None:
     seeds, positions = np.array([5, 2**62, 5]), np.array([9, 0, 10])
-    rows = reference.uniform_noise(seeds, positions, 1000)
+    rows = noise.uniform_noise(seeds, positions, 1000)
     for i in range(3):
-        assert np.array_equal(rows[i], reference.uniform_noise(seeds[i : i + 1], positions[i : i + 1], 1000)[0])
+        assert np.array_equal(rows[i], noise.uniform_noise(seeds[i : i + 1], positions[i : i + 1], 1000)[0])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from detserve import kernels
 from detserve.kernels import KV_SPLIT_SIZE
+from detserve.kernels.reference import attention as torch_attention
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -99,9 +100,9 @@ def test_rope_row_is_independent_of_batch(company: tuple[int, int, int], pos: in
     batch_size, position, seed = company
     positions = torch.randint(0, 4096, (batch_size,), generator=torch.Generator().manual_seed(seed))
     positions[position] = pos
-    q_alone, k_alone = kernels.rope(q_row[None], k_row[None], kernels.RotaryInputs(torch.tensor([pos]), cos_sin))
+    q_alone, k_alone = kernels.rope(q_row[None], k_row[None], kernels.RotaryInputs.of(torch.tensor([pos]), cos_sin))
     q, k = kernels.rope(_embed_row(q_row, batch_size, position, seed), _embed_row(k_row, batch_size, position, seed + 1),
-                        kernels.RotaryInputs(positions, cos_sin))
+                        kernels.RotaryInputs.of(positions, cos_sin))
     assert torch.equal(q_alone[0], q[position]) and torch.equal(k_alone[0], k[position])
 
 
@@ -112,7 +113,8 @@ def test_rope_row_is_independent_of_batch(company: tuple[int, int, int], pos: in
 def _attend(mode: str):
     def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta) -> torch.Tensor:
         with kernels.mode(mode):
-            return kernels.attention(q, k_cache, v_cache, meta, scale=0.125)
+            plan = kernels.plan_attention(meta, q.shape[1], k_cache.shape[2])
+            return kernels.attention(q, k_cache, v_cache, plan, scale=0.125)
 
     return attend
 
@@ -196,7 +198,7 @@ def test_mode_is_restored_after_an_error() -> None:
 
 def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays_accurate(monkeypatch) -> None:
     # A small key budget forces several decode groups; stale keys of released blocks must not leak in.
-    monkeypatch.setattr(kernels.reference, "FAST_DECODE_KEYS", 700)
+    monkeypatch.setattr(torch_attention, "FAST_DECODE_KEYS", 700)
     cache = _cache(num_blocks=256, mode="fast")
     cache.step([("stale", *_sequence(300, seed=99), 0)])
     cache.release("stale")
@@ -206,9 +208,11 @@ def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays
     prefill = _sequence(40, seed=50)
     decodes = [(name, *(t[-1:] for t in seqs[name]), n - 1) for name, n in lengths.items()]
     q, meta = cache.store(decodes[:2] + [("p", *prefill, 0)] + decodes[2:])
-    out = _attend("fast")(q, cache.k, cache.v, meta)
-    assert len(meta.plans["fast"]) == 3  # groups [a, b], [c, d], [e], planned once for every layer
-    assert torch.equal(_attend("fast")(q, cache.k, cache.v, meta), out)
+    with kernels.mode("fast"):
+        plan = kernels.plan_attention(meta, q.shape[1], cache.k.shape[2])
+        out = kernels.attention(q, cache.k, cache.v, plan, scale=0.125)
+        assert torch.equal(kernels.attention(q, cache.k, cache.v, plan, scale=0.125), out)  # the plan is reusable
+    assert len(plan.decode_groups) == 3  # groups [a, b], [c, d], [e]
     outs = [out[meta.query_start_loc[i] : meta.query_start_loc[i + 1]] for i in range(meta.num_seqs)]
     for out, name in zip(outs[:2] + outs[3:], lengths):
         assert torch.allclose(out.double(), attention_float64(*seqs[name], 0.125)[-1:], rtol=1e-5, atol=1e-5)

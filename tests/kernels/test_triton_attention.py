@@ -13,14 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence, triton_attend
 from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
 from detserve.kernels import KV_SPLIT_SIZE  # noqa: E402
 from detserve.kernels.configs import AttentionConfig  # noqa: E402
-from detserve.kernels.paged_attention import paged_attention  # noqa: E402
 
 # 16 query tokens x 2 heads per program; 4 key tiles per split.
 SMALL = AttentionConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
@@ -30,7 +29,7 @@ DTYPES = [torch.float16, torch.float32]
 
 def _cache(dtype: torch.dtype, seed: int, launch: str = "auto", head_dim: int = 32, **kwargs) -> PagedCache:
     def attend(q, k_cache, v_cache, meta):
-        return paged_attention(q, k_cache, v_cache, meta, SCALE, SMALL, launch)
+        return triton_attend(q, k_cache, v_cache, meta, SCALE, SMALL, launch)
 
     return PagedCache(attend, head_dim=head_dim, seed=seed, dtype=dtype, device=DEVICE, **kwargs)
 
@@ -82,15 +81,15 @@ def test_parallel_and_sequential_split_launches_give_the_same_bits(dtype, num_he
     cache.step([(name, *(t[:cut] for t in seqs[name]), 0) for name, (cut, _) in spans.items()])
     q, meta = cache.store([(name, *(t[cut:] for t in seqs[name]), cut) for name, (cut, _) in spans.items()])
     parallel, sequential, auto = (
-        paged_attention(q, cache.k, cache.v, meta, SCALE, SMALL, launch) for launch in ("parallel", "sequential", "auto")
+        triton_attend(q, cache.k, cache.v, meta, SCALE, SMALL, launch) for launch in ("parallel", "sequential", "auto")
     )
     assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
     # Queries alternate, so a merge that ran before every split had arrived would read the other
     # query's stale partials; each twice, so a counter left nonzero would skip the next merge.
     last_merges = dataclasses.replace(SMALL, last_split_merges=True)
-    negated = paged_attention(-q, cache.k, cache.v, meta, SCALE, SMALL, "parallel")
+    negated = triton_attend(-q, cache.k, cache.v, meta, SCALE, SMALL, "parallel")
     for query, expected in [(q, parallel), (-q, negated)] * 2:
-        assert torch.equal(paged_attention(query, cache.k, cache.v, meta, SCALE, last_merges, "parallel"), expected)
+        assert torch.equal(triton_attend(query, cache.k, cache.v, meta, SCALE, last_merges, "parallel"), expected)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Triton elementwise kernels (SwiGLU silu_mul, RoPE): the reference's semantics, batch-invariant.
 
 Runs in the Triton interpreter without a GPU, compiled on a GPU. RoPE only multiplies and adds with
-FMA contraction off, so it is compared with `reference.rope` bit for bit. silu_mul goes through
+FMA contraction off, so it is compared with `reference.rows.rope` bit for bit. silu_mul goes through
 exp, and the interpreter's exp (numpy's) differs from torch's in the last bit for about a third of
 float32 inputs (torch's own F.silu differs from x / (1 + torch.exp(-x)) too), so it is checked
 against float64 with a tolerance and for invariance bit for bit.
@@ -19,7 +19,8 @@ from tests.kernels.triton_setup import DEVICE
 pytest.importorskip("triton")
 
 from detserve import kernels  # noqa: E402
-from detserve.kernels import elementwise, reference  # noqa: E402
+from detserve.kernels import elementwise  # noqa: E402
+from detserve.kernels.reference import rows  # noqa: E402
 
 DTYPES = [torch.float16, torch.float32]
 SETTINGS = settings(max_examples=12, deadline=None)
@@ -68,7 +69,7 @@ def test_rope_of_fused_qkv_views_gives_the_bits_of_the_reference(
     positions = torch.tensor([40, 3, 511, 0, 3, 200, 17], device=DEVICE)  # unsorted, repeated
     cos_sin = _cos_sin(head_dim)
     q_rot, k_rot = elementwise.rope(q, k, positions, cos_sin)
-    q_ref, k_ref = reference.rope(q, k, kernels.RotaryInputs(positions, cos_sin))
+    q_ref, k_ref = rows.rope(q, k, kernels.RotaryInputs.of(positions, cos_sin))
     assert q_rot.dtype == k_rot.dtype == dtype
     assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
 
@@ -139,10 +140,10 @@ def test_zero_rows_return_empty_tensors_without_launching(monkeypatch) -> None:
 def test_invariant_mode_routes_silu_mul_and_rope_to_the_triton_kernels(monkeypatch) -> None:
     """Where triton runs (a CUDA tensor in invariant mode), kernels.* call these kernels."""
     calls: list[str] = []
-    monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
+    monkeypatch.setattr(kernels, "_triton_device", lambda x: True)
     monkeypatch.setattr(elementwise, "silu_mul", lambda x: calls.append("silu_mul") or x)
     monkeypatch.setattr(elementwise, "rope", lambda q, k, positions, cos_sin: calls.append("rope") or (q, k))
     q, k = _fused_qkv_views(2, 6, 2, 48, torch.float32, seed=0)
     kernels.silu_mul(_randn(2, 96, dtype=torch.float32, seed=0))
-    kernels.rope(q, k, kernels.RotaryInputs(torch.tensor([1, 0], device=DEVICE), _cos_sin(48)))
+    kernels.rope(q, k, kernels.RotaryInputs.of(torch.tensor([1, 0], device=DEVICE), _cos_sin(48)))
     assert calls == ["silu_mul", "rope"]

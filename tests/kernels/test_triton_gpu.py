@@ -16,13 +16,14 @@ import torch
 
 from bench.engine_step import LLAMA3_8B
 from tests.kernels.model_probe import probe_logits
-from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence, triton_attend
 from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
 from detserve import kernels  # noqa: E402
-from detserve.kernels import KV_SPLIT_SIZE, configs, matmul, paged_attention, rmsnorm, sampling  # noqa: E402
+from detserve.kernels import KV_SPLIT_SIZE, configs, matmul, rmsnorm, sampling  # noqa: E402
+from detserve.kernels.reference import noise  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -126,14 +127,14 @@ def test_sampling_over_a_llama3_vocab_ignores_the_batch_and_matches_the_host_ref
     full = sampling.sample_tokens(logits, temperatures, seeds, positions, rows)
     for m in (1, 7, 33):
         assert torch.equal(sampling.sample_tokens(logits[:m], temperatures[:m], seeds[:m], positions[:m], rows), full[:m])
-    assert torch.equal(full.cpu(), kernels.reference.sample_tokens(logits, temperatures, seeds, positions).cpu())
+    assert torch.equal(full.cpu(), noise.sample_tokens(logits, temperatures, seeds, positions).cpu())
 
 
 def _attention_cache(seed: int) -> PagedCache:
     config = _arch().attention
 
     def attend(q, k_cache, v_cache, meta):
-        return paged_attention.paged_attention(q, k_cache, v_cache, meta, 128**-0.5, config)
+        return triton_attend(q, k_cache, v_cache, meta, 128**-0.5, config)
 
     return PagedCache(
         attend, num_blocks=4096, num_kv_heads=8, head_dim=128, seed=seed, dtype=torch.bfloat16, device=DEVICE
@@ -170,7 +171,7 @@ def test_attention_launches_and_merges_agree_on_a_crowded_decode_and_prefill_ste
     q, meta = cache.store([(name, *(t[cuts[name] :] for t in seqs[name]), cuts[name]) for name in lengths])
     config = _arch().attention
     parallel, sequential, auto = (
-        paged_attention.paged_attention(q, cache.k, cache.v, meta, 128**-0.5, config, launch)
+        triton_attend(q, cache.k, cache.v, meta, 128**-0.5, config, launch)
         for launch in ("parallel", "sequential", "auto")
     )
     assert torch.equal(parallel, sequential) and torch.equal(parallel, auto)
@@ -179,10 +180,10 @@ def test_attention_launches_and_merges_agree_on_a_crowded_decode_and_prefill_ste
     two_launches = dataclasses.replace(config, last_split_merges=False)
     last_merges = dataclasses.replace(config, last_split_merges=True)
     queries = [q, -q]
-    expected = [paged_attention.paged_attention(x, cache.k, cache.v, meta, 128**-0.5, two_launches, "parallel")
+    expected = [triton_attend(x, cache.k, cache.v, meta, 128**-0.5, two_launches, "parallel")
                 for x in queries]
     for attempt in range(50):
-        got = paged_attention.paged_attention(queries[attempt % 2], cache.k, cache.v, meta, 128**-0.5, last_merges,
+        got = triton_attend(queries[attempt % 2], cache.k, cache.v, meta, 128**-0.5, last_merges,
                                               "parallel")
         assert torch.equal(got, expected[attempt % 2]), f"attempt {attempt}"
 

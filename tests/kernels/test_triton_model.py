@@ -26,7 +26,7 @@ from detserve import kernels  # noqa: E402
 from detserve.engine.config import EngineConfig  # noqa: E402
 from detserve.engine.llm_engine import LLMEngine  # noqa: E402
 from detserve.engine.request import SamplingParams  # noqa: E402
-from detserve.kernels import KV_SPLIT_SIZE, configs  # noqa: E402
+from detserve.kernels import KV_SPLIT_SIZE, configs, gpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU, test_triton_gpu.py runs these checks at 8B shapes")
 
@@ -68,7 +68,7 @@ def on_triton(monkeypatch) -> list[str]:
     from detserve.kernels import elementwise, matmul, paged_attention, rmsnorm, sampling
 
     monkeypatch.setattr(kernels, "_triton_device", lambda x: True)
-    monkeypatch.setattr(kernels, "_triton_config", lambda device: TILES)
+    monkeypatch.setattr(gpu, "_config", lambda device: TILES)
     called: list[str] = []
     for module, name in [(matmul, "linear"), (rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"),
                          (elementwise, "rope"), (elementwise, "silu_mul"), (paged_attention, "paged_attention"),
@@ -92,7 +92,7 @@ def test_tiny_model_on_triton_kernels_computes_the_reference_paths_logits(tiny_e
     prompt = [random.Random(2).randrange(384) for _ in range(50)]
     reference_logits = probe_logits(tiny_engine, prompt, 0, seed=0)
     monkeypatch.setattr(kernels, "_triton_device", lambda x: True)
-    monkeypatch.setattr(kernels, "_triton_config", lambda device: TILES)
+    monkeypatch.setattr(gpu, "_config", lambda device: TILES)
     triton_logits = probe_logits(tiny_engine, prompt, 0, seed=0)
     for ours, expected in zip(triton_logits, reference_logits):
         assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()

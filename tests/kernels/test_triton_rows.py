@@ -14,7 +14,8 @@ from tests.kernels.triton_setup import DEVICE
 
 pytest.importorskip("triton")
 
-from detserve.kernels import configs, reference, rmsnorm, sampling  # noqa: E402
+from detserve.kernels import configs, rmsnorm, sampling  # noqa: E402
+from detserve.kernels.reference import noise  # noqa: E402
 
 ROWS = configs.PINNED[(9, 0)].rows
 DTYPES = [torch.float16, torch.float32]
@@ -103,7 +104,7 @@ def test_sampled_tokens_equal_the_reference_gumbel_max_and_greedy_choices() -> N
     logits[8, [5, 6]] = 90.0
     temperatures, seeds, positions = _sampling_inputs(12, 0)
     tokens = sampling.sample_tokens(logits, temperatures, seeds, positions, ROWS)
-    assert torch.equal(tokens.cpu(), reference.sample_tokens(logits, temperatures, seeds, positions).cpu())
+    assert torch.equal(tokens.cpu(), noise.sample_tokens(logits, temperatures, seeds, positions).cpu())
     assert tokens[4] == 17 and tokens[8] == 5 and tokens[1] % 3 != 0
 
 

@@ -10,7 +10,10 @@ import pytest
 
 from detserve.engine.async_engine import RequestFailedError
 from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
-from detserve.server import streaming
+from detserve.engine.llm_engine import AdmittedRequest
+from detserve.server.chat import ChatRenderer
+from detserve.server.completions import CompletionRenderer
+from detserve.server.serving import Job
 from tests.server.conftest import LiveServer
 
 MODEL = "{model}"  # replaced by the served model's name
@@ -27,9 +30,9 @@ BAD_REQUESTS = [
     ("empty-messages", "POST", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
     ("unknown-role", "POST", CHAT, {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
     ("wrong-type", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": "lots"}, 400, "max_tokens"),
-    ("negative-temperature", "POST", CHAT, {"model": MODEL, "messages": MSGS, "temperature": -1}, 400, None),
-    ("zero-top-p", "POST", CHAT, {"model": MODEL, "messages": MSGS, "top_p": 0}, 400, None),
-    ("zero-max-tokens", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400, None),
+    ("negative-temperature", "POST", CHAT, {"model": MODEL, "messages": MSGS, "temperature": -1}, 400, "temperature"),
+    ("zero-top-p", "POST", CHAT, {"model": MODEL, "messages": MSGS, "top_p": 0}, 400, "top_p"),
+    ("zero-max-tokens", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400, "max_tokens"),
     ("n-below-one", "POST", CHAT, {"model": MODEL, "messages": MSGS, "n": 0}, 400, "n"),
     ("over-context", "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 10**6}, 400, None),
     ("stream-options-without-stream", "POST", CHAT,
@@ -37,7 +40,7 @@ BAD_REQUESTS = [
     ("top-logprobs-without-logprobs", "POST", CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 2},
      400, "top_logprobs"),
     ("too-many-logprobs", "POST", CHAT, {"model": MODEL, "messages": MSGS, "logprobs": True, "top_logprobs": 50},
-     400, None),
+     400, "logprobs"),
     ("tools", "POST", CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {}}]},
      400, "tools"),
     ("function-call-of-an-unknown-function", "POST", CHAT, {"model": MODEL, "messages": MSGS, "functions": [
@@ -68,7 +71,7 @@ BAD_REQUESTS = [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages"),
     ("bad-logit-bias-key", "POST", CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": {"abc": 1}},
      400, "logit_bias"),
-    ("seed-out-of-range", "POST", CHAT, {"model": MODEL, "messages": MSGS, "seed": -1}, 400, None),
+    ("seed-out-of-range", "POST", CHAT, {"model": MODEL, "messages": MSGS, "seed": -1}, 400, "seed"),
     ("missing-prompt", "POST", COMP, {"model": MODEL}, 400, "prompt"),
     ("empty-prompt", "POST", COMP, {"model": MODEL, "prompt": ""}, 400, None),
     ("token-id-out-of-vocab", "POST", COMP, {"model": MODEL, "prompt": [1, 10**9]}, 400, None),
@@ -144,20 +147,26 @@ async def test_server_keeps_serving_during_and_after_a_burst_of_bad_requests(acl
     server.wait_idle()
 
 
-class _FailingEngine:
-    """Stands in for AsyncEngine: one token, then the request fails."""
+def _job(requests: int = 1) -> Job:
+    return Job(id="x", model="m", fingerprint="fp", deterministic=True,
+               requests=[AdmittedRequest([1], SamplingParams())] * requests, n=1)
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams):
-        yield RequestOutput(request_id, [5], [], "Hi", False, None, 1, 1, 0)
-        raise RequestFailedError("the engine gave up on this request")
+
+async def _outputs(*items: RequestOutput | Exception):
+    """Stands in for a job's engine streams: these outputs of choice 0, or a failure."""
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+        yield 0, item
 
 
 async def test_error_mid_stream_is_one_more_event_with_the_error_object_then_done():
-    job = streaming.Job(
-        kind="chat", id="chatcmpl-x", model="m", fingerprint="fp", deterministic=True, prompts=[[1]],
-        params=[SamplingParams()], echoes=[""], n=1, include_usage=True, token_text=str,
-    )
-    events = [e async for e in streaming.stream(_FailingEngine(), job)]
+    job = _job()
+    job.include_usage = True
+    renderer = ChatRenderer(job, str, show_prompt_logprobs=False, return_token_ids=False, tool_use=None)
+    failing = _outputs(RequestOutput("x-0", [5], [], "Hi", False, None, 1, 1, 0),
+                       RequestFailedError("the engine gave up on this request"))
+    events = [e async for e in renderer.events(failing)]
     assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
     assert json.loads(events[1][6:]) == {"error": {
         "message": "the request failed in the engine: the engine gave up on this request",
@@ -166,15 +175,11 @@ async def test_error_mid_stream_is_one_more_event_with_the_error_object_then_don
 
 
 async def test_stream_ended_by_an_abort_reports_an_error_not_a_finish_reason():
-    class Aborting:
-        async def generate(self, request_id, prompt, params):
-            yield RequestOutput(request_id, [], [], "", True, FinishReason.ABORT, 1, 0, 0)
-
-    job = streaming.Job(
-        kind="completion", id="cmpl-x", model="m", fingerprint="fp", deterministic=True, prompts=[[1]],
-        params=[SamplingParams()], echoes=[""], n=1, include_usage=False, token_text=str,
-    )
-    events = [e async for e in streaming.stream(Aborting(), job)]
+    job = _job()
+    renderer = CompletionRenderer(job, str, show_prompt_logprobs=False, return_token_ids=False, echoes=[""],
+                                  echo_logprobs=False)
+    aborted = _outputs(RequestOutput("x-0", [], [], "", True, FinishReason.ABORT, 1, 0, 0))
+    events = [e async for e in renderer.events(aborted)]
     assert "error" in json.loads(events[0][6:]) and events[1:] == ["data: [DONE]\n\n"]
 
 

@@ -66,7 +66,7 @@ def test_streamed_token_ids_arrive_with_their_chunks(client: openai.OpenAI, serv
     ("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "extra_body": {"echo": True}}, "echo"),
     ("completions", {"prompt": [7] * 10000, "echo": True, "max_tokens": 0}, None),
-    ("completions", {"prompt": PROMPT, "max_tokens": 0}, None),
+    ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_scoring_requests_get_a_400(client: openai.OpenAI, server: LiveServer, route, body, param):
     create = client.completions.create if route == "completions" else client.chat.completions.create

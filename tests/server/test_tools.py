@@ -15,7 +15,10 @@ import pytest
 from pydantic import BaseModel, Field
 
 from detserve.engine.request import FinishReason, RequestOutput, SamplingParams
-from detserve.server import streaming, tools
+from detserve.engine.llm_engine import AdmittedRequest
+from detserve.server import tools
+from detserve.server.chat import ChatRenderer
+from detserve.server.serving import Job
 from detserve.server.protocol import ToolUse
 from tests.server.conftest import LiveServer
 
@@ -151,9 +154,10 @@ def test_a_random_weight_qwen3_model_makes_valid_calls_only_through_the_grammar(
 
 def _streamed(deltas: list[str], finish: FinishReason = FinishReason.STOP) -> tuple[list[dict], dict]:
     """The chunks a tools job streams for these text deltas, and the unstreamed body of the same text."""
-    job = streaming.Job(kind="chat", id="chatcmpl-x", model="m", fingerprint="fp", deterministic=True,
-                        prompts=[[1, 2, 3]], params=[SamplingParams()], echoes=[""], n=1, include_usage=False,
-                        token_text=str, tool_use=ToolUse([WEATHER], None, legacy=False))
+    job = Job(id="chatcmpl-x", model="m", fingerprint="fp", deterministic=True,
+              requests=[AdmittedRequest([1, 2, 3], SamplingParams())], n=1)
+    renderer = ChatRenderer(job, str, show_prompt_logprobs=False, return_token_ids=False,
+                            tool_use=ToolUse([WEATHER], None, legacy=False))
     [choice] = job.new_choices()
     chunks = []
     for i, delta in enumerate(deltas):
@@ -161,8 +165,8 @@ def _streamed(deltas: list[str], finish: FinishReason = FinishReason.STOP) -> tu
         out = RequestOutput("r", [i], [], delta, last, finish if last else None, 3, i + 1, 0)
         first = not choice.token_ids
         choice.add(out)
-        chunks += job.chunks(choice, out, first)
-    return [c["choices"][0] for c in chunks], job.response([choice])["choices"][0]
+        chunks += renderer.chunks(choice, out, first)
+    return [c["choices"][0] for c in chunks], renderer.response([choice])["choices"][0]
 
 
 def test_auto_mode_streams_content_then_a_call_held_back_until_its_block_closes():

@@ -1,126 +1,21 @@
-"""Pure-PyTorch ops: the CPU path in both modes, and the oracle the GPU kernels are tested against.
+"""Attention over the paged KV cache in torch, both modes, and the cache write both modes share.
 
-`invariant` ops make a row's bits independent of its company. Measured on this CPU: row 0 of
-`x[:m] @ W.T` changes with `m` for almost every `m`, because the BLAS library picks its blocking
-and threading from the whole shape. Two shapes of call are invariant by construction:
-- a call whose shape never changes: a float matmul runs in chunks of exactly `ROWS_PER_CALL`
-  rows (the last zero-padded);
-- a batched matmul, whose items all have one fixed shape: each item is computed alike whatever
-  the batch count. Attention is built from those (`attention_invariant`).
-Row-wise norms, SiLU and log-softmax reduce each row on its own and need neither (both modes share
-them). Attention reduces over keys in fixed `KV_SPLIT_SIZE` splits at absolute key positions,
-merged in order, so a query sees the same splits whether its keys were cached earlier, arrive in
-its own prefill chunk, or were written one token at a time. Quantized matmuls: `quantized.py`.
-
-`fast` ops are plain torch calls over the whole batch: faster, not batch-invariant.
+Attention reduces over keys in fixed `KV_SPLIT_SIZE` splits at absolute key positions, merged in
+order, so a query sees the same splits whether its keys were cached earlier, arrive in its own
+prefill chunk, or were written one token at a time. Each mode's plan (index and bias tensors of
+the step) is built once per step by `plan_invariant` / `plan_fast` and read by every layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
-
-ROWS_PER_CALL = 16
-"""Rows per call of an invariant float matmul (16 measured fastest among invariant sizes on 2 cores)."""
-
-KV_SPLIT_SIZE = 256
-"""Keys per attention split: a fixed split *size*, so splits sit at the same absolute positions."""
-
-VERSION = 3
-"""Bumped whenever these ops' arithmetic changes (2: SiLU via exp, attention as batched items;
-3: the attention scale and mask applied inside the score matmul),
-so the system fingerprint stops promising the old bits."""
-
-
-def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Apply a row-wise `fn` to `x` in calls of exactly ROWS_PER_CALL rows (zero-padded tail).
-
-    Invariant but paid for: a single decode row costs a 16-row call. Float weights only; the
-    quantized kernels need none of it.
-    """
-    num_rows = x.shape[0]
-    if num_rows == 0:
-        return fn(x.new_zeros((ROWS_PER_CALL,) + x.shape[1:]))[:0]
-    pad = (-num_rows) % ROWS_PER_CALL
-    if pad:
-        x = torch.cat([x, x.new_zeros((pad,) + x.shape[1:])])
-    chunks = [fn(x[i : i + ROWS_PER_CALL]) for i in range(0, x.shape[0], ROWS_PER_CALL)]
-    return torch.cat(chunks)[:num_rows]
-
-
-# ---------------------------------------------------------------------------------------------
-# row-wise ops
-
-
-def linear_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
-def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # x [T, K], weight [N, K] -> [T, N]; the bias add is elementwise, hence exact at any shape.
-    return in_fixed_row_chunks(lambda rows: F.linear(rows, weight, bias), x)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Both modes: one row's mean of squares is one reduction over its own contiguous elements,
-    whose order depends on the row length only, never on the number of rows (tests pin it).
-
-    For float32, torch's own `rms_norm` runs these very ops in C++ (same bits, checked here), in
-    one call from Python instead of eight; for 16-bit inputs it rounds differently, hence the
-    spelled-out ops there."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    x32 = x.float()
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
-
-
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """Both modes: silu(gate) * up, with silu as gate / (1 + exp(-gate)) in float32, rounded to x's
-    dtype before the multiply (as torch's F.silu rounds). torch's own silu runs other code for the
-    vector body and the scalar tail of a loop, so an element's bits would depend on where it sits
-    in the batch; exp, add and divide give the same bits on both paths (tests pin it)."""
-    gate, up = x.chunk(2, dim=-1)
-    g = gate.float()
-    silu = torch.div(g, torch.neg(g).exp_().add_(1))  # fresh tensors only: g may be a view of x
-    return (silu if x.dtype == torch.float32 else silu.to(x.dtype)).mul_(up)
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Both modes: torch's CPU log-softmax reduces each row on its own (tests pin it)."""
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half (NeoX-style) rotary embedding, as Hugging Face Llama/Qwen apply it.
-
-    q [T, H, D], k [T, Hkv, D]. Only gathers, multiplies and adds: exact per element, so invariant
-    as is. The step's rotation rows are gathered once and shared by every layer, and q and k are
-    rotated as one tensor (four ops in all, not four per tensor).
-    """
-    half = rotary.cos_sin.shape[-1] // 2
-    cos_cos, minus_sin_sin = rotary.plan("reference", lambda: _rotation_rows(rotary))
-    qk = torch.cat([q, k], dim=1).float()
-    rotated = (qk * cos_cos + torch.roll(qk, half, dims=-1) * minus_sin_sin).to(q.dtype)
-    return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
-
-
-def _rotation_rows(rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 1, D] rows (cos | cos) and (-sin | sin) of each token: with them, [x1 | x2] becomes
-    [x1*cos + x2*(-sin) | x2*cos + x1*sin], which is x1*cos - x2*sin to the bit, in 4 ops a tensor."""
-    cos, sin = rotary.cos_sin[rotary.positions].split(rotary.cos_sin.shape[-1] // 2, dim=-1)  # [T, D/2] each
-    return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
-
-
-# ---------------------------------------------------------------------------------------------
-# paged KV cache
+from detserve.kernels.contract import EXP_FLOOR, KV_SPLIT_SIZE
+from detserve.kernels.inputs import AttentionMetadata, cache_slots
 
 
 def kv_store(
@@ -150,13 +45,14 @@ def _masked_sdpa():
 
 
 def attention_fast(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: "FastPlan", scale: float
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's cached keys, with torch SDPA.
 
     Decodes (one query each) share SDPA calls, a group of them per call (`_attend_decodes`);
     longer query runs take one call per sequence.
     """
+    meta = _expect(plan, FastPlan).meta
     out = torch.empty_like(q)
     for b in range(meta.num_seqs):
         if meta.is_decode(b):
@@ -174,9 +70,17 @@ def attention_fast(
                 q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
             )
         out[start:end] = o.transpose(0, 1)
-    for decodes in meta.plan("fast", lambda: _decode_groups(meta, q.device)):
+    for decodes in plan.decode_groups:
         _attend_decodes(q, k_cache, v_cache, decodes, scale, out)
     return out
+
+
+def _expect(plan: object, kind: type) -> object:
+    """`plan`, if it is of the kind this backend reads (one planned for another mode or device is not)."""
+    if not isinstance(plan, kind):
+        raise TypeError(f"attention was planned as {type(plan).__name__}, but this backend reads {kind.__name__}: "
+                        "plan and attend in the same kernel mode and device")
+    return plan
 
 
 @dataclass
@@ -188,8 +92,20 @@ class _DecodeGroup:
     visible: torch.Tensor  # [B, L] True at real keys
 
 
+@dataclass
+class FastPlan:
+    """Fast mode's plan: the step's metadata, and its decodes grouped for shared SDPA calls."""
+
+    meta: AttentionMetadata
+    decode_groups: list[_DecodeGroup]
+
+
+def plan_fast(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> FastPlan:
+    return FastPlan(meta, _decode_groups(meta, device))
+
+
 def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list[_DecodeGroup]:
-    """The step's decodes in groups of at most FAST_DECODE_KEYS padded keys (fast mode's plan)."""
+    """The step's decodes in groups of at most FAST_DECODE_KEYS padded keys."""
     groups: list[list[int]] = []
     longest = 0
     for b in range(meta.num_seqs):
@@ -281,7 +197,7 @@ def _bias(masked: torch.Tensor) -> torch.Tensor:
     return torch.zeros(masked.shape, device=masked.device).masked_fill_(masked, float("-inf"))
 
 
-def _invariant_plan(meta: AttentionMetadata, num_kv_heads: int, device: torch.device) -> InvariantPlan:
+def plan_invariant(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> InvariantPlan:
     decodes = [b for b in range(meta.num_seqs) if meta.is_decode(b)]
     decode_plan = None
     if decodes:
@@ -317,7 +233,7 @@ def _gather_items(cache: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
 
 
 def attention_invariant(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: InvariantPlan, scale: float
 ) -> torch.Tensor:
     """Causal attention whose result for a query depends only on its own keys, never on its company.
 
@@ -339,7 +255,7 @@ def attention_invariant(
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     q = q.float()
-    plan = meta.plan(("reference", num_kv_heads), lambda: _invariant_plan(meta, num_kv_heads, q.device))
+    _expect(plan, InvariantPlan)
     if plan.decodes is not None:
         d = plan.decodes
         batch, splits = d.rows.shape[0], d.num_splits
@@ -369,12 +285,6 @@ def attention_invariant(
             out[p.start : p.end, h * group : (h + 1) * group] = o / l
     return out
 
-
-EXP_FLOOR = -80.0
-"""Exponents in the split merge are clamped to [EXP_FLOOR, 0]: torch's CPU exp takes a slow path
-(2.3x here for a tensor where every third result underflows), and below e^-80 (~1.8e-35) a split's
-weight is nothing next to the maximum's weight of 1. The clamp is elementwise, hence invariant.
-Within a split the scores are not clamped: masked keys must come out of exp(-inf) as exactly 0."""
 
 _NO_KEY = torch.finfo(torch.float32).min
 """The max score of a split with no visible key (all -inf): finite, so exp(-inf - max) is 0, not NaN."""
@@ -413,54 +323,3 @@ def _merge_splits(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return o, l
 
 
-# ---------------------------------------------------------------------------------------------
-# sampling
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_POSITION_STRIDE = np.uint64(0xD1B54A32D192ED03)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def uniform_noise(seeds: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Uniforms in (0, 1), float64 [S, vocab_size]: row i a pure function of (seeds[i], positions[i], index)."""
-    with np.errstate(over="ignore"):
-        base = _splitmix64(seeds.astype(np.uint64) ^ (positions.astype(np.uint64) * _POSITION_STRIDE))
-        z = _splitmix64(base[:, None] + np.arange(vocab_size, dtype=np.uint64)[None, :] * _GOLDEN)
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-
-
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)), float64 [S, vocab_size], for Gumbel-max sampling."""
-    u = uniform_noise(seeds.cpu().numpy(), positions.cpu().numpy(), vocab_size)
-    return torch.from_numpy(-np.log(-np.log(u)))
-
-
-def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The seeded draws from float64 logits [S, V] already divided by the temperature (and filtered):
-    argmax(scaled + gumbel_noise(seed, position)) per row, first index on a tie; [S] int64."""
-    return torch.argmax(scaled + gumbel_noise(seeds, positions, scaled.shape[-1]).to(scaled.device), dim=-1)
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Per row of logits [S, V]: the Gumbel-max draw from logits / T in float64, or argmax(logits)
-    where T = 0 (first index on a tie). Returns [S] int64 on the logits' device.
-
-    One argmax over all rows and one noise draw for the sampled ones: each row's result is exact
-    (an argmax rounds nothing), so batching rows cannot change it.
-    """
-    logits = logits.float()
-    tokens = torch.argmax(logits, dim=-1)
-    sampled = (temperatures != 0).nonzero()[:, 0]
-    if len(sampled):
-        scaled = logits[sampled].double() / temperatures[sampled, None]
-        tokens[sampled] = gumbel_max(scaled, seeds[sampled], positions[sampled])
-    return tokens

@@ -1,0 +1,98 @@
+"""Row-wise ops: each output row is computed from its own input row, so only the float matmul needs
+care (fixed-size calls in invariant mode); norms, SiLU, log-softmax and RoPE are invariant as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from detserve.kernels.contract import ROWS_PER_CALL
+from detserve.kernels.inputs import RotaryInputs
+
+
+def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Apply a row-wise `fn` to `x` in calls of exactly ROWS_PER_CALL rows (zero-padded tail).
+
+    Invariant but paid for: a single decode row costs a 16-row call. Float weights only; the
+    quantized kernels need none of it.
+    """
+    num_rows = x.shape[0]
+    if num_rows == 0:
+        return fn(x.new_zeros((ROWS_PER_CALL,) + x.shape[1:]))[:0]
+    pad = (-num_rows) % ROWS_PER_CALL
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad,) + x.shape[1:])])
+    chunks = [fn(x[i : i + ROWS_PER_CALL]) for i in range(0, x.shape[0], ROWS_PER_CALL)]
+    return torch.cat(chunks)[:num_rows]
+
+
+def linear_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # x [T, K], weight [N, K] -> [T, N]; the bias add is elementwise, hence exact at any shape.
+    return in_fixed_row_chunks(lambda rows: F.linear(rows, weight, bias), x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Both modes: one row's mean of squares is one reduction over its own contiguous elements,
+    whose order depends on the row length only, never on the number of rows (tests pin it).
+
+    For float32, torch's own `rms_norm` runs these very ops in C++ (same bits, checked here), in
+    one call from Python instead of eight; for 16-bit inputs it rounds differently, hence the
+    spelled-out ops there."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the add rounds to the input dtype before the norm,
+    as in the GPU's fused kernel."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """Both modes: silu(gate) * up, with silu as gate / (1 + exp(-gate)) in float32, rounded to x's
+    dtype before the multiply (as torch's F.silu rounds). torch's own silu runs other code for the
+    vector body and the scalar tail of a loop, so an element's bits would depend on where it sits
+    in the batch; exp, add and divide give the same bits on both paths (tests pin it)."""
+    gate, up = x.chunk(2, dim=-1)
+    g = gate.float()
+    silu = torch.div(g, torch.neg(g).exp_().add_(1))  # fresh tensors only: g may be a view of x
+    return (silu if x.dtype == torch.float32 else silu.to(x.dtype)).mul_(up)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Both modes: torch's CPU log-softmax reduces each row on its own (tests pin it)."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (NeoX-style) rotary embedding, as Hugging Face Llama/Qwen apply it.
+
+    q [T, H, D], k [T, Hkv, D]. Only gathers, multiplies and adds: exact per element, so invariant
+    as is. The step's rotation rows were gathered once (`RotaryInputs.of`) for every layer, and q
+    and k are rotated as one tensor (four ops in all, not four per tensor).
+    """
+    half = rotary.cos_sin.shape[-1] // 2
+    qk = torch.cat([q, k], dim=1).float()
+    rotated = (qk * rotary.cos_cos + torch.roll(qk, half, dims=-1) * rotary.minus_sin_sin).to(q.dtype)
+    return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] with -inf wherever bitmask [S, ceil(V / 32)] int32 has bit t % 32 of word t // 32
+    clear (a structured output's disallowed tokens). Elementwise, so exact in both modes and devices."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    return logits.masked_fill(allowed == 0, float("-inf"))
