@@ -9,6 +9,7 @@ text, and when streaming holds back text that is (or may become) a call block un
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -67,8 +68,8 @@ class ChatRenderer(ChunkedRenderer):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, job: Job, token_text, show_prompt_logprobs: bool, return_token_ids: bool,
-                 tool_use: ToolUse | None) -> None:
+    def __init__(self, job: Job, token_text: Callable[[int], str], show_prompt_logprobs: bool,
+                 return_token_ids: bool, tool_use: ToolUse | None) -> None:
         super().__init__(job, token_text, show_prompt_logprobs, return_token_ids)
         self.tool_use = tool_use  # with tools, calls are parsed out of the text
         self._tool_streams = [_ToolStream() for _ in job.requests]

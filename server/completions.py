@@ -6,6 +6,8 @@ its tokens' logprobs (the first null) before the output's, offsets counted acros
 
 from __future__ import annotations
 
+from typing import Callable
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -40,8 +42,8 @@ class ServingCompletion(Serving):
 class CompletionRenderer(ChunkedRenderer):
     object_name = chunk_object_name = "text_completion"
 
-    def __init__(self, job: Job, token_text, show_prompt_logprobs: bool, return_token_ids: bool,
-                 echoes: list[str], echo_logprobs: bool) -> None:
+    def __init__(self, job: Job, token_text: Callable[[int], str], show_prompt_logprobs: bool,
+                 return_token_ids: bool, echoes: list[str], echo_logprobs: bool) -> None:
         super().__init__(job, token_text, show_prompt_logprobs, return_token_ids)
         self.echoes = echoes  # per choice: the prompt text shown before its output ("" without echo)
         self.echo_logprobs = echo_logprobs  # the logprobs start with the prompt's

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable, Iterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from detserve.engine.async_engine import AsyncEngine
+from detserve.engine.async_engine import AsyncEngine, EngineUnavailableError
 from detserve.engine.llm_engine import AdmittedRequest, ModelInfo
 from detserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from detserve.engine.structured import GrammarError
@@ -248,7 +248,7 @@ class Serving:
         """The served model's facts, if `model` (when given) is the one we serve; else 503 or 404."""
         try:
             info = self.engine.serving_info()
-        except RuntimeError as exc:
+        except EngineUnavailableError as exc:
             raise APIError.of(exc) from exc
         if model is not None and model != info.name:
             raise APIError(404, f"The model `{model}` does not exist.", "model")

@@ -15,7 +15,8 @@ ASK = [{"role": "user", "content": "Name a colour."}]
 
 
 def test_max_n_200_lets_150_choices_through(tiny_server: LiveServer) -> None:
-    with serve(tiny_server.engine, ServerConfig(max_n=200)) as live, httpx2.Client(base_url=live.url, timeout=300) as http:
+    with serve(tiny_server.engine, ServerConfig(max_n=200)) as live, \
+            httpx2.Client(base_url=live.url, timeout=300) as http:
         response = http.post("/v1/completions", json={"model": "tiny", "prompt": "a", "n": 150, "max_tokens": 1,
                                                       "seed": 3, "temperature": 1.0})
     assert response.status_code == 200, response.text
