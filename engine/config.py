@@ -53,14 +53,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {self.architecture}; supported: {SUPPORTED_ARCHITECTURES}")
+        _check_architecture(self.architecture)
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         arch = (hf.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(hf.get("model_type", ""), "unknown")])[0]
+        _check_architecture(arch)  # before reading fields another architecture may name otherwise
         num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -82,6 +82,11 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             eos_token_ids=eos_ids,
         )
+
+
+def _check_architecture(architecture: str) -> None:
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {architecture}; supported: {SUPPORTED_ARCHITECTURES}")
 
 
 def _rope_scaling(hf: dict) -> dict | None:

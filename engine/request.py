@@ -64,7 +64,8 @@ class SamplingParams:
             (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias",
              "logit_bias values must be in [-100, 100]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed", "seed must be in [0, 2**63)"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
+             "seed must be a 64-bit signed integer, in [-2**63, 2**63)"),
         ]
         for ok, param, message in checks:
             if not ok:

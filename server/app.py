@@ -198,7 +198,7 @@ async def _load(engine: AsyncEngine) -> None:
     try:
         await engine.start()
     except Exception:
-        logger.exception("the model failed to load; /health answers 503 until a restart")
+        logger.exception("the model failed to load; /health answers 503 (`detserve serve` exits)")
         return
     info = engine.info
     logger.info(

@@ -82,9 +82,11 @@ class ChatRenderer(ChunkedRenderer):
                 choice = self._choice(c, c.text, logprobs, c.finish_reason)
             else:
                 content, calls = tools.parse(c.text, self.tool_use.tools)
+                if self._cut_short_forced(c, len(calls)):
+                    content, calls = None, tools.truncated_calls(c.text)
                 finish = self._calls_finish(c) if calls else c.finish_reason
                 choice = self._choice(c, content, logprobs, finish, calls=self._openai_calls(c, calls))
-            body["choices"].append(choice | self.token_fields(c.token_ids))
+            body["choices"].append(choice | self.token_fields(c.token_ids, whole=True))
         body |= self.prompt_fields(choices[0])  # one prompt: vLLM puts its fields beside the choices
         body["usage"] = self.job.usage(choices)
         return self.job.with_digest(body, choices)
@@ -97,7 +99,7 @@ class ChatRenderer(ChunkedRenderer):
             return []
         choice = self._choice(c, out.text_delta, logprobs, c.finish_reason if out.finished else None,
                               delta=True, role=first)
-        chunk = self.chunk(choice | self.token_fields(out.new_token_ids))
+        chunk = self.chunk(choice | self.token_fields(out.new_token_ids, whole=False))
         if first and self.return_token_ids:
             chunk["prompt_token_ids"] = self.job.prompt_ids(c.index)
         return [chunk]
@@ -115,6 +117,11 @@ class ChatRenderer(ChunkedRenderer):
                 deltas += self._call_deltas(c, call)
             state.streamed += match.end()
             pending = pending[match.end() :]
+        if out.finished and self._cut_short_forced(c, state.num_calls_sent):
+            for call in tools.truncated_calls(pending):  # the call so far, never the wrapper as content
+                deltas += self._call_deltas(c, call)
+            state.streamed += len(pending)
+            pending = ""
         ready = len(pending) if out.finished else len(pending) - tools.holdback(pending)
         deltas += self._content_delta(c, pending[:ready])
         state.streamed += ready
@@ -141,6 +148,10 @@ class ChatRenderer(ChunkedRenderer):
                                        calls=[{"index": state.num_calls_sent, "function": {"arguments": fragment}}]))
         state.num_calls_sent += 1
         return deltas
+
+    def _cut_short_forced(self, c: Choice, num_calls: int) -> bool:
+        """A forced call that max_tokens cut off before its block closed (so no call parsed)."""
+        return bool(self.tool_use.forced) and not num_calls and c.finish_reason == "length"
 
     def _calls_finish(self, c: Choice) -> str | None:
         """A choice that called tools finishes with "tool_calls" ("function_call", legacy), unless cut short."""

@@ -138,6 +138,16 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
 
+    @property
+    def load_error(self) -> BaseException | None:
+        """Why the model never loaded (None while it loads, once it has, or if it failed later)."""
+        return self.engine.error if self.engine.engine is None else None
+
+    async def on_tick(self, counter: int) -> bool:
+        """Stop when the model failed to load: the process exits non-zero (see `main`), so a shell
+        user sees why at once and an orchestrator's restart policy takes over, as with vLLM."""
+        return self.load_error is not None or await super().on_tick(counter)
+
     async def startup(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
@@ -208,4 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(config, options)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                                timeout_graceful_shutdown=5)
-    DrainingServer(uv_config, app).run()
+    server = DrainingServer(uv_config, app)
+    server.run()
+    if server.load_error is not None:
+        print(f"detserve: the model failed to load: {server.load_error}", file=sys.stderr)
+        sys.exit(1)

@@ -58,7 +58,7 @@ class CompletionRenderer(ChunkedRenderer):
                 prompt = self._prompt_logprobs(c)
                 logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
             choice = self._choice(c, echo + c.text, logprobs, c.finish_reason)
-            body["choices"].append(choice | self.token_fields(c.token_ids) | self.prompt_fields(c))
+            body["choices"].append(choice | self.token_fields(c.token_ids, whole=True) | self.prompt_fields(c))
         body["usage"] = self.job.usage(choices)
         return self.job.with_digest(body, choices)
 
@@ -68,7 +68,7 @@ class CompletionRenderer(ChunkedRenderer):
             return []
         text = (self.echoes[c.index] if first else "") + out.text_delta
         choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None)
-        choice |= self.token_fields(out.new_token_ids)
+        choice |= self.token_fields(out.new_token_ids, whole=False)
         if first and self.return_token_ids:
             choice["prompt_token_ids"] = self.job.prompt_ids(c.index)
         return [self.chunk(choice)]

@@ -106,6 +106,7 @@ class _EngineCollector(Collector):
 
 @dataclass
 class _ChoiceTiming:
+    seen: bool = False  # an output of the choice came
     first_token: float | None = None
     last_token: float | None = None
 
@@ -147,15 +148,19 @@ class RequestTrace:
         new = len(out.new_token_ids)
         self.completion_tokens += new
         m = self.metrics
-        if new and timing.first_token is None:
-            timing.first_token = now
-            self.prompt_tokens += out.num_prompt_tokens
-            self.cached_tokens += out.num_cached_tokens
+        if not timing.seen:  # the choice's first output, with or without a token (a scored prompt has none)
+            timing.seen = True
+            if choice % (self.n or 1) == 0:  # each prompt once, as the response's usage counts it
+                self.prompt_tokens += out.num_prompt_tokens
+                self.cached_tokens += out.num_cached_tokens
             if m is not None:
-                m.ttft.observe(now - self.start)
                 m.prompt_tokens.inc(out.num_prompt_tokens)
                 if out.queue_seconds is not None:
                     m.queue_time.observe(out.queue_seconds)
+        if new and timing.first_token is None:
+            timing.first_token = now
+            if m is not None:
+                m.ttft.observe(now - self.start)
         elif new and m is not None:
             for _ in range(new):
                 m.itl.observe((now - timing.last_token) / new)

@@ -132,8 +132,12 @@ class GenerationRequest(_OpenAIModel):
     return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as "token_id:N"
     stream: bool = False
     stream_options: StreamOptions | None = None
+    use_beam_search: bool = False  # vLLM's: refused with a 400, never ignored
 
     def check_supported(self) -> None:
+        if self.use_beam_search:
+            raise unsupported("use_beam_search", "beam search is not supported; each of the n choices is "
+                                                 "sampled on its own (use a seed for reproducible choices)")
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
         if self.stream and self.engine_prompt_logprobs() is not None:

@@ -214,16 +214,19 @@ class ChunkedRenderer(Renderer):
 
     def prompt_fields(self, c: Choice) -> dict:
         """vLLM's `prompt_logprobs` ({token id: {logprob, rank, decoded_token}} per prompt token, the
-        first null) and `prompt_token_ids`, when asked for."""
-        fields = {}
+        first null) and `prompt_token_ids` of a whole body: null unless asked for, as vLLM sends
+        them (clients written against vLLM read them as attributes)."""
+        logprobs = None
         if self.show_prompt_logprobs:
-            fields["prompt_logprobs"] = [None if lp is None else self._ranked(lp) for lp in c.prompt_logprobs or []]
-        if self.return_token_ids:
-            fields["prompt_token_ids"] = self.job.prompt_ids(c.index)
-        return fields
+            logprobs = [None if lp is None else self._ranked(lp) for lp in c.prompt_logprobs or []]
+        return {"prompt_logprobs": logprobs,
+                "prompt_token_ids": self.job.prompt_ids(c.index) if self.return_token_ids else None}
 
-    def token_fields(self, token_ids: list[int]) -> dict:
-        return {"token_ids": token_ids} if self.return_token_ids else {}
+    def token_fields(self, token_ids: list[int], whole: bool) -> dict:
+        """vLLM's `token_ids` of a choice: in a whole body null unless asked for; in a chunk only if asked."""
+        if self.return_token_ids:
+            return {"token_ids": token_ids}
+        return {"token_ids": None} if whole else {}
 
     def wants_logprobs(self, c: Choice) -> bool:
         return self.job.requests[c.index].params.logprobs is not None
@@ -280,7 +283,7 @@ class Serving:
         return Job(id=self.id_prefix + uuid.uuid4().hex, model=info.name, fingerprint=info.fingerprint(deterministic),
                    deterministic=deterministic, requests=requests, n=body.n, stream=body.stream,
                    include_usage=options is not None and options.include_usage,
-                   continuous_usage=options is not None and options.continuous_usage_stats)
+                   continuous_usage=options is not None and options.include_usage and options.continuous_usage_stats)
 
     async def respond(self, job: Job, renderer: Renderer, request: Request, logged_prompt: object) -> Response:
         """Queue the job (or 429 when the queue is full), then stream it or answer with the whole body."""
@@ -321,7 +324,8 @@ class Serving:
 
 
 def fan_out(first: AdmittedRequest, n: int) -> list[AdmittedRequest]:
-    """`n` choices of one admitted prompt: a seeded request gives choice i the seed + i, so choices
-    differ reproducibly; each has its own grammar state."""
+    """`n` choices of one admitted prompt: a seeded request gives choice i the seed + i (wrapping
+    within int64), so choices differ reproducibly; each has its own grammar state."""
     seed = first.params.seed
-    return [first] + [first.with_seed(None if seed is None else seed + i) for i in range(1, n)]
+    return [first] + [first.with_seed(None if seed is None else (seed + i + 2**63) % 2**64 - 2**63)
+                      for i in range(1, n)]

@@ -84,17 +84,33 @@ def prompt_messages(messages: list[dict], tools: list[dict], template_takes_tool
 
 
 def forced_call(tools: list[dict]) -> StructuredOutput:
-    """Exactly one call of one of `tools`, its arguments matching that tool's parameters."""
+    """Exactly one call of one of `tools`, its arguments matching that tool's parameters.
+
+    Each tool's parameters become a definition of the call's schema (`#/$defs/tool<i>`), with every
+    local `$ref` of theirs ("#/$defs/X", "#/definitions/X", "#" for recursion, any pointer) moved
+    under it: nested under the call, the pointers would no longer resolve (pydantic writes `$defs`
+    and `$ref` for every nested model)."""
+    definitions = {f"tool{i}": _rebased(t["function"].get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
+                   for i, t in enumerate(tools)}
     options = [{
         "type": "object",
-        "properties": {"name": {"const": t["function"]["name"]},
-                       "arguments": t["function"].get("parameters") or {"type": "object"}},
+        "properties": {"name": {"const": t["function"]["name"]}, "arguments": {"$ref": f"#/$defs/tool{i}"}},
         "required": ["name", "arguments"],
         "additionalProperties": False,
-    } for t in tools]
-    schema = {"anyOf": options, "x-guidance": _COMPACT}
+    } for i, t in enumerate(tools)]
+    schema = {"$defs": definitions, "anyOf": options, "x-guidance": _COMPACT}
     grammar = f'start: "{CALL_OPEN}\\n" call "\\n{CALL_CLOSE}"\ncall: %json {json.dumps(schema)}'
     return StructuredOutput.of("grammar", grammar)
+
+
+def _rebased(schema: object, root: str) -> object:
+    """`schema` with each local `$ref` ("#...") pointing into `root` instead of the document's root."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else _rebased(value, root) for key, value in schema.items()}
 
 
 def parse(text: str, tools: list[dict]) -> tuple[str | None, list[ToolCall]]:
@@ -115,6 +131,17 @@ def parse(text: str, tools: list[dict]) -> tuple[str | None, list[ToolCall]]:
     kept.append(text[last:])
     content = "".join(kept).strip() if calls else text
     return (content or None), calls
+
+
+_CALL_HEAD = re.compile(re.escape(CALL_OPEN) + r'\s*\{"name": "(?P<name>[^"]+)", "arguments": (?P<arguments>.*)',
+                        re.DOTALL)
+
+
+def truncated_calls(text: str) -> list[ToolCall]:
+    """The call a forced call's text had begun when the output was cut short (max_tokens): its name
+    and its arguments so far, as OpenAI and vLLM answer such a call; none if the name was not done."""
+    match = _CALL_HEAD.match(text.strip())
+    return [ToolCall(match["name"], match["arguments"])] if match else []
 
 
 def holdback(text: str) -> int:

@@ -87,10 +87,11 @@ def test_log_softmax_matches_float64_and_keeps_banned_tokens_at_minus_infinity(d
 
 
 def _sampling_inputs(num_rows: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Temperatures cycling through greedy and three sampling temperatures, 63-bit seeds, positions."""
+    """Temperatures cycling through greedy and three sampling temperatures, int64 seeds (negative
+    ones too: both sides read their two's complement bits), positions."""
     g = torch.Generator().manual_seed(seed)
     temperatures = torch.tensor([(0.0, 0.7, 1.0, 1.6)[i % 4] for i in range(num_rows)], dtype=torch.float64)
-    seeds = torch.randint(0, 2**63 - 1, (num_rows,), generator=g, dtype=torch.int64)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (num_rows,), generator=g, dtype=torch.int64)
     positions = torch.randint(0, 100_000, (num_rows,), generator=g, dtype=torch.int64)
     return tuple(t.to(DEVICE) for t in (temperatures, seeds, positions))
 

@@ -71,7 +71,7 @@ BAD_REQUESTS = [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages"),
     ("bad-logit-bias-key", "POST", CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": {"abc": 1}},
      400, "logit_bias"),
-    ("seed-out-of-range", "POST", CHAT, {"model": MODEL, "messages": MSGS, "seed": -1}, 400, "seed"),
+    ("seed-out-of-range", "POST", CHAT, {"model": MODEL, "messages": MSGS, "seed": 2**63}, 400, "seed"),
     ("missing-prompt", "POST", COMP, {"model": MODEL}, 400, "prompt"),
     ("empty-prompt", "POST", COMP, {"model": MODEL, "prompt": ""}, 400, None),
     ("token-id-out-of-vocab", "POST", COMP, {"model": MODEL, "prompt": [1, 10**9]}, 400, None),

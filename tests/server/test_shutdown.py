@@ -140,3 +140,17 @@ def test_after_the_drain_timeout_leftover_requests_end_with_an_error_and_the_exi
     assert "drain timeout: aborting 1 requests" in server.stderr.read_text()  # cut short, not waited out
     assert events[-1] == "[DONE]" and "error" in events[-2]
     assert events[-2]["error"]["code"] >= 500
+
+
+def test_a_model_that_cannot_load_makes_serve_exit_non_zero_with_the_error_on_stderr(tmp_path: Path) -> None:
+    model = tmp_path / "gpt2-like"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                   "vocab_size": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "detserve.server", "serve", "--port", str(port), "--model", str(model),
+                             "--load-format", "dummy"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    assert "the model failed to load" in result.stderr and "unsupported architecture" in result.stderr
