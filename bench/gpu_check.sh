@@ -18,7 +18,12 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The checkout's layers importable as the `detserve` package without installing it: a namespace
+# folder of links, as pyproject.toml maps the same folders (bench/ and tests/ import from $PWD).
+namespace=$(mktemp -d)
+mkdir "$namespace/detserve"
+for layer in server engine kernels; do ln -s "$PWD/$layer" "$namespace/detserve/$layer"; done
+export PYTHONPATH="$PWD:$namespace${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 logs=${GPU_CHECK_LOGS:-$(mktemp -d)}
 mkdir -p "$logs"
 steps=("$@")
