@@ -128,6 +128,7 @@ class LLMEngine:
             self.info.check_token_ids(ids)
         if not ids:
             raise ValueError("the prompt is empty")
+        ids = self._truncated(ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else max(1, self.info.max_request_tokens - len(ids))
         total = len(ids) + max_tokens
         if total > self.max_model_len:
@@ -145,6 +146,15 @@ class LLMEngine:
             grammar = self.grammars.matcher(params.structured)  # GrammarError (a ValueError) if it is invalid
         deterministic = self.config.default_deterministic if params.deterministic is None else params.deterministic
         return AdmittedRequest(ids, replace(params, max_tokens=max_tokens, deterministic=deterministic), grammar)
+
+    def _truncated(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt cut to `truncate_prompt_tokens` (-1: the context window), dropping tokens from
+        the `truncation_side` end: "left" keeps the last ones, as vLLM does."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        keep = self.max_model_len if keep == -1 else keep
+        return ids[-keep:] if params.truncation_side == "left" else ids[:keep]
 
     def require_tokenizer(self) -> Tokenizer:
         """The tokenizer, or the ValueError every text-needing request gets from a model without one."""

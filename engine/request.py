@@ -40,6 +40,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None = none; k >= 0 = each prompt token's logprob plus top-k
     deterministic: bool | None = None  # None = the engine's default
     structured: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep this many prompt tokens (-1: the context window)
+    truncation_side: str = "left"  # which end truncation drops: "left" keeps the last tokens (vLLM's default)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +66,9 @@ class SamplingParams:
             (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias",
              "logit_bias values must be in [-100, 100]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1,
+             "truncate_prompt_tokens", "truncate_prompt_tokens must be -1 (the context window) or at least 1"),
+            (self.truncation_side in ("left", "right"), "truncation_side", "truncation_side must be left or right"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
              "seed must be a 64-bit signed integer, in [-2**63, 2**63)"),
         ]

@@ -25,6 +25,14 @@ class Tokenizer:
 
         return cls(AutoTokenizer.from_pretrained(str(model_dir)))
 
+    def info(self) -> dict:
+        """The tokenizer's configuration in vLLM's `/tokenizer_info` shape: its init arguments as JSON,
+        its class, its special tokens and chat template (lm-eval's remote tokenizer reads these)."""
+        hf = self.hf
+        info = {key: _jsonable(value) for key, value in hf.init_kwargs.items()}
+        return info | {"tokenizer_class": type(hf).__name__, "eos_token": hf.eos_token, "bos_token": hf.bos_token,
+                       "pad_token": hf.pad_token, "chat_template": getattr(hf, "chat_template", None)}
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
@@ -49,6 +57,17 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                            tools=tools)
         return self.encode(text, add_special_tokens=False)
+
+
+def _jsonable(value: object) -> object:
+    """`value` as JSON can hold it: containers walked, special-token objects as their text, others as str."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return getattr(value, "content", None) if hasattr(value, "content") else str(value)
 
 
 @dataclass

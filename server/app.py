@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ServerConfig", "create_app"]
 
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")  # behind the API key, like /v1
+
 
 @dataclass(frozen=True)
 class _API:
@@ -93,7 +95,7 @@ def create_app(engine: EngineConfig | AsyncEngine, config: ServerConfig | None =
     app.state.in_flight = in_flight
     app.state.api = _API.of(engine, config, metrics)
     if config.api_key:  # middleware added last runs first
-        protected = ("/v1", "/metrics") if config.protect_metrics else ("/v1",)
+        protected = ("/v1", *TOKENIZER_ROUTES, *(("/metrics",) if config.protect_metrics else ()))
         app.add_middleware(RequireAPIKey, api_key=config.api_key, protected=protected)
     app.add_middleware(LimitBody, max_bytes=config.max_body_bytes)
     app.add_middleware(TrackRequests, in_flight=in_flight, metrics=metrics, log_prompts=config.log_prompts,
@@ -177,6 +179,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     return _api(request).tokenization.tokenize(body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict:
+    return _api(request).tokenization.tokenizer_info()
 
 
 @router.post("/detokenize")

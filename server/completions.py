@@ -11,6 +11,7 @@ from typing import Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
+from detserve.engine.llm_engine import AdmittedRequest
 from detserve.engine.request import RequestOutput, TokenLogprob
 from detserve.server.protocol import CompletionRequest
 from detserve.server.serving import Choice, ChunkedRenderer, Job, Serving, bad_request
@@ -27,16 +28,19 @@ class ServingCompletion(Serving):
             params = body.sampling_params(info, body.max_tokens, body.logprobs, output)
             prompts = body.prompts()
             job = self.admit(body, info, prompts, params, "prompt", param)
-            echoes = [self._shown(prompt) if body.echo else "" for prompt in prompts for _ in range(body.n)]
+            echoes = [self._shown(prompt, admitted) if body.echo else ""
+                      for prompt, admitted in zip([p for p in prompts for _ in range(body.n)], job.requests)]
         renderer = CompletionRenderer(job, self.token_text(body.return_tokens_as_token_ids),
                                       body.prompt_logprobs is not None, body.return_token_ids, echoes,
                                       echo_logprobs=body.echo and body.logprobs is not None)
         return await self.respond(job, renderer, request, body.prompt)
 
-    def _shown(self, prompt: str | list[int]) -> str:
-        """The prompt's text as echo shows it (after admission, which checked the ids decoding reads)."""
-        return prompt if isinstance(prompt, str) else self.engine.require_tokenizer().decode(
-            prompt, skip_special_tokens=False)
+    def _shown(self, prompt: str | list[int], admitted: AdmittedRequest) -> str:
+        """The prompt's text as echo shows it: as sent, or decoded from the admitted ids (checked by
+        admission) when they are ids or were truncated."""
+        if isinstance(prompt, str) and admitted.params.truncate_prompt_tokens is None:
+            return prompt
+        return self.engine.require_tokenizer().decode(admitted.prompt_token_ids, skip_special_tokens=False)
 
 
 class CompletionRenderer(ChunkedRenderer):

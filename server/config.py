@@ -11,7 +11,8 @@ from detserve.engine.config import option
 class ServerConfig:
     """The HTTP side's options: access, limits that protect the engine, and operations."""
 
-    api_key: str | None = option(None, "require `Authorization: Bearer <key>` on /v1 (default: $DETSERVE_API_KEY)")
+    api_key: str | None = option(
+        None, "require `Authorization: Bearer <key>` on /v1 and the tokenizer routes (default: $DETSERVE_API_KEY)")
     protect_metrics: bool = option(False, "require the API key on /metrics too")
     max_body_bytes: int = option(8 * 2**20, "largest request body accepted; more is a 413")
     max_n: int = option(128, "most choices (n) per request")  # OpenAI's own cap

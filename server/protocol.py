@@ -32,6 +32,7 @@ _ERROR_TYPES = {
 _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "deterministic",
+    "truncate_prompt_tokens", "truncation_side",
 )
 
 
@@ -133,6 +134,8 @@ class GenerationRequest(_OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     use_beam_search: bool = False  # vLLM's: refused with a 400, never ignored
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep this many prompt tokens (-1: the context window)
+    truncation_side: str | None = None  # vLLM's: "left" (the default: keep the last tokens) or "right"
 
     def check_supported(self) -> None:
         if self.use_beam_search:

@@ -23,6 +23,13 @@ class ServingTokenization(Serving):
                 tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens}
 
+    def tokenizer_info(self) -> dict:
+        """The served tokenizer's configuration (vLLM's `/tokenizer_info`), so lm-eval's
+        `tokenizer_backend=remote` needs no tokenizer of its own."""
+        self.model_info(None)
+        with bad_request():
+            return self.engine.require_tokenizer().info()
+
     def detokenize(self, body: DetokenizeRequest) -> dict:
         """`{tokens}` -> `{prompt}`: the ids' text, special tokens included."""
         info = self.model_info(body.model)

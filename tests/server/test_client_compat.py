@@ -7,11 +7,13 @@ import json
 import logging
 
 import httpx2
+import jinja2
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server.conftest import LiveServer
+from detserve.server.config import ServerConfig
+from tests.server.conftest import LiveServer, serve
 from tests.server.test_operations import _log_lines
 
 COMP = "/v1/completions"
@@ -131,3 +133,48 @@ def test_a_forced_call_cut_short_by_max_tokens_is_answered_as_a_call_streamed_or
     streamed = [t for d in deltas for t in d["delta"].get("tool_calls", [])]
     assert streamed[0]["id"] == call["id"] and deltas[-1]["finish_reason"] == "length"
     assert "".join(t["function"]["arguments"] for t in streamed) == call["function"]["arguments"]
+
+
+def test_lm_evals_remote_tokenizer_needs_nothing_but_the_server(tiny_server: LiveServer, http) -> None:
+    """The calls lm-eval's `tokenizer_backend=remote` makes (`RemoteTokenizer`), in its shapes: no model
+    field, special tokens found by encoding their text, the chat template rendered client-side."""
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] and info["tokenizer_class"] and info["chat_template"]
+    tokenizer = tiny_server.engine.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    assert encode(info["eos_token"])[0] == tokenizer.eos_token_id
+    ids = encode("The capital of France is Paris")
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "The capital of France is Paris"
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(messages=ASK, add_generation_prompt=True)
+    assert encode(rendered) == tokenizer.apply_chat_template(ASK)
+    scored = http.post(COMP, json={"model": "tiny", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}).json()
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][0] is None  # a loglikelihood request, as lm-eval sends
+
+
+def test_the_tokenizer_routes_are_behind_the_api_key(tiny_server: LiveServer) -> None:
+    with serve(tiny_server.engine, ServerConfig(api_key="k3y")) as live, httpx2.Client(base_url=live.url) as client:
+        assert client.get("/tokenizer_info").status_code == 401
+        assert client.post("/tokenize", json={"prompt": "a"}).status_code == 401
+        assert client.get("/tokenizer_info", headers={"Authorization": "Bearer k3y"}).status_code == 200
+
+
+@pytest.mark.parametrize("side, kept", [("left", slice(-5, None)), ("right", slice(0, 5))])
+def test_truncate_prompt_tokens_keeps_that_many_prompt_tokens(http, tiny_server: LiveServer, side: str,
+                                                              kept: slice) -> None:
+    ids = list(range(100, 120))
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "return_token_ids": True, "echo": True,
+            "truncate_prompt_tokens": 5, "truncation_side": side}
+    answer = http.post(COMP, json=body).json()
+    assert answer["usage"]["prompt_tokens"] == 5 and answer["choices"][0]["prompt_token_ids"] == ids[kept]
+    echoed = tiny_server.engine.tokenizer.decode(ids[kept], skip_special_tokens=False)
+    assert answer["choices"][0]["text"].startswith(echoed)
+    chat = http.post(CHAT, json={"model": "tiny", "messages": ASK, "max_tokens": 1, "truncate_prompt_tokens": 3})
+    assert chat.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_a_bad_truncate_prompt_tokens_is_a_400_naming_it(http) -> None:
+    response = http.post(COMP, json={"model": "tiny", "prompt": "a", "truncate_prompt_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
