@@ -66,7 +66,8 @@ class SamplingParams:
             (all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias",
              "logit_bias values must be in [-100, 100]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
-            (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1,
+            (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1
+             or self.truncate_prompt_tokens == -1,
              "truncate_prompt_tokens", "truncate_prompt_tokens must be -1 (the context window) or at least 1"),
             (self.truncation_side in ("left", "right"), "truncation_side", "truncation_side must be left or right"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed",

@@ -181,7 +181,11 @@ class ChatRenderer(ChunkedRenderer):
         """The choice's logprobs field (None unless requested)."""
         if not self.wants_logprobs(c):
             return None
-        return {"content": [self._entry(lp) for lp in logprobs]}
+        return {"content": self.logprob_entries(logprobs)}
+
+    def logprob_entries(self, logprobs: list[TokenLogprob]) -> list[dict]:
+        """OpenAI's logprob objects (token, logprob, bytes, top_logprobs), as chat and Responses show them."""
+        return [self._entry(lp) for lp in logprobs]
 
     def _entry(self, lp: TokenLogprob) -> dict:
         def entry(token_id: int, logprob: float) -> dict:

@@ -419,6 +419,12 @@ class ResponsesRequest(_OpenAIModel):
     previous_response_id: str | None = None
     tools: list[dict] | None = None
     text: dict | None = None
+    include: list[str] | None = None  # of the extra outputs, only "message.output_text.logprobs" is served
+    top_logprobs: int | None = None  # with that include: alternatives per token
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat completion this request runs as; 400 for what is not served."""
@@ -431,6 +437,11 @@ class ResponsesRequest(_OpenAIModel):
             raise unsupported("tools", "tools are not supported on /v1/responses; use /v1/chat/completions")
         if ((self.text or {}).get("format") or {}).get("type", "text") != "text":
             raise unsupported("text", "only text output is supported on /v1/responses")
+        others = sorted(set(self.include or []) - {"message.output_text.logprobs"})
+        if others:
+            raise unsupported("include", f"include {others} is not supported; only message.output_text.logprobs")
+        if self.top_logprobs is not None and not self.wants_logprobs:
+            raise unsupported("top_logprobs", 'top_logprobs needs include ["message.output_text.logprobs"]')
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for item in items:
@@ -448,7 +459,8 @@ class ResponsesRequest(_OpenAIModel):
             messages.append({"role": item["role"], "content": content or ""})
         return ChatCompletionRequest(
             model=self.model, messages=messages, max_tokens=self.max_output_tokens, temperature=self.temperature,
-            top_p=self.top_p, seed=self.seed, deterministic=self.deterministic, stream=self.stream)
+            top_p=self.top_p, seed=self.seed, deterministic=self.deterministic, stream=self.stream,
+            logprobs=self.wants_logprobs, top_logprobs=self.top_logprobs if self.wants_logprobs else None)
 
     def settings(self) -> dict:
         """What the response object echoes back of the request."""

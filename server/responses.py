@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from detserve.engine.request import TokenLogprob
 from detserve.server.chat import ServingChat
 from detserve.server.protocol import ResponsesRequest
 from detserve.server.serving import Choice, Job, Renderer, bad_request, collect
@@ -29,8 +30,9 @@ class ServingResponses(ServingChat):
         self.model_info(body.model)
         with bad_request():
             chat = body.as_chat()
-        job, _, messages = self.prepare(chat)
-        return await self.respond(job, ResponsesRenderer(job, body.settings()), request, messages)
+        job, chat_renderer, messages = self.prepare(chat)
+        entries = chat_renderer.logprob_entries if body.wants_logprobs else None
+        return await self.respond(job, ResponsesRenderer(job, body.settings(), entries), request, messages)
 
 
 def _status(choice: Choice) -> tuple[str, dict | None]:
@@ -43,23 +45,29 @@ class ResponsesRenderer(Renderer):
     """The Responses objects of one job: the response, its message item and text part, and the
     stream's event sequence."""
 
-    def __init__(self, job: Job, settings: dict) -> None:
+    def __init__(self, job: Job, settings: dict,
+                 logprob_entries: Callable[[list[TokenLogprob]], list[dict]] | None = None) -> None:
         super().__init__(job)
         self.settings = settings  # instructions, max_output_tokens, temperature, top_p as requested
         self.message_id = "msg_" + uuid.uuid4().hex
+        self.logprob_entries = logprob_entries  # with include message.output_text.logprobs, else None
 
-    def part(self, text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def logprobs(self, logprobs: list[TokenLogprob]) -> list[dict]:
+        """OpenAI's logprobs of output text ([] unless the request included them)."""
+        return self.logprob_entries(logprobs) if self.logprob_entries is not None else []
 
-    def message(self, text: str | None, status: str) -> dict:
-        content = [] if text is None else [self.part(text)]
+    def part(self, text: str, logprobs: list[TokenLogprob] = ()) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(list(logprobs))}
+
+    def message(self, choice: Choice | None, status: str) -> dict:
+        content = [] if choice is None else [self.part(choice.text, choice.logprobs)]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
     def response(self, choice: Choice | None, status: str, details: dict | None = None) -> dict:
         body = {
             "id": self.job.id, "object": "response", "created_at": self.job.created, "status": status,
             "error": None, "incomplete_details": details, "model": self.job.model,
-            "output": [] if choice is None else [self.message(choice.text, status)],
+            "output": [] if choice is None else [self.message(choice, status)],
             "parallel_tool_calls": True, "previous_response_id": None, "store": False, "tool_choice": "auto",
             "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
             "usage": None if choice is None else self.usage(choice), **self.settings,
@@ -99,13 +107,15 @@ class ResponsesRenderer(Renderer):
                 async for _, out in results:
                     choice.add(out)
                     if out.text_delta:
-                        yield event("response.output_text.delta", **where, delta=out.text_delta, logprobs=[])
+                        yield event("response.output_text.delta", **where, delta=out.text_delta,
+                                    logprobs=self.logprobs(out.new_logprobs))
         except Exception as exc:
             error = self.job.failed(exc)
             yield event("error", code=str(error.status), message=error.message, param=error.param)
             return
         status, details = _status(choice)
-        yield event("response.output_text.done", **where, text=choice.text, logprobs=[])
-        yield event("response.content_part.done", **where, part=self.part(choice.text))
-        yield event("response.output_item.done", output_index=0, item=self.message(choice.text, status))
+        logprobs = self.logprobs(choice.logprobs)
+        yield event("response.output_text.done", **where, text=choice.text, logprobs=logprobs)
+        yield event("response.content_part.done", **where, part=self.part(choice.text, choice.logprobs))
+        yield event("response.output_item.done", output_index=0, item=self.message(choice, status))
         yield event(f"response.{status}", response=self.response(choice, status, details))

@@ -119,7 +119,8 @@ def test_forced_calls_of_tools_whose_schemas_hold_defs_and_refs_match_those_sche
 
 def test_a_forced_call_cut_short_by_max_tokens_is_answered_as_a_call_streamed_or_not(qwen_server: LiveServer) -> None:
     tool = {"type": "function", "function": {"name": "tag", "parameters": {
-        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}}, "required": ["tags"]}}}
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["tags"]}}}
     body = {"model": "qwen3-tiny", "messages": ASK, "tools": [tool], "tool_choice": "required", "max_tokens": 30,
             "temperature": 0}
     with httpx2.Client(base_url=qwen_server.url, timeout=120) as http:
@@ -178,3 +179,26 @@ def test_truncate_prompt_tokens_keeps_that_many_prompt_tokens(http, tiny_server:
 def test_a_bad_truncate_prompt_tokens_is_a_400_naming_it(http) -> None:
     response = http.post(COMP, json={"model": "tiny", "prompt": "a", "truncate_prompt_tokens": 0})
     assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_responses_include_output_text_logprobs_returns_them_streamed_or_not(tiny_server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    asked = dict(model="tiny", input="Say hi.", max_output_tokens=5, temperature=0,
+                 include=["message.output_text.logprobs"], top_logprobs=2)
+    response = client.responses.create(**asked)
+    [part] = response.output[0].content
+    assert len(part.logprobs) == response.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert [lp.logprob for lp in part.logprobs] == [lp.logprob for lp in chat.choices[0].logprobs.content]
+    with client.responses.stream(**asked) as stream:
+        deltas = [lp.logprob for e in stream if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert deltas == [lp.logprob for lp in part.logprobs]
+    plain = client.responses.create(model="tiny", input="Say hi.", max_output_tokens=5)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_responses_include_of_anything_else_is_a_400_naming_include(http) -> None:
+    response = http.post("/v1/responses", json={"model": "tiny", "input": "hi",
+                                                "include": ["reasoning.encrypted_content"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "include"
