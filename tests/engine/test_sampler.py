@@ -103,7 +103,8 @@ def test_logprobs_report_the_chosen_token_and_the_top_alternatives() -> None:
 @pytest.mark.parametrize(
     "field,value",
     [("temperature", -0.1), ("top_p", 0.0), ("top_k", -2), ("max_tokens", 0), ("min_p", 1.5),
-     ("logprobs", 21), ("presence_penalty", 3.0), ("temperature", math.nan), ("seed", -1)],
+     ("logprobs", 21), ("presence_penalty", 3.0), ("temperature", math.nan), ("seed", 2**63), ("seed", -(2**63) - 1),
+     ("truncate_prompt_tokens", 0), ("truncation_side", "middle")],
 )
 def test_invalid_sampling_params_are_rejected_with_a_message(field: str, value) -> None:
     with pytest.raises(ValueError, match=field.split("_")[0]):
