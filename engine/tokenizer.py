@@ -67,7 +67,7 @@ def _jsonable(value: object) -> object:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    return getattr(value, "content", None) if hasattr(value, "content") else str(value)
+    return value.content if hasattr(value, "content") else str(value)
 
 
 @dataclass
