@@ -20,6 +20,7 @@ import httpx2
 import pytest
 
 from detserve.server.bench.common import free_port
+from tests.server.conftest import _healthy
 
 ROOT = Path(__file__).parents[2]
 
@@ -69,10 +70,3 @@ def test_the_wheel_installs_beside_hugging_faces_kernels_package_and_serves_the_
     finally:
         server.terminate()
         server.wait(timeout=60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx2.get(url + "/health", timeout=5).status_code == 200
-    except httpx2.TransportError:
-        return False
