@@ -50,12 +50,16 @@ class Tokenizer:
         return isinstance(template, str) and "tools" in template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a chat rendered by the model's template (the template adds the special tokens)."""
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a chat rendered by the model's template (the template adds the special tokens);
+        `template_kwargs` are more variables for the template (vLLM's chat_template_kwargs, such as
+        Qwen3's enable_thinking)."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                           tools=tools)
+                                           tools=tools, continue_final_message=continue_final_message,
+                                           **(template_kwargs or {}))
         return self.encode(text, add_special_tokens=False)
 
 

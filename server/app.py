@@ -238,6 +238,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         return _error_response(APIError(400, f"the request body is not valid JSON: {errors[0]['ctx']['error']}"),
                                request)
     paths = [".".join(str(p) for p in e["loc"][1:]) or "body" for e in errors]
+    unknown = [path for path, e in zip(paths, errors) if e["type"] == "extra_forbidden"]
+    if unknown:  # OpenAI's own words for a field it does not know
+        return _error_response(APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                                        unknown[0]), request)
     message = "; ".join(f"{path}: {e['msg']}" for path, e in list(zip(paths, errors))[:4])
     return _error_response(APIError(400, message, paths[0].split(".")[0] if paths else None), request)
 

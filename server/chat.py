@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from detserve.engine.request import RequestOutput, TokenLogprob
+from detserve.engine.structured import StructuredOutput
 from detserve.server import tools
 from detserve.server.protocol import APIError, ChatCompletionRequest, ToolUse
 from detserve.server.serving import Choice, ChunkedRenderer, Job, Serving, bad_request
@@ -34,12 +35,9 @@ class ServingChat(Serving):
             body.check_supported()
             tool_use, structured = body.tool_use(), body.structured_output()
             messages = [m.template_dict() for m in body.messages]
-            prompt = self._prompt(messages, tool_use)
-            if tool_use is not None and tool_use.forced:
-                if structured is not None:
-                    raise APIError(400, "a forced tool call cannot also follow a response_format or "
-                                        "structured_outputs", "tool_choice")
-                structured = tools.forced_call(tool_use.forced), "tool_choice"
+            prompt = self._prompt(body, messages, tool_use)
+            if tool_use is not None:
+                structured = self._calls_held(tool_use, structured)
             output, param = structured or (None, None)
             params = body.sampling_params(info, body.requested_max_tokens, body.num_logprobs, output)
             job = self.admit(body, info, [prompt], params, "messages", param)
@@ -47,13 +45,32 @@ class ServingChat(Serving):
                                 body.prompt_logprobs is not None, body.return_token_ids, tool_use)
         return job, renderer, messages
 
-    def _prompt(self, messages: list[dict], tool_use: ToolUse | None) -> str:
-        """The chat template's text: tools passed to a template that takes them, described otherwise."""
+    @staticmethod
+    def _calls_held(tool_use: ToolUse, structured: tuple[StructuredOutput, str] | None
+                    ) -> tuple[StructuredOutput, str] | None:
+        """The grammar of the answer with tools: a forced call's, or one that holds unforced calls
+        (strict tools, parallel_tool_calls false); a response_format's, when the calls are free (the
+        output is then the format's and holds no call, strict or not)."""
+        if tool_use.forced:
+            if structured is not None:
+                raise APIError(400, "a forced tool call cannot also follow a response_format or "
+                                    "structured_outputs", "tool_choice")
+            return tools.forced_call(tool_use.forced), "tool_choice"
+        if structured is not None:
+            return structured
+        held = tools.held_calls(tool_use.tools, tool_use.strict, tool_use.parallel)
+        return (held, "tools") if held is not None else None
+
+    def _prompt(self, body: ChatCompletionRequest, messages: list[dict], tool_use: ToolUse | None) -> list[int]:
+        """The chat template's tokens: tools passed to a template that takes them, described otherwise."""
         tokenizer = self.engine.require_tokenizer()
         offered = tool_use.tools if tool_use is not None else []
         takes_tools = tokenizer.template_takes_tools
         return tokenizer.apply_chat_template(tools.prompt_messages(messages, offered, takes_tools),
-                                             tools=offered if takes_tools and offered else None)
+                                             add_generation_prompt=body.add_generation_prompt,
+                                             tools=offered if takes_tools and offered else None,
+                                             continue_final_message=body.continue_final_message,
+                                             template_kwargs=body.chat_template_kwargs)
 
 
 @dataclass

@@ -124,6 +124,7 @@ class RequestTrace:
     stream: bool | None = None
     n: int | None = None
     prompt: str | None = None  # only with --log-prompts
+    user: str | None = None  # the request's `user` (or `safety_identifier`): whom it was for
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -204,6 +205,8 @@ class RequestTrace:
             "deterministic": self.deterministic,
             "finish_reasons": self.finish_reasons,
         }
+        if self.user is not None:
+            record["user"] = self.user
         if self.error is not None:
             record["error"] = self.error
         if log_prompts and self.prompt is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
@@ -96,14 +96,50 @@ def unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param)
 
 
+@dataclass(frozen=True)
+class NotServed:
+    """A valid OpenAI field with nothing behind it here: taken at the values that ask for nothing
+    (`accepts`: absent, false, empty), refused with a 400 naming it at any other, never ignored."""
+
+    why: str
+    accepts: tuple = (None,)
+
+    def check(self, name: str, value: object) -> None:
+        if not any(value is accepted or (value == accepted and type(value) is type(accepted))
+                   for accepted in self.accepts):
+            raise unsupported(name, f"{name} {json.dumps(value, default=str)[:80]} is not supported: {self.why}")
+
+
+_STORE = NotServed("nothing is stored (send store false, or leave it out)", (None, False))
+_METADATA = NotServed("metadata is kept with stored objects, and detserve stores nothing", (None, {}))
+_SERVICE_TIER = NotServed("one tier serves every request (auto and default are taken)", (None, "auto", "default"))
+_CACHE_RETENTION = NotServed("the prefix cache keeps KV blocks in memory while they fit, never for a set time",
+                             (None, "in_memory"))
+_CACHE_OPTIONS = NotServed("the prefix cache is automatic: every prompt's full blocks are cached and reused")
+_MODERATION = NotServed("moderation is not offered")
+
+
 class _OpenAIModel(BaseModel):
-    # Valid OpenAI fields we have no use for (metadata, store, service_tier, ...) are ignored.
-    model_config = ConfigDict(extra="ignore")
+    """A request object. A field it does not declare is refused (OpenAI's own 400, "Unrecognized
+    request argument supplied"); a declared field in `not_served` is refused unless it asks for
+    nothing; every other declared field is honoured."""
+
+    model_config = ConfigDict(extra="forbid")
+    not_served: ClassVar[dict[str, NotServed]] = {}
+
+    def refuse_not_served(self, where: str = "") -> None:
+        """400 for a `not_served` field that asks for something; `where` is this object's path."""
+        for name, rule in self.not_served.items():
+            rule.check(where + name, getattr(self, name))
 
 
 class StreamOptions(_OpenAIModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
+    include_obfuscation: bool | None = None
+
+    not_served = {"include_obfuscation": NotServed("streamed events are never padded with random characters",
+                                                   (None, False))}
 
 
 class GenerationRequest(_OpenAIModel):
@@ -125,7 +161,7 @@ class GenerationRequest(_OpenAIModel):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
-    user: str | None = None
+    user: str | None = None  # the end user, written to the request log (OpenAI's abuse-monitoring id)
     deterministic: bool | None = None  # detserve's extension: None = the server's default
     structured_outputs: dict | None = None  # vLLM's extension: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and this many alternatives
@@ -137,14 +173,23 @@ class GenerationRequest(_OpenAIModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: keep this many prompt tokens (-1: the context window)
     truncation_side: str | None = None  # vLLM's: "left" (the default: keep the last tokens) or "right"
 
+    not_served = {"use_beam_search": NotServed("each of the n choices is sampled on its own (use a seed for "
+                                               "reproducible choices)", (False,))}
+
     def check_supported(self) -> None:
-        if self.use_beam_search:
-            raise unsupported("use_beam_search", "beam search is not supported; each of the n choices is "
-                                                 "sampled on its own (use a seed for reproducible choices)")
+        """400 for what the request asks and the server does not do (checked before admission)."""
+        self.refuse_not_served()
+        if self.stream_options is not None:
+            self.stream_options.refuse_not_served("stream_options.")
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
         if self.stream and self.engine_prompt_logprobs() is not None:
             raise unsupported("stream", "prompt logprobs are not streamed: send stream false to get them")
+
+    @property
+    def end_user(self) -> str | None:
+        """Who the request is for, as the request log records it."""
+        return self.user
 
     def engine_prompt_logprobs(self) -> int | None:
         """The prompt logprobs the engine computes: top-k alternatives per position, or None."""
@@ -200,6 +245,16 @@ def _logit_bias(bias: dict[str, float], model: ModelInfo) -> dict[int, float]:
 class ContentPart(_OpenAIModel):
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant's earlier refusal, read as its text
+    image_url: Any = None  # the other part types are declared so that the 400 can name their type
+    input_audio: Any = None
+    file: Any = None
+
+    def as_text(self) -> str:
+        text = self.text if self.type == "text" else self.refusal if self.type == "refusal" else None
+        if text is None:
+            raise unsupported("messages", f"content parts of type {self.type!r} are not supported; only text")
+        return text
 
 
 class ToolCallFunction(_OpenAIModel):
@@ -216,29 +271,34 @@ class MessageToolCall(_OpenAIModel):
 class ChatMessage(_OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name, given to the template; a legacy `function` result's function
     tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    function_call: ToolCallFunction | None = None  # an assistant's earlier legacy call
+    refusal: str | None = None  # an assistant's earlier refusal: its text, when there is no content
     tool_call_id: str | None = None  # a tool result: the call it answers
-    name: str | None = None  # a legacy `function` result: the function's name
+    audio: Any = None
+
+    not_served = {"audio": NotServed("audio in messages is not supported; only text")}
 
     def template_dict(self) -> dict:
-        """The message as chat templates expect it: a role and plain text, and an assistant's calls
-        (arguments as objects) or a tool result's call id."""
+        """The message as chat templates expect it: a role and plain text, an assistant's calls
+        (arguments as objects), a tool result's call id, a participant's name."""
         role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
         message = {"role": role, "content": self._text()}
-        if self.tool_calls:
+        calls = self.tool_calls or ([MessageToolCall(function=self.function_call)] if self.function_call else [])
+        if calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in calls]
         if role == "tool":
             message["tool_call_id"] = self.tool_call_id or self.name or ""
+        elif self.name is not None:
+            message["name"] = self.name
         return message
 
     def _text(self) -> str:
-        if not isinstance(self.content, list):
-            return self.content or ""
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise unsupported("messages", f"content parts of type {part.type!r} are not supported; only text")
-        return "\n".join(part.text for part in self.content)
+        if isinstance(self.content, list):
+            return "\n".join(part.as_text() for part in self.content)
+        return self.content or self.refusal or ""
 
 
 def _arguments(arguments: str | dict) -> dict:
@@ -274,11 +334,18 @@ class Tool(_OpenAIModel):
 
 @dataclass(frozen=True)
 class ToolUse:
-    """A chat request's tools as the server runs them: what the prompt shows, and which call is forced."""
+    """A chat request's tools as the server runs them: what the prompt shows, which call is forced,
+    and what holds the calls of an unforced choice."""
 
     tools: list[dict]  # OpenAI tool objects, for the template
     forced: list[dict] | None  # required: all tools; a named function: that one; auto: None
     legacy: bool  # asked with functions/function_call: answer with message.function_call
+    strict: frozenset[str] = frozenset()  # tools whose calls must match their parameters, forced or not
+    parallel: bool = True  # false: at most one call (legacy function calling never has more)
+
+
+_TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                 "continue_final_message", "tokenize", "chat_template", "return_dict"})
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -288,24 +355,65 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call (held so by the grammar)
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | dict | None = None
     response_format: dict | None = None
-    echo: bool | None = None  # a completions parameter: refused here, not ignored
-    audio: dict | None = None
-    modalities: list[str] | None = None
+    safety_identifier: str | None = None  # as `user`: written to the request log
+    add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant's turn opening
+    continue_final_message: bool = False  # vLLM's: leave the last (assistant) message open, to be continued
+    chat_template_kwargs: dict | None = None  # vLLM's: more template variables (e.g. enable_thinking)
+    prompt_cache_key: str | None = None  # a cache-routing hint: every prompt's prefix is cached here anyway
+    echo: Any = None
+    audio: Any = None
+    modalities: Any = None
+    metadata: Any = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    store: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    not_served = GenerationRequest.not_served | {
+        "echo": NotServed("echo is a /v1/completions parameter; use prompt_logprobs to score a chat", (None, False)),
+        "audio": NotServed("only text output is supported"),
+        "modalities": NotServed("only text output is supported", (None, ["text"])),
+        "metadata": _METADATA,
+        "moderation": _MODERATION,
+        "prediction": NotServed("predicted outputs are not supported"),
+        "prompt_cache_options": _CACHE_OPTIONS,
+        "prompt_cache_retention": _CACHE_RETENTION,
+        "reasoning_effort": NotServed("the model does not reason before it answers", (None, "none")),
+        "service_tier": _SERVICE_TIER,
+        "store": _STORE,
+        "verbosity": NotServed("the model's answer length is set by max_completion_tokens alone"),
+        "web_search_options": NotServed("web search is not offered"),
+    }
 
     def check_supported(self) -> None:
         super().check_supported()
+        for i, message in enumerate(self.messages):
+            message.refuse_not_served(f"messages.{i}.")
         if self.response_format is not None and self.response_format.get("type") not in ("text", "json_object",
                                                                                           "json_schema"):
             raise unsupported("response_format", "response_format type must be text, json_object or json_schema")
-        if self.echo:
-            raise unsupported("echo", "echo is a /v1/completions parameter; use prompt_logprobs to score a chat")
-        if self.audio is not None or (self.modalities is not None and self.modalities != ["text"]):
-            raise unsupported("modalities", "only text output is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise unsupported("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise unsupported("continue_final_message", "continue_final_message needs add_generation_prompt "
+                                                        "false: the last message is continued, no new turn opened")
+        taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if taken:
+            raise unsupported("chat_template_kwargs", f"chat_template_kwargs cannot set {taken}: the request's own "
+                                                      "fields do")
+
+    @property
+    def end_user(self) -> str | None:
+        return self.user if self.user is not None else self.safety_identifier
 
     def tool_use(self) -> ToolUse | None:
         """The tools and the choice among them; None when no tool may be called (none given, or "none")."""
@@ -322,17 +430,19 @@ class ChatCompletionRequest(GenerationRequest):
         if not tools:
             raise unsupported(param, f"{param} {choice!r} needs tools")
         dicts = [t.template_dict() for t in tools]
+        strict = frozenset(t.function.name for t in tools if t.function.strict)
+        parallel = self.parallel_tool_calls is not False and not legacy
         if choice == "auto":
-            return ToolUse(dicts, None, legacy)
+            return ToolUse(dicts, None, legacy, strict, parallel)
         if choice == "required":
-            return ToolUse(dicts, dicts, legacy)
+            return ToolUse(dicts, dicts, legacy, strict, parallel)
         name = (choice.get("function") or {}).get("name") if not legacy else choice.get("name")
         if not legacy and choice.get("type") != "function":
             raise unsupported(param, 'a named tool_choice is {"type": "function", "function": {"name": ...}}')
         named = [t for t in dicts if t["function"]["name"] == name]
         if not named:
             raise unsupported(param, f"{param} names {name!r}, which is not among the tools")
-        return ToolUse(dicts, named, legacy)
+        return ToolUse(dicts, named, legacy, strict, parallel)
 
     def structured_output(self) -> tuple[StructuredOutput, str] | None:
         """OpenAI's response_format (json_object, json_schema), or else vLLM's structured_outputs."""
@@ -367,10 +477,11 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    not_served = GenerationRequest.not_served | {"suffix": NotServed("insertion after a suffix is not supported",
+                                                                     (None, ""))}
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.suffix:
-            raise unsupported("suffix", "suffix is not supported")
         if self.best_of not in (None, 1, self.n):
             raise unsupported("best_of", "best_of must equal n: every choice generated is returned")
 
@@ -396,11 +507,22 @@ class TokenizeRequest(_OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # for a prompt; a chat template adds its own
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as on chat
+    chat_template_kwargs: dict | None = None  # as on chat
+    return_token_strs: bool = False  # vLLM's: each token's text beside its id
+
+    def check_supported(self) -> None:
+        for i, message in enumerate(self.messages or []):
+            message.refuse_not_served(f"messages.{i}.")
 
 
 class DetokenizeRequest(_OpenAIModel):
     model: str | None = None
     tokens: list[StrictInt]
+
+
+_NO_TOOLS = "tools are not served on /v1/responses; use /v1/chat/completions"
+_STATELESS = "detserve keeps no state between requests; send the whole conversation as input"
 
 
 class ResponsesRequest(_OpenAIModel):
@@ -415,12 +537,57 @@ class ResponsesRequest(_OpenAIModel):
     seed: int | None = None  # detserve's extension, as on chat
     deterministic: bool | None = None  # detserve's extension
     stream: bool = False
-    store: bool | None = None
-    previous_response_id: str | None = None
-    tools: list[dict] | None = None
-    text: dict | None = None
     include: list[str] | None = None  # of the extra outputs, only "message.output_text.logprobs" is served
     top_logprobs: int | None = None  # with that include: alternatives per token
+    text: dict | None = None  # only {"format": {"type": "text"}}
+    user: str | None = None  # as on chat: written to the request log
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # as on chat: every prompt's prefix is cached anyway
+    parallel_tool_calls: bool | None = None  # no tools are served here, so no call is ever made
+    tool_choice: Any = None
+    tools: Any = None
+    max_tool_calls: Any = None
+    store: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    background: Any = None
+    background_options: Any = None
+    context_management: Any = None
+    metadata: Any = None
+    moderation: Any = None
+    prompt: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning: Any = None
+    service_tier: Any = None
+    stream_options: Any = None
+    truncation: Any = None
+    access_programs: Any = None
+    image: Any = None
+
+    not_served = {
+        "tools": NotServed(_NO_TOOLS, (None, [])),
+        "tool_choice": NotServed(_NO_TOOLS, (None, "none", "auto")),
+        "max_tool_calls": NotServed(_NO_TOOLS),
+        "store": _STORE,
+        "previous_response_id": NotServed(_STATELESS),
+        "conversation": NotServed(_STATELESS),
+        "context_management": NotServed(_STATELESS),
+        "background": NotServed("responses are answered while the request waits", (None, False)),
+        "background_options": NotServed("responses are answered while the request waits"),
+        "metadata": _METADATA,
+        "moderation": _MODERATION,
+        "prompt": NotServed("stored prompt templates are not kept; send the prompt as input"),
+        "prompt_cache_options": _CACHE_OPTIONS,
+        "prompt_cache_retention": _CACHE_RETENTION,
+        "reasoning": NotServed("the model does not reason before it answers", (None, {})),
+        "service_tier": _SERVICE_TIER,
+        "stream_options": NotServed("streamed events are never padded with random characters",
+                                    (None, {}, {"include_obfuscation": False})),
+        "truncation": NotServed("a prompt over the context window is refused, never cut", (None, "disabled")),
+        "access_programs": NotServed("access programs are not offered"),
+        "image": NotServed("only text output is supported"),
+    }
 
     @property
     def wants_logprobs(self) -> bool:
@@ -428,20 +595,26 @@ class ResponsesRequest(_OpenAIModel):
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat completion this request runs as; 400 for what is not served."""
-        if self.store:
-            raise unsupported("store", "store is not supported: nothing is stored (send store false)")
-        if self.previous_response_id is not None:
-            raise unsupported("previous_response_id", "previous_response_id needs a store, which detserve "
-                                                      "does not keep; send the conversation as input")
-        if self.tools:
-            raise unsupported("tools", "tools are not supported on /v1/responses; use /v1/chat/completions")
-        if ((self.text or {}).get("format") or {}).get("type", "text") != "text":
-            raise unsupported("text", "only text output is supported on /v1/responses")
+        self.refuse_not_served()
+        text = dict(self.text or {})
+        if (text.pop("format", None) or {}).get("type", "text") != "text" or text.pop("verbosity", None) is not None:
+            raise unsupported("text", "only plain text output is supported on /v1/responses (no format, no verbosity)")
+        if text:
+            raise unsupported("text", f"Unrecognized request argument supplied: text.{sorted(text)[0]}")
         others = sorted(set(self.include or []) - {"message.output_text.logprobs"})
         if others:
             raise unsupported("include", f"include {others} is not supported; only message.output_text.logprobs")
         if self.top_logprobs is not None and not self.wants_logprobs:
             raise unsupported("top_logprobs", 'top_logprobs needs include ["message.output_text.logprobs"]')
+        return ChatCompletionRequest(
+            model=self.model, messages=self._messages(), max_tokens=self.max_output_tokens,
+            temperature=self.temperature, top_p=self.top_p, seed=self.seed, deterministic=self.deterministic,
+            stream=self.stream, user=self.user, safety_identifier=self.safety_identifier,
+            prompt_cache_key=self.prompt_cache_key, logprobs=self.wants_logprobs,
+            top_logprobs=self.top_logprobs if self.wants_logprobs else None)
+
+    def _messages(self) -> list[dict]:
+        """`instructions` as the system message, then `input`'s messages as chat messages."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for item in items:
@@ -457,10 +630,7 @@ class ResponsesRequest(_OpenAIModel):
                                                "not supported; only input_text and output_text")
                 content = "\n".join(str(p.get("text", "")) for p in content)
             messages.append({"role": item["role"], "content": content or ""})
-        return ChatCompletionRequest(
-            model=self.model, messages=messages, max_tokens=self.max_output_tokens, temperature=self.temperature,
-            top_p=self.top_p, seed=self.seed, deterministic=self.deterministic, stream=self.stream,
-            logprobs=self.wants_logprobs, top_logprobs=self.top_logprobs if self.wants_logprobs else None)
+        return messages
 
     def settings(self) -> dict:
         """What the response object echoes back of the request."""

@@ -92,6 +92,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    end_user: str | None = None  # the request's `user`, for the request log
     created: int = field(default_factory=lambda: int(time.time()))
     trace: RequestTrace | None = None  # told of every output, for the metrics and the request log
 
@@ -283,13 +284,15 @@ class Serving:
         return Job(id=self.id_prefix + uuid.uuid4().hex, model=info.name, fingerprint=info.fingerprint(deterministic),
                    deterministic=deterministic, requests=requests, n=body.n, stream=body.stream,
                    include_usage=options is not None and options.include_usage,
-                   continuous_usage=options is not None and options.include_usage and options.continuous_usage_stats)
+                   continuous_usage=options is not None and options.include_usage and options.continuous_usage_stats,
+                   end_user=body.end_user)
 
     async def respond(self, job: Job, renderer: Renderer, request: Request, logged_prompt: object) -> Response:
         """Queue the job (or 429 when the queue is full), then stream it or answer with the whole body."""
         self._check_capacity(len(job.requests))
         trace: RequestTrace = request.state.trace
         trace.admitted(job.id, job.deterministic, job.stream, job.n, len(job.requests))
+        trace.user = job.end_user
         if self.config.log_prompts:
             trace.prompt = logged_prompt if isinstance(logged_prompt, str) else json.dumps(logged_prompt,
                                                                                           ensure_ascii=False)

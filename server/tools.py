@@ -5,10 +5,11 @@ the form Qwen2.5/Qwen3 templates use. A template that takes `tools` renders them
 that does not (the default SmolLM2 template), `prompt_messages` describes them in a system message
 and rewrites earlier calls and tool results as text in that same format.
 
-`tool_choice`: "none" leaves the tools out; "auto" generates freely and `parse` finds the calls in
-the text; "required" or a named function force exactly one call through a grammar (a JSON schema
-per tool, so even a random-weight model returns a call whose arguments match the tool's
-parameters). Call ids are derived from the request's tokens and the call's place, never drawn at
+`tool_choice`: "none" leaves the tools out; "auto" generates text in which `parse` finds the calls,
+held by a grammar when a tool is `strict` (its calls' arguments match its parameters) or
+`parallel_tool_calls` is false (one call at most); "required" or a named function force exactly
+one call through a grammar (a JSON schema per tool, so even a random-weight model returns a call
+whose arguments match the tool's parameters). Call ids are derived from the request's tokens and the call's place, never drawn at
 random, so a deterministic request's whole answer repeats.
 """
 
@@ -73,7 +74,7 @@ def prompt_messages(messages: list[dict], tools: list[dict], template_takes_tool
         elif m["role"] == "tool":
             out.append({"role": "user", "content": f"<tool_response>\n{m.get('content', '')}\n</tool_response>"})
         else:
-            out.append({"role": m["role"], "content": m.get("content", "")})
+            out.append(m)
     if tools:
         described = FALLBACK_INSTRUCTIONS.format(tools="\n".join(json.dumps(t) for t in tools))
         if out and out[0]["role"] == "system":
@@ -84,14 +85,41 @@ def prompt_messages(messages: list[dict], tools: list[dict], template_takes_tool
 
 
 def forced_call(tools: list[dict]) -> StructuredOutput:
-    """Exactly one call of one of `tools`, its arguments matching that tool's parameters.
+    """Exactly one call of one of `tools`, its arguments matching that tool's parameters."""
+    return _call_grammar(f'start: "{CALL_OPEN}\\n" call "\\n{CALL_CLOSE}"', tools, strict=None)
+
+
+def held_calls(tools: list[dict], strict: frozenset[str], parallel: bool) -> StructuredOutput | None:
+    """What holds an unforced choice ("auto"): text with calls anywhere in it (at most one unless
+    `parallel`), each call of a known tool and, for a `strict` tool, with arguments matching its
+    parameters; None when nothing need be held (no strict tool, parallel calls allowed).
+
+    Text is one lexeme that never contains the opening tag, and the opening tag ends the lexeme
+    before a call: llguidance's lexer does not backtrack, so a separate tag after free text would
+    be swallowed by the text and leave no way into the call."""
+    if parallel and not strict:
+        return None
+    text = '/(.|\\n)*/ & ~/(.|\\n)*' + re.escape(CALL_OPEN).replace("/", "\\/") + '(.|\\n)*/'
+    calls = "*" if parallel else "?"
+    return _call_grammar(f'start: (OPEN call "\\n{CALL_CLOSE}"){calls} TEXT\n'
+                         f'TEXT: {text}\n'
+                         f'OPEN: TEXT "{CALL_OPEN}\\n"', tools, strict)
+
+
+def _call_grammar(start: str, tools: list[dict], strict: frozenset[str] | None) -> StructuredOutput:
+    """`start` (a Lark rule using `call`) with `call` one JSON object naming one of `tools`, its
+    arguments held to the tool's parameters (every tool's when `strict` is None, else only those
+    named in it; any object for the others).
 
     Each tool's parameters become a definition of the call's schema (`#/$defs/tool<i>`), with every
     local `$ref` of theirs ("#/$defs/X", "#/definitions/X", "#" for recursion, any pointer) moved
     under it: nested under the call, the pointers would no longer resolve (pydantic writes `$defs`
     and `$ref` for every nested model)."""
-    definitions = {f"tool{i}": _rebased(t["function"].get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
-                   for i, t in enumerate(tools)}
+    def parameters(tool: dict) -> dict:
+        held = strict is None or tool["function"]["name"] in strict
+        return (tool["function"].get("parameters") if held else None) or {"type": "object"}
+
+    definitions = {f"tool{i}": _rebased(parameters(t), f"#/$defs/tool{i}") for i, t in enumerate(tools)}
     options = [{
         "type": "object",
         "properties": {"name": {"const": t["function"]["name"]}, "arguments": {"$ref": f"#/$defs/tool{i}"}},
@@ -99,8 +127,7 @@ def forced_call(tools: list[dict]) -> StructuredOutput:
         "additionalProperties": False,
     } for i, t in enumerate(tools)]
     schema = {"$defs": definitions, "anyOf": options, "x-guidance": _COMPACT}
-    grammar = f'start: "{CALL_OPEN}\\n" call "\\n{CALL_CLOSE}"\ncall: %json {json.dumps(schema)}'
-    return StructuredOutput.of("grammar", grammar)
+    return StructuredOutput.of("grammar", f"{start}\ncall: %json {json.dumps(schema)}")
 
 
 def _rebased(schema: object, root: str) -> object:

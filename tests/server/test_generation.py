@@ -41,11 +41,11 @@ def test_chat_completion_has_openai_shape_usage_fingerprint_and_digest(client, s
     assert len(digest) == 64 and raw.headers["x-detserve-output-digest"] == digest
 
 
-def test_valid_openai_fields_we_do_not_use_are_accepted_and_ignored(client, server: LiveServer):
-    resp = _chat(client, server.model, max_tokens=1, user="u-1", store=False, metadata={"k": "v"},
+def test_valid_openai_fields_at_values_that_ask_for_nothing_are_accepted(client, server: LiveServer):
+    resp = _chat(client, server.model, max_tokens=1, user="u-1", store=False, metadata={},
                  service_tier="auto", parallel_tool_calls=False, tool_choice="none",
                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-                 response_format={"type": "text"}, modalities=["text"], extra_body={"future_field": 1})
+                 response_format={"type": "text"}, modalities=["text"], reasoning_effort="none")
     assert resp.usage.completion_tokens == 1
 
 

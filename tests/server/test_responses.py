@@ -21,8 +21,7 @@ def test_message_items_and_instructions_and_a_cut_short_answer_is_incomplete(cli
     resp = client.responses.create(model=server.model, instructions="Answer in French.", max_output_tokens=3,
                                    input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
                                           {"role": "assistant", "content": "Bonjour"},
-                                          {"role": "user", "content": "Tell me a long story."}],
-                                   extra_body={"ignore_eos": True})
+                                          {"role": "user", "content": "Tell me a long story."}])
     assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
     assert resp.usage.output_tokens == 3 and resp.instructions == "Answer in French."
 
