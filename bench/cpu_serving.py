@@ -150,6 +150,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+              "avx10")
+
+
+def machine() -> str:
+    """The CPU a number came from: its model, the ISA extensions the kernels can use, the cores, torch.
+
+    The same benchmark gave 0.45x llama.cpp at one client on one 2-core machine and 0.62x on another,
+    so a number without its machine cannot be compared."""
+    import os
+    import platform
+
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in _ISA_FLAGS if f in flags or (f == "avx10" and any(g.startswith("avx10") for g in flags))]
+    return f"{model}; {' '.join(isa) or 'no AVX2'}; {os.cpu_count()} cores; torch {torch.__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary to compare with (default: none)")
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             for (name, mode), values in runs.items():
                 record(name, mode, c, values)
     print(f"\n== output tokens/s, {args.output_len}-token outputs, closed loop, {gguf.name} ==")
+    print(f"on {machine()}, {time.strftime('%Y-%m-%d')}")
     print(table(rows))
     return 0
 
