@@ -55,7 +55,8 @@ for step in "${steps[@]}"; do
         gpu_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
         compiled_small_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
             tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py \
-            tests/kernels/test_triton_attention.py tests/kernels/test_triton_elementwise.py ;;
+            tests/kernels/test_triton_attention.py tests/kernels/test_triton_elementwise.py \
+            tests/kernels/test_triton_grouped_matmul.py ;;
         bench) run_step "$step" "$PYTHON" -m bench.kernels ;;
         sweep) run_step "$step" "$PYTHON" -m bench.kernels --sweep ;;
         engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;

@@ -7,14 +7,23 @@ from typing import Any, Literal
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                           "Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
 
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
+
+QKNorm = Literal["none", "head", "full"]
+"""RMSNorm on q and k before RoPE: none, each head on its own (Qwen3), or the whole projection (OLMoE)."""
+
+_QK_NORM = {"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
@@ -49,13 +58,17 @@ class ModelConfig:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     attention_bias: bool  # Qwen2: bias on q/k/v projections
-    qk_norm: bool  # Qwen3: RMSNorm on each head of q and k
+    qk_norm: QKNorm
     eos_token_ids: tuple[int, ...]
+    clip_qkv: float | None = None  # OLMoE: q, k and v clamped to +-clip_qkv
+    moe: "MoEConfig | None" = None  # a sparse mixture-of-experts MLP (in the layers it names)
 
     def __post_init__(self) -> None:
         _check_architecture(self.architecture)
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.moe is not None and not 1 <= self.moe.top_k <= self.moe.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, {self.moe.num_experts}], not {self.moe.top_k}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -79,9 +92,40 @@ class ModelConfig:
             rope_scaling=_rope_scaling(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=_QK_NORM.get(arch, "none"),
             eos_token_ids=eos_ids,
+            clip_qkv=hf.get("clip_qkv"),
+            moe=MoEConfig.from_hf(hf, arch),
         )
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is the mixture of experts (else the dense one)."""
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP: each token goes to the `top_k` of `num_experts` experts its
+    router scores highest (no capacity limit, no token dropped), their outputs weighted by the
+    router's probabilities (renormalized over the chosen ones when `normalize_top_k`)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's
+    normalize_top_k: bool
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP is dense (Qwen3-MoE's mlp_only_layers, sparse step)
+
+    @classmethod
+    def from_hf(cls, hf: dict, arch: str) -> "MoEConfig | None":
+        if arch not in ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen3MoeForCausalLM"):
+            return None
+        num_experts = hf.get("num_experts") or hf["num_local_experts"]  # transformers 5 writes the latter
+        normalize = arch == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False))  # Mixtral always does
+        if arch != "Qwen3MoeForCausalLM":
+            return cls(num_experts, hf["num_experts_per_tok"], hf["intermediate_size"], normalize)
+        step, dense_only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+        dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in dense_only or (i + 1) % step)
+        return cls(num_experts, hf["num_experts_per_tok"], hf["moe_intermediate_size"], normalize, dense)
 
 
 def _check_architecture(architecture: str) -> None:

@@ -85,7 +85,7 @@ def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
     """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32+int8` or `torch.float32`."""
     layer = model.layers[0]
     formats = []
-    for weight in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, model.lm_head):
+    for weight in (layer.qkv_proj, layer.o_proj, *layer.mlp_weights(), model.lm_head):
         if isinstance(weight, PackedWeight):
             name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 else "")
         else:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -122,7 +123,40 @@ def load_state_dict(model_dir: Path) -> State:
                 state[name] = QuantizedWeight.from_tensors(tensors, name)
         else:
             state[key] = value
-    return state
+    return unify_expert_names(state)
+
+
+_MIXTRAL_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.(.*)$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def unify_expert_names(state: State) -> State:
+    """`state` with its mixture-of-experts weights named one way, whatever the checkpoint's: the
+    router `mlp.gate.weight` and per expert `mlp.experts.<e>.{gate,up,down}_proj.weight` (as the
+    Qwen3-MoE and OLMoE checkpoints have them, and so quantized like every other projection).
+
+    Mixtral's checkpoints say `block_sparse_moe.gate` and `block_sparse_moe.experts.<e>.w1` (gate),
+    `w3` (up), `w2` (down); transformers 5 saves experts fused, `mlp.experts.gate_up_proj`
+    [E, 2I, hidden] (gate rows first) and `mlp.experts.down_proj` [E, hidden, I]."""
+    unified: State = {}
+    for name, value in state.items():
+        if (mixtral := _MIXTRAL_EXPERT.match(name)) is not None:
+            head, local = mixtral.groups()
+            parts = local.split(".")
+            if len(parts) == 4 and parts[0] == "experts" and parts[2] in _MIXTRAL_PROJ:
+                local = f"experts.{parts[1]}.{_MIXTRAL_PROJ[parts[2]]}.weight"
+            name = f"{head}.mlp.{local}"
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            size = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                unified[f"{name[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = value[e, :size]
+                unified[f"{name[:-len('gate_up_proj')]}{e}.up_proj.weight"] = value[e, size:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            for e in range(value.shape[0]):
+                unified[f"{name[:-len('down_proj')]}{e}.down_proj.weight"] = value[e]
+        else:
+            unified[name] = value
+    return unified
 
 
 def save_state_dict(state: State, path: Path) -> None:

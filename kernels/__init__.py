@@ -14,7 +14,9 @@ element by the same formula whatever the shape: RoPE and SiLU-mul run in Triton 
 cache write and the token mask stay torch. Token sampling has one implementation per device,
 used in both modes: on CUDA its Triton kernel keeps the logits on the GPU. One op is dispatched
 by its weight instead: `linear` with a packed 4/8-bit weight runs the CPU's integer kernels
-(`quantized.py`) in both modes, since they are row-invariant as they are.
+(`quantized.py`) in both modes, since they are row-invariant as they are (and so does
+`grouped_linear`, a mixture of experts' matmuls, with packed expert weights). `route_experts` is
+composed of the row-wise log-softmax and elementwise ops, so it needs no entry of its own.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Kernels:
 
 DISPATCH: dict[str, Kernels] = {
     "linear": Kernels(rows.linear_invariant, rows.linear_fast, "linear"),
+    "grouped_linear": Kernels(rows.grouped_linear_invariant, rows.grouped_linear_fast, "grouped_linear"),
     "rms_norm": Kernels(rows.rms_norm, rows.rms_norm, "rms_norm"),
     "add_rms_norm": Kernels(rows.add_rms_norm, rows.add_rms_norm, "add_rms_norm"),
     "silu_mul": Kernels(rows.silu_mul, rows.silu_mul, "silu_mul"),
@@ -122,6 +125,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     return _kernel("linear", x)(x, weight, bias)
 
 
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor | list[PackedWeight], counts: list[int]) -> torch.Tensor:
+    """A mixture of experts' matmuls: x [M, K], rows sorted by expert with `counts[e]` rows of expert
+    e, times weights[e].T -> [M, N]. `weights` is a stacked float [E, N, K] (one Triton launch on the
+    GPU in invariant mode, one matmul per expert elsewhere) or a list of packed 4/8-bit weights (the
+    CPU's integer kernels). A row's bits never depend on how many rows its expert has."""
+    return _kernel("grouped_linear", x)(x, weights, counts)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
     return _kernel("rms_norm", x)(x, weight, eps)
@@ -145,6 +156,25 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise log-softmax in float32: [S, V] -> [S, V]."""
     return _kernel("log_softmax", logits)(logits)
+
+
+def route_experts(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture of experts' routing, row by row: router logits [T, E] -> (weights float32 [T, top_k],
+    expert ids int64 [T, top_k]), the experts by descending probability.
+
+    Every step is row-local, so a token's route never depends on its company: probabilities from the
+    row-wise log-softmax kernel, a stable sort (equal probabilities keep the lower expert first: ties
+    go by expert index), and when `normalize` the chosen weights divided by their sum, added in
+    rank order by elementwise ops (no reduction whose order could vary)."""
+    probs = log_softmax(logits).exp()
+    top, ids = probs.sort(dim=-1, descending=True, stable=True)
+    top, ids = top[:, :top_k], ids[:, :top_k]
+    if normalize:
+        total = top[:, 0]
+        for j in range(1, top_k):
+            total = total + top[:, j]
+        top = top / total[:, None]
+    return top, ids
 
 
 def sample_tokens(
@@ -229,6 +259,7 @@ __all__ = [
     "cache_slots",
     "config_digest",
     "current_mode",
+    "grouped_linear",
     "gumbel_max",
     "int4_fits",
     "kv_store",
@@ -239,6 +270,7 @@ __all__ = [
     "quantize",
     "rms_norm",
     "rope",
+    "route_experts",
     "sample_tokens",
     "silu_mul",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from detserve.kernels import configs, elementwise, matmul, paged_attention, rmsnorm, sampling
+from detserve.kernels import configs, elementwise, grouped_matmul, matmul, paged_attention, rmsnorm, sampling
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs
 
 
@@ -17,6 +17,10 @@ def _config(device: torch.device) -> configs.ArchConfig:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return matmul.linear(x, weight, bias, _config(x.device).matmul_for(*weight.shape))
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    return grouped_matmul.grouped_linear(x, weights, counts, _config(x.device).matmul_for(*weights.shape[1:]))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

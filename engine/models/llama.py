@@ -1,4 +1,5 @@
-"""One plain Llama-family forward pass covering Llama/SmolLM2/Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm).
+"""One plain Llama-family forward pass covering Llama/SmolLM2/Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm)
+and the mixture-of-experts models built on it (Qwen3-MoE, Mixtral, OLMoE: `moe.py`).
 
 Every op goes through `kernels`, so the same model runs batch-invariant or fast depending on the
 kernel mode of the step. Projections are fused at load time (q|k|v and gate|up) so each layer
@@ -16,6 +17,7 @@ from torch import nn
 from detserve import kernels
 from detserve.engine.config import ModelConfig
 from detserve.engine.forward_batch import ForwardBatch
+from detserve.engine.models.moe import SparseMoE
 from detserve.kernels import PackedWeight, QuantizedWeight
 
 Weight = torch.Tensor | PackedWeight  # what a projection multiplies by
@@ -55,20 +57,22 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.config = config
         c = config
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.input_norm = _param(c.hidden_size)
         self.qkv_bias = _param(q_size + 2 * kv_size) if c.attention_bias else None
-        self.q_norm = _param(c.head_dim) if c.qk_norm else None
-        self.k_norm = _param(c.head_dim) if c.qk_norm else None
+        norm_sizes = {"head": (c.head_dim, c.head_dim), "full": (q_size, kv_size)}.get(c.qk_norm)
+        self.q_norm = _param(norm_sizes[0]) if norm_sizes else None
+        self.k_norm = _param(norm_sizes[1]) if norm_sizes else None
         self.post_attention_norm = _param(c.hidden_size)
+        self.moe = SparseMoE(c.moe) if c.is_sparse(index) else None
         # set by LlamaModel.load_weights
         self.qkv_proj: Weight
         self.o_proj: Weight
-        self.gate_up_proj: Weight
+        self.gate_up_proj: Weight  # the dense MLP's (a layer with `moe` has none)
         self.down_proj: Weight
 
     def forward(
@@ -82,28 +86,47 @@ class DecoderLayer(nn.Module):
         c = self.config
         num_tokens = x.shape[0]
         h = kernels.rms_norm(x, self.input_norm, c.rms_norm_eps)
-        qkv = kernels.linear(h, self.qkv_proj, self.qkv_bias)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q = qkv[:, :q_size].reshape(num_tokens, c.num_heads, c.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_size + kv_size :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        if self.q_norm is not None:
-            q = kernels.rms_norm(q, self.q_norm, c.rms_norm_eps)
-            k = kernels.rms_norm(k, self.k_norm, c.rms_norm_eps)
+        q, k, v = self._qkv(kernels.linear(h, self.qkv_proj, self.qkv_bias))
         q, k = kernels.rope(q, k, rotary)
         # Write first, then attend over the cache only: fresh and cached keys take one path.
         kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
         attn = kernels.attention(q, k_cache, v_cache, batch.attention_plan, c.head_dim**-0.5)
-        h, x = kernels.add_rms_norm(kernels.linear(attn.reshape(num_tokens, q_size), self.o_proj), x,
+        h, x = kernels.add_rms_norm(kernels.linear(attn.reshape(num_tokens, -1), self.o_proj), x,
                                     self.post_attention_norm, c.rms_norm_eps)
+        if self.moe is not None:
+            return x + self.moe(h)
         return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
+
+    def mlp_weights(self) -> tuple[Weight, Weight]:
+        """The MLP's gate|up and down weights (an MoE layer's first expert's: all are alike)."""
+        if self.moe is not None:
+            return self.moe.gate_up_proj[0], self.moe.down_proj[0]
+        return self.gate_up_proj, self.down_proj
+
+    def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, Hkv, D] from the fused projection: q/k normed per head (Qwen3) or
+        over the whole projection (OLMoE), then clamped (OLMoE's clip_qkv), as the config says."""
+        c = self.config
+        num_tokens = qkv.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
+        if c.qk_norm == "full":  # contiguous: the GPU's row kernel reads whole rows
+            q = kernels.rms_norm(q.contiguous(), self.q_norm, c.rms_norm_eps)
+            k = kernels.rms_norm(k.contiguous(), self.k_norm, c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_tokens, c.num_heads, c.head_dim)
+        k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = kernels.rms_norm(q, self.q_norm, c.rms_norm_eps), kernels.rms_norm(k, self.k_norm, c.rms_norm_eps)
+        return q, k, v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = _param(config.hidden_size)
         self.register_buffer("cos_sin", rope_cos_sin_table(config, max_positions), persistent=False)
         # set by load_weights: the embedding table (float, or quantized rows dequantized on lookup)
@@ -132,48 +155,73 @@ class LlamaModel(nn.Module):
         return kernels.linear(hidden, self.lm_head).float()
 
     def load_weights(self, state: dict[str, torch.Tensor | QuantizedWeight]) -> None:
-        """Take Hugging Face-named weights, fusing q/k/v and gate/up; every weight must be set.
+        """Take Hugging Face-named weights, fusing q/k/v and gate/up; every weight must be set (an MoE
+        layer's experts named as `weights.unify_expert_names` names them).
 
         Float weights move to the model's device and dtype; quantized ones are packed for the CPU.
         """
         c = self.config
         state = {k.removeprefix("model."): v for k, v in state.items()}
-        taken: set[str] = set()
-        like = self.norm
-
-        def take(name: str) -> torch.Tensor | QuantizedWeight:
-            if name not in state:
-                raise KeyError(f"weight {name} missing from checkpoint")
-            taken.add(name)
-            value = state[name]
-            return value if isinstance(value, QuantizedWeight) else value.to(like.device, like.dtype)
-
-        def fused(*names: str) -> Weight:
-            parts = [take(n) for n in names]
-            if isinstance(parts[0], QuantizedWeight):
-                return QuantizedWeight.cat(parts).pack()
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-
+        loader = _Loader(state, self.norm)
         with torch.no_grad():
-            self.embed_tokens = take("embed_tokens.weight")
-            self.lm_head = fused("embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
-            self.norm.copy_(take("norm.weight"))
+            self.embed_tokens = loader.take("embed_tokens.weight")
+            self.lm_head = loader.fused("embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
+            self.norm.copy_(loader.take("norm.weight"))
             for i, layer in enumerate(self.layers):
-                p = f"layers.{i}."
-                layer.qkv_proj = fused(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"))
-                if layer.qkv_bias is not None:
-                    layer.qkv_bias.copy_(torch.cat([take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]))
-                if c.qk_norm:
-                    layer.q_norm.copy_(take(f"{p}self_attn.q_norm.weight"))
-                    layer.k_norm.copy_(take(f"{p}self_attn.k_norm.weight"))
-                layer.o_proj = fused(f"{p}self_attn.o_proj.weight")
-                layer.input_norm.copy_(take(f"{p}input_layernorm.weight"))
-                layer.post_attention_norm.copy_(take(f"{p}post_attention_layernorm.weight"))
-                layer.gate_up_proj = fused(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight")
-                layer.down_proj = fused(f"{p}mlp.down_proj.weight")
-        unused = set(state) - taken - {"lm_head.weight"}
+                _load_layer(layer, f"layers.{i}.", loader)
+        unused = set(state) - loader.taken - {"lm_head.weight"}
         if unused:
             raise KeyError(f"checkpoint has weights this model does not use: {sorted(unused)[:5]}")
+
+
+class _Loader:
+    """Hands out a checkpoint's weights by name, as the model's device and dtype want them, and
+    remembers which it gave (a weight left over is a checkpoint this model misreads)."""
+
+    def __init__(self, state: dict[str, torch.Tensor | QuantizedWeight], like: torch.Tensor) -> None:
+        self.state = state
+        self.like = like
+        self.taken: set[str] = set()
+
+    def take(self, name: str) -> torch.Tensor | QuantizedWeight:
+        if name not in self.state:
+            raise KeyError(f"weight {name} missing from checkpoint")
+        self.taken.add(name)
+        value = self.state[name]
+        return value if isinstance(value, QuantizedWeight) else value.to(self.like.device, self.like.dtype)
+
+    def fused(self, *names: str) -> Weight:
+        """The weights `names` stacked along their outputs (one matmul for q|k|v or gate|up)."""
+        parts = [self.take(n) for n in names]
+        if isinstance(parts[0], QuantizedWeight):
+            return QuantizedWeight.cat(parts).pack()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
+    layer.qkv_proj = loader.fused(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"))
+    if layer.qkv_bias is not None:
+        layer.qkv_bias.copy_(torch.cat([loader.take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]))
+    if layer.q_norm is not None:
+        layer.q_norm.copy_(loader.take(f"{p}self_attn.q_norm.weight"))
+        layer.k_norm.copy_(loader.take(f"{p}self_attn.k_norm.weight"))
+    layer.o_proj = loader.fused(f"{p}self_attn.o_proj.weight")
+    layer.input_norm.copy_(loader.take(f"{p}input_layernorm.weight"))
+    layer.post_attention_norm.copy_(loader.take(f"{p}post_attention_layernorm.weight"))
+    if layer.moe is None:
+        layer.gate_up_proj = loader.fused(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight")
+        layer.down_proj = loader.fused(f"{p}mlp.down_proj.weight")
+        return
+    layer.moe.router = loader.fused(f"{p}mlp.gate.weight")
+    experts = [f"{p}mlp.experts.{e}." for e in range(layer.moe.config.num_experts)]
+    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight") for e in experts])
+    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight") for e in experts])
+
+
+def _stacked(weights: list[Weight]) -> torch.Tensor | list[PackedWeight]:
+    """Float expert weights as one [E, N, K] tensor (what the grouped GPU kernel reads); packed ones
+    stay a list (each in the CPU kernel's own layout)."""
+    return torch.stack(weights) if isinstance(weights[0], torch.Tensor) else weights
 
 
 def dummy_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -182,27 +230,11 @@ def dummy_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     Created on the default device and dtype; norms are ones, everything else N(0, 0.02).
     """
     c = config
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            f"{p}input_layernorm.weight": (c.hidden_size,),
-            f"{p}post_attention_layernorm.weight": (c.hidden_size,),
-            f"{p}self_attn.q_proj.weight": (q_size, c.hidden_size),
-            f"{p}self_attn.k_proj.weight": (kv_size, c.hidden_size),
-            f"{p}self_attn.v_proj.weight": (kv_size, c.hidden_size),
-            f"{p}self_attn.o_proj.weight": (c.hidden_size, q_size),
-            f"{p}mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            f"{p}mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            f"{p}mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        }
-        if c.attention_bias:
-            shapes |= {f"{p}self_attn.{n}_proj.bias": (size,) for n, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
-        if c.qk_norm:
-            shapes |= {f"{p}self_attn.{n}_norm.weight": (c.head_dim,) for n in "qk"}
+        shapes |= _layer_shapes(c, i, f"model.layers.{i}.")
     generator = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
     state = {}
     for name, shape in shapes.items():
@@ -211,3 +243,33 @@ def dummy_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         else:
             state[name] = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
     return state
+
+
+def _layer_shapes(c: ModelConfig, i: int, p: str) -> dict[str, tuple[int, ...]]:
+    """Layer `i`'s weight shapes by Hugging Face name (an MoE layer's experts named one by one)."""
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {
+        f"{p}input_layernorm.weight": (c.hidden_size,),
+        f"{p}post_attention_layernorm.weight": (c.hidden_size,),
+        f"{p}self_attn.q_proj.weight": (q_size, c.hidden_size),
+        f"{p}self_attn.k_proj.weight": (kv_size, c.hidden_size),
+        f"{p}self_attn.v_proj.weight": (kv_size, c.hidden_size),
+        f"{p}self_attn.o_proj.weight": (c.hidden_size, q_size),
+    }
+    if c.is_sparse(i):
+        size = c.moe.intermediate_size
+        shapes[f"{p}mlp.gate.weight"] = (c.moe.num_experts, c.hidden_size)
+        for e in range(c.moe.num_experts):
+            shapes |= {f"{p}mlp.experts.{e}.gate_proj.weight": (size, c.hidden_size),
+                       f"{p}mlp.experts.{e}.up_proj.weight": (size, c.hidden_size),
+                       f"{p}mlp.experts.{e}.down_proj.weight": (c.hidden_size, size)}
+    else:
+        shapes |= {f"{p}mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                   f"{p}mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                   f"{p}mlp.down_proj.weight": (c.hidden_size, c.intermediate_size)}
+    if c.attention_bias:
+        shapes |= {f"{p}self_attn.{n}_proj.bias": (size,) for n, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
+    norm = {"head": (c.head_dim, c.head_dim), "full": (q_size, kv_size)}.get(c.qk_norm)
+    if norm:
+        shapes |= {f"{p}self_attn.q_norm.weight": (norm[0],), f"{p}self_attn.k_norm.weight": (norm[1],)}
+    return shapes

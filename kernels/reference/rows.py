@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from detserve.kernels import quantized
 from detserve.kernels.contract import ROWS_PER_CALL
 from detserve.kernels.inputs import RotaryInputs
+from detserve.kernels.quantized import PackedWeight
 
 
 def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +38,30 @@ def linear_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # x [T, K], weight [N, K] -> [T, N]; the bias add is elementwise, hence exact at any shape.
     return in_fixed_row_chunks(lambda rows: F.linear(rows, weight, bias), x)
+
+
+def _experts_one_by_one(linear: Callable, x: torch.Tensor, weights: "torch.Tensor | list", counts: list[int]
+                        ) -> torch.Tensor:
+    """x's rows sorted by expert times their expert's weight, one matmul per expert that has rows; a
+    packed expert weight runs the CPU's row-invariant integer kernel (both modes), a float one `linear`."""
+    first = weights[0]
+    parts = [x.new_empty((0, first.out_features if isinstance(first, PackedWeight) else first.shape[0]))]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            weight, rows = weights[expert], x[start : start + count]
+            parts.append(quantized.linear(rows, weight, None) if isinstance(weight, PackedWeight)
+                         else linear(rows, weight, None))
+            start += count
+    return torch.cat(parts)
+
+
+def grouped_linear_invariant(x: torch.Tensor, weights: "torch.Tensor | list", counts: list[int]) -> torch.Tensor:
+    return _experts_one_by_one(linear_invariant, x, weights, counts)
+
+
+def grouped_linear_fast(x: torch.Tensor, weights: "torch.Tensor | list", counts: list[int]) -> torch.Tensor:
+    return _experts_one_by_one(linear_fast, x, weights, counts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -112,3 +112,29 @@ def test_engine_generates_through_the_triton_sampler_with_the_same_tokens_alone_
         assert crowded.output_token_ids == one.output_token_ids and len(one.output_token_ids) == 6
     assert [lp.logprob for lp in together[0].output_logprobs] == [lp.logprob for lp in alone[0].output_logprobs]
     assert all(len(lp.top) == 2 for lp in alone[0].output_logprobs)
+
+
+TINY_MOE = TINY_LLAMA | {"architectures": ["Qwen3MoeForCausalLM"], "head_dim": 16, "moe_intermediate_size": 32,
+                         "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}
+
+
+def test_tiny_moe_on_the_grouped_triton_matmul_keeps_its_bits_amid_company(tmp_path, on_triton, monkeypatch) -> None:
+    """The experts in one grouped launch per matmul, as on a GPU: a probe's logits are bitwise equal
+    alone and amid other requests (whose tokens change every expert's row count), and close to the
+    torch reference path's."""
+    from detserve.kernels import grouped_matmul
+
+    grouped = grouped_matmul.grouped_linear
+    monkeypatch.setattr(grouped_matmul, "grouped_linear",
+                        lambda *a, **kw: on_triton.append("grouped_linear") or grouped(*a, **kw))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MOE))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", dtype="float32", device="cpu",
+                                    kv_cache_tokens=2048, max_num_seqs=8))
+    prompt = [random.Random(3).randrange(384) for _ in range(40)]
+    alone = probe_logits(engine, prompt, 0, seed=0)
+    assert "grouped_linear" in on_triton
+    prefill, decode = probe_logits(engine, prompt, 5, seed=5)
+    assert torch.equal(prefill, alone[0]) and torch.equal(decode, alone[1])
+    monkeypatch.setattr(kernels, "_triton_device", lambda x: False)
+    for ours, expected in zip(alone, probe_logits(engine, prompt, 0, seed=0)):
+        assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
