@@ -61,6 +61,7 @@ class ModelConfig:
     qk_norm: QKNorm
     eos_token_ids: tuple[int, ...]
     clip_qkv: float | None = None  # OLMoE: q, k and v clamped to +-clip_qkv
+    sliding_window: int | None = None  # Mistral/Mixtral: each query sees at most this many keys
     moe: "MoEConfig | None" = None  # a sparse mixture-of-experts MLP (in the layers it names)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class ModelConfig:
             qk_norm=_QK_NORM.get(arch, "none"),
             eos_token_ids=eos_ids,
             clip_qkv=hf.get("clip_qkv"),
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
             moe=MoEConfig.from_hf(hf, arch),
         )
 

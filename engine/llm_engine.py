@@ -87,7 +87,9 @@ class LLMEngine:
         self.model_dir = weights.resolve_model_dir(config.model, dummy=dummy)
         self.model_config = ModelConfig.from_hf(weights.load_config(self.model_dir))
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # A sliding window as long as the context is plain causal attention, which is what runs here.
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
+                                 mc.sliding_window or mc.max_position_embeddings)
         self.tokenizer = Tokenizer.load(self.model_dir)
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

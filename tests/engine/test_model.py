@@ -225,3 +225,16 @@ def test_a_float_checkpoint_is_quantized_at_load_once_and_cached(tmp_path: Path,
     assert relative_error(all_position_logits(engine, ids, "invariant", chunk=9), ref) < bound
     assert engine.info.fingerprint(True) != LLMEngine(EngineConfig(model=str(tmp_path / "model"),
                                                                      kv_cache_tokens=1024)).info.fingerprint(True)
+
+
+def test_a_sliding_window_caps_the_context_at_its_length(tmp_path: Path) -> None:
+    """Attention here is plain causal: within a window as long as the context, exactly what the
+    model's sliding-window attention computes, so the window is where the context ends."""
+    config = {"architectures": ["MistralForCausalLM"], "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 1024, "sliding_window": 96}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", kv_cache_tokens=512)).max_model_len == 96
+    config |= {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", kv_cache_tokens=512)).max_model_len == 1024
