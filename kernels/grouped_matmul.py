@@ -3,7 +3,7 @@
 `x` holds every (token, expert) row sorted by expert, `counts[e]` rows for expert e; row r of
 expert e becomes `x[r] @ weights[e].T`. Each program computes one tile of one expert's rows
 against one BN-wide slice of that expert's weight with the very inner loop and split fold of
-`matmul.linear` (`_split_dot`, S splits from `num_k_splits` summed in order from zero), with the
+`matmul.linear` (`_split_dot`, S splits from `split_plan` summed in order from zero), with the
 tiling pinned for the weight's shape. A row's bits therefore depend on the row, the weight and
 the config only: not on how many rows chose its expert, where its tile starts, or which other
 experts ran in the launch. They equal `matmul.linear` of the same row and weight, bit for bit
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from detserve.kernels.configs import LAUNCH_OPTIONS, MatmulConfig
-from detserve.kernels.matmul import _split_dot, _store_tile, num_k_splits
+from detserve.kernels.matmul import _split_dot, _store_tile, split_plan
 
 
 @triton.jit
@@ -71,8 +71,7 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], co
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    splits = num_k_splits(n, k, config)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), splits) * config.block_k
+    splits, k_per_split = split_plan(n, k, config)
     tile_expert, tile_start, tile_rows = _tiles(counts, config.block_m, x.device)
     grid = (tile_expert.shape[0], triton.cdiv(n, config.block_n))
     _grouped_kernel[grid](

@@ -47,6 +47,12 @@ def num_k_splits(n: int, k: int, config: MatmulConfig) -> int:
     return splits
 
 
+def split_plan(n: int, k: int, config: MatmulConfig) -> tuple[int, int]:
+    """(S, inputs per split) for a weight [N, K]: S from `num_k_splits`, each split whole BK-tiles."""
+    splits = num_k_splits(n, k, config)
+    return splits, triton.cdiv(triton.cdiv(k, config.block_k), splits) * config.block_k
+
+
 def uses_parallel_splits(m: int, n: int, splits: int, config: MatmulConfig) -> bool:
     """Parallel partials when one program per output tile would leave most of the GPU idle."""
     return splits > 1 and triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n) < config.target_programs
@@ -231,8 +237,7 @@ def linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    splits = num_k_splits(n, k, config)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), splits) * config.block_k
+    splits, k_per_split = split_plan(n, k, config)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 16-bit inputs ignore it
     has_bias = bias is not None
     bias_arg = bias if has_bias else out  # never read without HAS_BIAS
