@@ -12,6 +12,9 @@
 #                         (pin them, then rerun `bench`);
 #   engine                bench.engine_step: whole-engine decode steps of a random 8B model, invariant
 #                         vs fast, at batch 1, 16, 64 and 256.
+#   moe                   (not run unless named) bench.engine_step on a random Qwen3-30B-A3B-shaped
+#                         mixture of experts (bench/configs/qwen3-moe-30b-a3b.json), batch 1, 16, 64:
+#                         the grouped expert matmul against fast mode's cuBLAS call per expert.
 # A summary table comes last; the exit status is nonzero if a step failed.
 # Usage, from anywhere: bash bench/gpu_check.sh [STEP...]
 #   PYTHON=/path/to/python picks the interpreter; GPU_CHECK_LOGS=DIR keeps each step's full log there.
@@ -30,8 +33,8 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(gpu_tests compiled_small_tests bench sweep engine)
 for step in "${steps[@]}"; do
     case $step in
-        gpu_tests | compiled_small_tests | bench | sweep | engine) ;;
-        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine)" >&2; exit 2 ;;
+        gpu_tests | compiled_small_tests | bench | sweep | engine | moe) ;;
+        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine moe)" >&2; exit 2 ;;
     esac
 done
 
@@ -60,6 +63,8 @@ for step in "${steps[@]}"; do
         bench) run_step "$step" "$PYTHON" -m bench.kernels ;;
         sweep) run_step "$step" "$PYTHON" -m bench.kernels --sweep ;;
         engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;
+        moe) run_step "$step" "$PYTHON" -m bench.engine_step --config bench/configs/qwen3-moe-30b-a3b.json \
+            --batch-sizes 1,16,64 --prompt-tokens 256 --steps 10 ;;
     esac
 done
 
@@ -80,7 +85,7 @@ for name in "${steps[@]}"; do
     case $name in
         sweep) sed -n -e '/^== attention sweep/,/^$/p' -e '/^best invariant tiling/,$p' "$logs/sweep.log" ;;
         bench) sed -n '/^== summary/,$p' "$logs/bench.log" ;;
-        engine) sed -n '/^== engine decode step/,$p' "$logs/engine.log" ;;
+        engine | moe) sed -n '/^== engine decode step/,$p' "$logs/$name.log" ;;
     esac
 done
 exit $status
