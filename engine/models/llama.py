@@ -159,9 +159,12 @@ class LlamaModel(nn.Module):
         layer's experts named as `weights.unify_expert_names` names them).
 
         Float weights move to the model's device and dtype; quantized ones are packed for the CPU.
+        `state` is emptied as it is read, so that a weight fused or stacked here is not held twice
+        (a float MoE's experts would otherwise need twice their size at load).
         """
         c = self.config
-        state = {k.removeprefix("model."): v for k, v in state.items()}
+        state, given = {k.removeprefix("model."): v for k, v in state.items()}, state
+        given.clear()
         loader = _Loader(state, self.norm)
         with torch.no_grad():
             self.embed_tokens = loader.take("embed_tokens.weight")
@@ -169,7 +172,7 @@ class LlamaModel(nn.Module):
             self.norm.copy_(loader.take("norm.weight"))
             for i, layer in enumerate(self.layers):
                 _load_layer(layer, f"layers.{i}.", loader)
-        unused = set(state) - loader.taken - {"lm_head.weight"}
+        unused = set(loader.state) - loader.taken - {"lm_head.weight"}
         if unused:
             raise KeyError(f"checkpoint has weights this model does not use: {sorted(unused)[:5]}")
 
@@ -183,16 +186,17 @@ class _Loader:
         self.like = like
         self.taken: set[str] = set()
 
-    def take(self, name: str) -> torch.Tensor | QuantizedWeight:
+    def take(self, name: str, last_use: bool = False) -> torch.Tensor | QuantizedWeight:
+        """The weight `name`; `last_use` lets it go from the state (nothing else will read it)."""
         if name not in self.state:
             raise KeyError(f"weight {name} missing from checkpoint")
         self.taken.add(name)
-        value = self.state[name]
+        value = self.state.pop(name) if last_use else self.state[name]
         return value if isinstance(value, QuantizedWeight) else value.to(self.like.device, self.like.dtype)
 
-    def fused(self, *names: str) -> Weight:
+    def fused(self, *names: str, last_use: bool = False) -> Weight:
         """The weights `names` stacked along their outputs (one matmul for q|k|v or gate|up)."""
-        parts = [self.take(n) for n in names]
+        parts = [self.take(n, last_use) for n in names]
         if isinstance(parts[0], QuantizedWeight):
             return QuantizedWeight.cat(parts).pack()
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -214,8 +218,9 @@ def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
         return
     layer.moe.router = loader.fused(f"{p}mlp.gate.weight")
     experts = [f"{p}mlp.experts.{e}." for e in range(layer.moe.config.num_experts)]
-    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight") for e in experts])
-    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight") for e in experts])
+    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight", last_use=True)
+                                       for e in experts])
+    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight", last_use=True) for e in experts])
 
 
 def _stacked(weights: list[Weight]) -> torch.Tensor | list[PackedWeight]:
