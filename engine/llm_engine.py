@@ -178,9 +178,10 @@ class LLMEngine:
             grammar=admitted.grammar,
             prompt_logprobs=[None] * len(admitted.prompt_token_ids) if params.prompt_logprobs is not None else None,
         )
-        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
+        detok = (IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+                 if self.tokenizer else None)
         self.requests[request_id] = request
-        self._text[request_id] = _TextState(detok, StopChecker(list(params.stop)))
+        self._text[request_id] = _TextState(detok, StopChecker(list(params.stop), params.include_stop_str_in_output))
         self.scheduler.add(request)
         return request
 

@@ -33,7 +33,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string that ended it
     stop_token_ids: list[int] = field(default_factory=list)
+    skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text (as vLLM and HF decode)
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None = no logprobs; k >= 0 = chosen token plus top-k

@@ -87,17 +87,20 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""
+    skip_special_tokens: bool = True
 
     @classmethod
-    def for_prompt(cls, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> "IncrementalDetokenizer":
+    def for_prompt(cls, tokenizer: Tokenizer, prompt_token_ids: list[int],
+                   skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-        return cls(tokenizer, context, prefix_offset=0, read_offset=len(context))
+        return cls(tokenizer, context, prefix_offset=0, read_offset=len(context),
+                   skip_special_tokens=skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one output token; return the new text it completes (maybe empty)."""
         self.token_ids.append(token_id)
-        shown = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        shown = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
         if len(full) <= len(shown) or full.endswith("\ufffd"):
             return ""
         delta = full[len(shown) :]
@@ -114,15 +117,20 @@ class StopChecker:
     """
 
     stop: list[str] = field(default_factory=list)
+    include_stop: bool = False  # the text ends after the stop string, not before it
     num_emitted: int = 0
 
     def find(self, text: str, num_new_chars: int) -> int | None:
-        """Index where the earliest stop string begins, looking only where new text could complete one."""
+        """Where the text ends if a stop string now occurs in it (the earliest to begin, looking only
+        where new text could complete one): before that string, or after it with `include_stop`."""
         if not self.stop:
             return None
         window_start = max(0, len(text) - num_new_chars - max(len(s) for s in self.stop) + 1)
-        hits = [i for i in (text.find(s, window_start) for s in self.stop) if i != -1]
-        return min(hits) if hits else None
+        hits = [(i, -len(s)) for s in self.stop if (i := text.find(s, window_start)) != -1]
+        if not hits:
+            return None
+        start, minus_length = min(hits)  # the earliest; of those starting there, the longest
+        return start - minus_length if self.include_stop else start
 
     def take_emittable(self, text: str, finished: bool) -> str:
         """The next piece of text that may be sent to the client."""

@@ -32,7 +32,7 @@ _ERROR_TYPES = {
 _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "deterministic",
-    "truncate_prompt_tokens", "truncation_side",
+    "truncate_prompt_tokens", "truncation_side", "include_stop_str_in_output", "skip_special_tokens",
 )
 
 
@@ -155,6 +155,8 @@ class GenerationRequest(_OpenAIModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None  # strict: JSON true is not token 1
+    include_stop_str_in_output: bool | None = None  # vLLM's: the stop string kept at the end of the text
+    skip_special_tokens: bool | None = None  # vLLM's: false shows special tokens in the text
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None

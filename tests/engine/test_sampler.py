@@ -137,3 +137,8 @@ def test_engine_truncates_at_stop_strings_and_stops_on_stop_token_ids(make_engin
     assert by_id.output_token_ids == free.output_token_ids[:3] and by_id.finish_reason is FinishReason.STOP
     [short] = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))
     assert short.finish_reason is FinishReason.LENGTH and short.num_output_tokens == 3
+
+
+def test_of_stop_strings_completed_by_the_same_text_the_earliest_then_the_longest_ends_it() -> None:
+    cut, kept = StopChecker(["ab", "abc", "c"]), StopChecker(["ab", "abc", "c"], include_stop=True)
+    assert cut.find("xxabcx", 4) == 2 and kept.find("xxabcx", 4) == 5

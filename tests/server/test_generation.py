@@ -104,6 +104,25 @@ def test_stop_string_ends_the_choice_just_before_it(client, server: LiveServer):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_at_the_end(client, server: LiveServer):
+    kwargs = dict(model=server.model, prompt="1, 2, 3,", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = text.strip()[2:5]
+    kept = client.completions.create(**kwargs | {"extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+                                     stop=[stop])
+    assert kept.choices[0].text == text[: text.index(stop) + len(stop)]
+    assert kept.choices[0].finish_reason == "stop"
+
+
+def test_skip_special_tokens_false_shows_the_special_tokens_in_the_text(client, server: LiveServer, http):
+    end = http.get("/tokenizer_info").json()["eos_token"]
+    eos = http.post("/tokenize", json={"prompt": end, "add_special_tokens": False}).json()["tokens"]
+    kwargs = dict(model=server.model, prompt="Hi", max_tokens=2, temperature=0, logit_bias={str(eos[0]): 100})
+    hidden = client.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    shown = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert len(eos) == 1 and hidden.choices[0].text == "" and shown.choices[0].text == end * 2
+
+
 def test_max_tokens_and_max_completion_tokens_bound_the_output(client, server: LiveServer):
     comp = client.completions.create(model=server.model, prompt="Hello", max_tokens=3, temperature=0,
                                      extra_body={"ignore_eos": True})

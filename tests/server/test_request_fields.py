@@ -115,7 +115,7 @@ def test_a_field_no_api_defines_is_a_400_in_openais_words(http, route: str) -> N
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"skip_special_tokens": False}, "skip_special_tokens"),  # vLLM extensions not implemented
+    ({"bad_words": ["x"]}, "bad_words"),  # vLLM extensions not implemented
     ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"stream": True, "stream_options": {"include_usage": True, "include_obfuscation": True}},
      "stream_options.include_obfuscation"),
