@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -111,3 +112,15 @@ def test_the_product_imports_itself_under_the_detserve_namespace_only():
 def test_the_product_does_not_import_the_developer_tools():
     importers = [str(where) for module, where in _imported_modules().items() if module == "bench"]
     assert not importers, f"bench/ is not installed, yet {importers} import it"
+
+
+def test_the_top_level_name_kernels_is_hugging_faces_package_even_from_the_checkout_root() -> None:
+    """The checkout's kernels/ is detserve.kernels; with the checkout's root on sys.path (pytest,
+    `python -m` run there) it must not answer `import kernels`, which transformers does when
+    Hugging Face's package is installed (it is, in the test extras)."""
+    root = Path(__file__).resolve().parents[2]
+    probe = ("import sys; sys.path.insert(0, ''); import detserve.engine, importlib.util; "
+             "print(importlib.util.find_spec('kernels').origin)")
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=root, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    assert "site-packages" in origin and not origin.startswith(str(root / "kernels"))
