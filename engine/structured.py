@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from detserve.engine.tokenizer import Tokenizer
-
 if TYPE_CHECKING:
     import llguidance
+
+    from detserve.engine.tokenizer import Tokenizer
 
 Kind = Literal["json", "regex", "choice", "grammar"]
 KINDS: tuple[Kind, ...] = ("json", "regex", "choice", "grammar")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from detserve.engine.request import ParamError
 
 _CONTEXT_TOKENS = 6  # prompt tokens decoded along with the output so leading spaces come out right
 
@@ -43,6 +47,14 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def _template_arguments(self) -> frozenset[str]:
+        """The names a template variable may not take: the template call's own arguments (read from
+        its signature, so a new transformers argument is covered too) and `messages`, the variable
+        the conversation is rendered as."""
+        names = inspect.signature(self.hf.apply_chat_template).parameters
+        return frozenset(n for n, p in names.items() if p.kind is not inspect.Parameter.VAR_KEYWORD) | {"messages"}
+
     @property
     def template_takes_tools(self) -> bool:
         """Whether the chat template renders a `tools` argument itself (Qwen's, Llama 3.1's do)."""
@@ -57,6 +69,13 @@ class Tokenizer:
         Qwen3's enable_thinking)."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        if add_generation_prompt and continue_final_message:
+            raise ParamError("continue_final_message", "continue_final_message needs add_generation_prompt false: "
+                                                       "the last message is continued, no new turn opened")
+        taken = sorted(set(template_kwargs or {}) & self._template_arguments)
+        if taken:
+            raise ParamError("chat_template_kwargs", f"chat_template_kwargs cannot set {taken}: they are "
+                                                     "arguments of the template call, not template variables")
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                            tools=tools, continue_final_message=continue_final_message,
                                            **(template_kwargs or {}))

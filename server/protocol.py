@@ -128,9 +128,16 @@ class _OpenAIModel(BaseModel):
     not_served: ClassVar[dict[str, NotServed]] = {}
 
     def refuse_not_served(self, where: str = "") -> None:
-        """400 for a `not_served` field that asks for something; `where` is this object's path."""
+        """400 for a `not_served` field that asks for something, here or in any request object this
+        one holds (a message, its content parts, stream_options); `where` is this object's path."""
         for name, rule in self.not_served.items():
             rule.check(where + name, getattr(self, name))
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            for path, item in (((f"{name}.{i}.", v) for i, v in enumerate(value)) if isinstance(value, list)
+                               else [(f"{name}.", value)]):
+                if isinstance(item, _OpenAIModel):
+                    item.refuse_not_served(where + path)
 
 
 class StreamOptions(_OpenAIModel):
@@ -181,8 +188,6 @@ class GenerationRequest(_OpenAIModel):
     def check_supported(self) -> None:
         """400 for what the request asks and the server does not do (checked before admission)."""
         self.refuse_not_served()
-        if self.stream_options is not None:
-            self.stream_options.refuse_not_served("stream_options.")
         if self.stream_options is not None and not self.stream:
             raise unsupported("stream_options", "stream_options is only allowed when stream is true")
         if self.stream and self.engine_prompt_logprobs() is not None:
@@ -346,10 +351,6 @@ class ToolUse:
     parallel: bool = True  # false: at most one call (legacy function calling never has more)
 
 
-_TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
-                                 "continue_final_message", "tokenize", "chat_template", "return_dict"})
-
-
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -398,20 +399,11 @@ class ChatCompletionRequest(GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        for i, message in enumerate(self.messages):
-            message.refuse_not_served(f"messages.{i}.")
         if self.response_format is not None and self.response_format.get("type") not in ("text", "json_object",
                                                                                           "json_schema"):
             raise unsupported("response_format", "response_format type must be text, json_object or json_schema")
         if self.top_logprobs is not None and not self.logprobs:
             raise unsupported("top_logprobs", "top_logprobs needs logprobs set to true")
-        if self.add_generation_prompt and self.continue_final_message:
-            raise unsupported("continue_final_message", "continue_final_message needs add_generation_prompt "
-                                                        "false: the last message is continued, no new turn opened")
-        taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
-        if taken:
-            raise unsupported("chat_template_kwargs", f"chat_template_kwargs cannot set {taken}: the request's own "
-                                                      "fields do")
 
     @property
     def end_user(self) -> str | None:
@@ -512,10 +504,6 @@ class TokenizeRequest(_OpenAIModel):
     continue_final_message: bool = False  # as on chat
     chat_template_kwargs: dict | None = None  # as on chat
     return_token_strs: bool = False  # vLLM's: each token's text beside its id
-
-    def check_supported(self) -> None:
-        for i, message in enumerate(self.messages or []):
-            message.refuse_not_served(f"messages.{i}.")
 
 
 class DetokenizeRequest(_OpenAIModel):

@@ -15,7 +15,7 @@ class ServingTokenization(Serving):
         with bad_request():
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "send exactly one of prompt or messages", "prompt")
-            body.check_supported()
+            body.refuse_not_served()
             tokenizer = self.engine.require_tokenizer()
             if body.messages is not None:
                 messages = tools.prompt_messages([m.template_dict() for m in body.messages], [],

@@ -125,9 +125,22 @@ def test_a_field_no_api_defines_is_a_400_in_openais_words(http, route: str) -> N
     ({"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages.0.weight"),
     ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"padding": True}}, "chat_template_kwargs"),  # the template call's, by its signature
 ])
 def test_nested_and_vllm_fields_not_served_are_400s_naming_them(http, fields: dict, param: str) -> None:
     response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 1} | fields)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "audio": {"id": "a"}}]},
+     "messages.1.audio"),
+])
+def test_tokenize_refuses_what_chat_refuses_by_the_same_names(http, fields: dict, param: str) -> None:
+    response = http.post("/tokenize", json={"messages": ASK} | fields)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
