@@ -146,14 +146,15 @@ def unify_expert_names(state: State) -> State:
             if len(parts) == 4 and parts[0] == "experts" and parts[2] in _MIXTRAL_PROJ:
                 local = f"experts.{parts[1]}.{_MIXTRAL_PROJ[parts[2]]}.weight"
             name = f"{head}.mlp.{local}"
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            size = value.shape[1] // 2
+        experts, _, fused = name.rpartition(".")  # ".../mlp.experts" and "gate_up_proj" when fused
+        if experts.endswith(".mlp.experts") and fused in ("gate_up_proj", "down_proj"):
+            half = value.shape[1] // 2
             for e in range(value.shape[0]):
-                unified[f"{name[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = value[e, :size]
-                unified[f"{name[:-len('gate_up_proj')]}{e}.up_proj.weight"] = value[e, size:]
-        elif name.endswith(".mlp.experts.down_proj"):
-            for e in range(value.shape[0]):
-                unified[f"{name[:-len('down_proj')]}{e}.down_proj.weight"] = value[e]
+                if fused == "down_proj":
+                    unified[f"{experts}.{e}.down_proj.weight"] = value[e]
+                else:
+                    unified[f"{experts}.{e}.gate_proj.weight"] = value[e, :half]
+                    unified[f"{experts}.{e}.up_proj.weight"] = value[e, half:]
         else:
             unified[name] = value
     return unified

@@ -9,8 +9,8 @@ and rewrites earlier calls and tool results as text in that same format.
 held by a grammar when a tool is `strict` (its calls' arguments match its parameters) or
 `parallel_tool_calls` is false (one call at most); "required" or a named function force exactly
 one call through a grammar (a JSON schema per tool, so even a random-weight model returns a call
-whose arguments match the tool's parameters). Call ids are derived from the request's tokens and the call's place, never drawn at
-random, so a deterministic request's whole answer repeats.
+whose arguments match the tool's parameters). Call ids are derived from the request's tokens and
+the call's place, never drawn at random, so a deterministic request's whole answer repeats.
 """
 
 from __future__ import annotations

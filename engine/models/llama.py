@@ -160,7 +160,8 @@ class LlamaModel(nn.Module):
 
         Float weights move to the model's device and dtype; quantized ones are packed for the CPU.
         `state` is emptied as it is read, so that a weight fused or stacked here is not held twice
-        (a float MoE's experts would otherwise need twice their size at load).
+        (a float MoE's experts would otherwise need twice their size at load); the tied embedding
+        is the one weight read twice, from the value taken.
         """
         c = self.config
         state, given = {k.removeprefix("model."): v for k, v in state.items()}, state
@@ -168,38 +169,40 @@ class LlamaModel(nn.Module):
         loader = _Loader(state, self.norm)
         with torch.no_grad():
             self.embed_tokens = loader.take("embed_tokens.weight")
-            self.lm_head = loader.fused("embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
+            self.lm_head = _fuse([self.embed_tokens]) if c.tie_word_embeddings else loader.fused("lm_head.weight")
             self.norm.copy_(loader.take("norm.weight"))
             for i, layer in enumerate(self.layers):
                 _load_layer(layer, f"layers.{i}.", loader)
-        unused = set(loader.state) - loader.taken - {"lm_head.weight"}
+        unused = set(loader.state) - {"lm_head.weight"}  # a tied checkpoint may hold a copy
         if unused:
             raise KeyError(f"checkpoint has weights this model does not use: {sorted(unused)[:5]}")
 
 
 class _Loader:
-    """Hands out a checkpoint's weights by name, as the model's device and dtype want them, and
-    remembers which it gave (a weight left over is a checkpoint this model misreads)."""
+    """Hands out a checkpoint's weights by name, as the model's device and dtype want them, each
+    once: a weight leaves the state as it is taken (so none is held twice once fused or stacked),
+    and one left over is a checkpoint this model misreads."""
 
     def __init__(self, state: dict[str, torch.Tensor | QuantizedWeight], like: torch.Tensor) -> None:
         self.state = state
         self.like = like
-        self.taken: set[str] = set()
 
-    def take(self, name: str, last_use: bool = False) -> torch.Tensor | QuantizedWeight:
-        """The weight `name`; `last_use` lets it go from the state (nothing else will read it)."""
+    def take(self, name: str) -> torch.Tensor | QuantizedWeight:
         if name not in self.state:
             raise KeyError(f"weight {name} missing from checkpoint")
-        self.taken.add(name)
-        value = self.state.pop(name) if last_use else self.state[name]
+        value = self.state.pop(name)
         return value if isinstance(value, QuantizedWeight) else value.to(self.like.device, self.like.dtype)
 
-    def fused(self, *names: str, last_use: bool = False) -> Weight:
+    def fused(self, *names: str) -> Weight:
         """The weights `names` stacked along their outputs (one matmul for q|k|v or gate|up)."""
-        parts = [self.take(n, last_use) for n in names]
-        if isinstance(parts[0], QuantizedWeight):
-            return QuantizedWeight.cat(parts).pack()
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _fuse([self.take(n) for n in names])
+
+
+def _fuse(parts: list[torch.Tensor | QuantizedWeight]) -> Weight:
+    """Weights stacked along their outputs, as the matmul reads them (quantized ones packed)."""
+    if isinstance(parts[0], QuantizedWeight):
+        return QuantizedWeight.cat(parts).pack()
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
@@ -218,9 +221,8 @@ def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
         return
     layer.moe.router = loader.fused(f"{p}mlp.gate.weight")
     experts = [f"{p}mlp.experts.{e}." for e in range(layer.moe.config.num_experts)]
-    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight", last_use=True)
-                                       for e in experts])
-    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight", last_use=True) for e in experts])
+    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight") for e in experts])
+    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight") for e in experts])
 
 
 def _stacked(weights: list[Weight]) -> torch.Tensor | list[PackedWeight]:

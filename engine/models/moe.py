@@ -48,7 +48,8 @@ class SparseMoE(nn.Module):
         place[order] = torch.arange(order.numel(), device=order.device)  # y's row of each (token, rank)
         contributions = y[place].view(num_tokens, top_k, -1) * weights[..., None]
         by_expert = experts.argsort(dim=1, stable=True)  # each token's ranks in expert-index order
+        ordered = contributions.gather(1, by_expert[..., None].expand(-1, -1, contributions.shape[-1]))
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for j in range(top_k):  # one add per token and expert, in expert-index order, from zero
-            out = out + contributions[torch.arange(num_tokens, device=h.device), by_expert[:, j]]
+            out = out + ordered[:, j]
         return out.to(h.dtype)
