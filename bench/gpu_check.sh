@@ -15,6 +15,9 @@
 #   moe                   (not run unless named) bench.engine_step on a random Qwen3-30B-A3B-shaped
 #                         mixture of experts (bench/configs/qwen3-moe-30b-a3b.json), batch 1, 16, 64:
 #                         the grouped expert matmul against fast mode's cuBLAS call per expert.
+#   tp                    (not run unless named; needs 2 GPUs, skips otherwise) NCCL tensor parallelism:
+#                         a random model's deterministic bits at TP 1 vs TP 2 (S = 2), and
+#                         bench.tensor_parallel's decode tok/s at TP 1 and 2.
 # A summary table comes last; the exit status is nonzero if a step failed.
 # Usage, from anywhere: bash bench/gpu_check.sh [STEP...]
 #   PYTHON=/path/to/python picks the interpreter; GPU_CHECK_LOGS=DIR keeps each step's full log there.
@@ -33,8 +36,8 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(gpu_tests compiled_small_tests bench sweep engine)
 for step in "${steps[@]}"; do
     case $step in
-        gpu_tests | compiled_small_tests | bench | sweep | engine | moe) ;;
-        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine moe)" >&2; exit 2 ;;
+        gpu_tests | compiled_small_tests | bench | sweep | engine | moe | tp) ;;
+        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine moe tp)" >&2; exit 2 ;;
     esac
 done
 
@@ -65,6 +68,13 @@ for step in "${steps[@]}"; do
         engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;
         moe) run_step "$step" "$PYTHON" -m bench.engine_step --config bench/configs/qwen3-moe-30b-a3b.json \
             --batch-sizes 1,16,64 --prompt-tokens 256 --steps 10 ;;
+        tp) if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+                run_step "$step" bash -c "'$PYTHON' -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_tensor_parallel.py \
+                    && '$PYTHON' -m bench.tensor_parallel --runs 1:1,1:2,2:2 --config bench/configs/llama-3-8b.json"
+            else
+                echo "== tp: skipped (one GPU) ==" | tee "$logs/$step.log"
+                echo 0 >"$logs/$step.rc"
+            fi ;;
     esac
 done
 
@@ -76,6 +86,7 @@ for name in "${steps[@]}"; do
     rc=$(cat "$logs/$name.rc")
     [ "$rc" = 0 ] || status=1
     case $name in
+        tp) result=$(grep -E 'skipped \(one GPU\)|[0-9]+ (passed|failed)' "$logs/$name.log" | tail -n 1) ;;
         *tests) result=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$logs/$name.log" | tail -n 1) ;;
         *) result=$([ "$rc" = 0 ] && echo "table below" || tail -n 1 "$logs/$name.log") ;;
     esac

@@ -79,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a GGUF file or folder (default: the default model)")
     parser.add_argument("--quantization", default="auto", help="the quantized side (default: auto)")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default: %(default)s)")
+    parser.add_argument("--tp-invariant-splits", type=int, default=1,
+                        help="K-splits S of the quantized side's row-parallel matmuls, each partial rounded to "
+                             "the kernel's bfloat16 output (default: %(default)s, one call over all inputs)")
     args = parser.parse_args(argv)
     float_engine = LLMEngine(EngineConfig(model=args.model, quantization="none", kv_cache_tokens=4096))
-    quant_engine = LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_tokens=4096))
-    print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} vs {float_engine.runner.weight_format},"
-          f" {args.tokens} greedy tokens per prompt ==")
+    quant_engine = LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_tokens=4096,
+                                          tp_invariant_splits=args.tp_invariant_splits))
+    print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} (S = {args.tp_invariant_splits}) vs "
+          f"{float_engine.runner.weight_format}, {args.tokens} greedy tokens per prompt ==")
     print(f"{'prompt':52} {'agree':>7} {'|dlogprob|':>10} {'same prefix':>11}")
     results = []
     for text in PROMPTS:

@@ -27,6 +27,7 @@ from typing import AsyncIterator, Union
 
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import AdmittedRequest, EngineStats, LLMEngine, ModelInfo
+from detserve.engine.parallel import KEEPALIVE_SECONDS
 from detserve.engine.request import RequestOutput, SamplingParams
 from detserve.engine.tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ class AsyncEngine:
         self._inbox_changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._owns_engine = False  # loaded here (not given), so closed here when the thread ends
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -106,7 +108,15 @@ class AsyncEngine:
 
     @property
     def dead(self) -> bool:
+        self._notice_worker_failure()
         return self.error is not None
+
+    def _notice_worker_failure(self) -> None:
+        """A tensor-parallel worker that exited kills the engine now, not at its next step (the
+        loop's own check, whenever it asks whether the engine lives)."""
+        failure = self.engine.failure() if self.engine is not None and self.error is None else None
+        if failure is not None:
+            self._fail(EngineDeadError(failure))
 
     @property
     def info(self) -> ModelInfo:
@@ -189,6 +199,7 @@ class AsyncEngine:
 
     def _require_engine(self) -> LLMEngine:
         """The engine, if it can take work (loaded, not failed)."""
+        self._notice_worker_failure()
         if self.error is not None:
             raise EngineDeadError(f"the engine has failed: {self.error!r}")
         return self._loaded()
@@ -231,6 +242,7 @@ class AsyncEngine:
         try:
             if self.engine is None:
                 self.engine = LLMEngine(self.config)
+                self._owns_engine = True
         except BaseException as exc:
             self.error = exc
             loop.call_soon_threadsafe(_settle, loaded, exc)
@@ -242,17 +254,24 @@ class AsyncEngine:
                 deliveries = self._apply(engine, commands)
                 if engine.has_unfinished_requests():
                     deliveries += [(output.request_id, output) for output in engine.step()]
+                elif not commands:  # idle for KEEPALIVE_SECONDS
+                    engine.keepalive()
                 if deliveries:
                     loop.call_soon_threadsafe(self._deliver, deliveries)
         except BaseException as exc:
             logger.exception("engine loop failed")
             loop.call_soon_threadsafe(self._fail, exc)
+        finally:
+            if self._owns_engine:
+                engine.close()
 
     def _take_commands(self, engine: LLMEngine) -> list[_Command] | None:
-        """The inbox, once there is work (new commands or unfinished requests); None when stopping."""
+        """The inbox, once there is work (new commands or unfinished requests); None when stopping;
+        empty after KEEPALIVE_SECONDS idle (the caller then keeps tensor-parallel workers waiting)."""
         with self._inbox_changed:
             while not (self._stopping or self._inbox or engine.has_unfinished_requests()):
-                self._inbox_changed.wait()
+                if not self._inbox_changed.wait(timeout=KEEPALIVE_SECONDS):
+                    return []
             if self._stopping:
                 return None
             commands, self._inbox = self._inbox, []

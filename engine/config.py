@@ -167,6 +167,12 @@ class EngineConfig:
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of a prompt prefix seen before")
     seed: int = option(0, "seed of the random weights of --load-format dummy")
     served_model_name: str | None = option(None, "the model id clients send (default: from the model's file name)")
+    tensor_parallel_size: int = option(
+        1, "ranks the model is split over, one process each (gloo on CPU, NCCL on CUDA); under torchrun "
+        "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) the launcher starts them, else this server does")
+    tp_invariant_splits: int | None = option(
+        None, "S: every row-parallel matmul sums S fixed K-splits, so deterministic answers are equal at every "
+        "tensor-parallel size dividing S (default: the tensor-parallel size, the fewest)")
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -175,11 +181,20 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {self.quantization!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, not {self.dtype!r}")
-        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size", "tp_invariant_splits"):
+            if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError("kv_cache_tokens must hold at least one block")
+        if self.invariant_splits % self.tensor_parallel_size:
+            raise ValueError(f"tp_invariant_splits ({self.invariant_splits}) must be a multiple of "
+                             f"tensor_parallel_size ({self.tensor_parallel_size})")
+
+    @property
+    def invariant_splits(self) -> int:
+        """S, the K-splits of every row-parallel matmul (`engine/parallel.py`)."""
+        return self.tp_invariant_splits or self.tensor_parallel_size
 
     @property
     def num_kv_blocks(self) -> int:

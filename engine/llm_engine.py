@@ -13,8 +13,9 @@ import torch
 from detserve import kernels
 from detserve.engine import __version__, weights
 from detserve.engine.block_manager import BlockManager
-from detserve.engine.config import EngineConfig, ModelConfig
-from detserve.engine.model_runner import ModelRunner
+from detserve.engine.config import EngineConfig
+from detserve.engine import workers
+from detserve.engine.model_runner import model_facts
 from detserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from detserve.engine.scheduler import Scheduler
 from detserve.engine.structured import Grammars, GrammarState
@@ -84,19 +85,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         dummy = config.load_format == "dummy"
-        self.model_dir = weights.resolve_model_dir(config.model, dummy=dummy)
-        self.model_config = ModelConfig.from_hf(weights.load_config(self.model_dir))
+        self.model_dir, self.model_config, self.max_model_len = model_facts(config)
         mc = self.model_config
-        # A sliding window as long as the context is plain causal attention, which is what runs here.
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
-                                 mc.sliding_window or mc.max_position_embeddings)
         self.tokenizer = Tokenizer.load(self.model_dir)
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_token_ids) if self.tokenizer else None
-        self.runner = ModelRunner(config, mc, self.model_dir, self.max_model_len)
+        self.tp = workers.launch(config)
+        self.runner = workers.build_runner(workers.rank_config(config, 0), mc, self.model_dir, self.max_model_len,
+                                           self.tp)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -196,6 +195,18 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def failure(self) -> str | None:
+        """Why the engine cannot step any more (a tensor-parallel worker exited), or None."""
+        return self.tp.failure
+
+    def keepalive(self) -> None:
+        """Called while idle: keeps tensor-parallel workers waiting (and finds out if one is gone)."""
+        self.tp.keepalive()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine steps no more."""
+        self.tp.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -311,9 +322,17 @@ class LLMEngine:
             device_kind,
             f"torch-{torch.__version__}",
             kernels.config_digest() if deterministic else "fast",
+            self._tp_part(deterministic),
             f"threads={torch.get_num_threads()}",
         ]
         return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+    def _tp_part(self, deterministic: bool) -> str:
+        """S, and the TP size only where the bits may depend on it: fast mode's all-reduce, and on a
+        GPU, where the Triton matmul's split plan follows a shard's columns (unproven across shards;
+        the CPU's integer kernels are proven, tests/engine/test_tensor_parallel.py)."""
+        depends = not deterministic or self.runner.device.type == "cuda"
+        return f"tp-splits={self.config.invariant_splits}" + (f"/tp={self.tp.layout.size}" if depends else "")
 
 
 def check_stop(request: Request, hit_stop_string: bool, eos_token_ids: tuple[int, ...],

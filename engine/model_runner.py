@@ -1,4 +1,9 @@
-"""Owns the model and its KV cache on the device; turns a scheduled step into sampled tokens."""
+"""Owns the model and its KV cache on the device; turns a scheduled step into sampled tokens.
+
+Under tensor parallelism every rank holds a `ModelRunner` of its shard. Rank 0's `execute` sends
+the step's `StepInputs` (host lists, nothing of the requests) to the others, whose `follow` runs
+the same forward pass and the same LM-head calls; rank 0 alone samples and scores.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from detserve.engine import cpu_runtime, sampler, weights
 from detserve.engine.config import EngineConfig, ModelConfig
 from detserve.engine.forward_batch import ForwardBatch, PromptScore
 from detserve.engine.models.llama import LlamaModel, dummy_state_dict
+from detserve.engine.parallel import Layout, TensorParallel
 from detserve.engine.request import TokenLogprob
 from detserve.engine.scheduler import SchedulerOutput
 from detserve.kernels import PackedWeight
@@ -39,20 +45,25 @@ def kernel_mode(step: SchedulerOutput) -> kernels.Mode:
 
 
 @dataclass
-class _Rows:
-    """A step's rows as host lists: every scheduled request's new tokens back to back."""
+class StepInputs:
+    """What every rank needs for a step's forward pass, as host lists: every scheduled request's
+    new tokens back to back, and where they go. Nothing of the requests themselves, so it crosses
+    to the other ranks of a tensor-parallel group in one small message."""
 
+    mode: kernels.Mode
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     query_start_loc: list[int] = field(default_factory=lambda: [0])
     seq_lens: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
     logits_indices: list[int] = field(default_factory=list)  # rows that sample
     scored_rows: list[int] = field(default_factory=list)  # rows whose logits score a prompt token
-    scored: list[PromptScore] = field(default_factory=list)
 
     @classmethod
-    def of(cls, step: SchedulerOutput) -> "_Rows":
-        rows = cls()
+    def of(cls, step: SchedulerOutput) -> tuple["StepInputs", list[PromptScore]]:
+        """The step's inputs, and the prompt positions its scored rows score (rank 0's alone)."""
+        rows, scored = cls(kernel_mode(step)), []
         for s in step.scheduled:
             request, start, end = s.request, s.start, s.start + s.num_new_tokens
             first_row = len(rows.input_ids)
@@ -60,14 +71,24 @@ class _Rows:
             rows.positions.extend(range(start, end))
             rows.query_start_loc.append(len(rows.input_ids))
             rows.seq_lens.append(end)
+            rows.num_new_tokens.append(s.num_new_tokens)
+            rows.block_tables.append(request.block_table)
             if s.samples:
                 rows.logits_indices.append(len(rows.input_ids) - 1)
             if request.scores_prompt:  # every prompt position but the last scores the token after it
                 for p in range(start, min(end, request.num_prompt_tokens - 1)):
                     rows.scored_rows.append(first_row + p - start)
-                    rows.scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
-                                                   request.params.prompt_logprobs))
-        return rows
+                    scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
+                                              request.params.prompt_logprobs))
+        return rows, scored
+
+    def logits_row_ranges(self) -> list[tuple[int, int]]:
+        """The LM-head calls of the step, as ranges of its hidden rows: the sampling rows in one
+        call, then the scored rows SCORE_ROWS at a time (every rank makes the same calls)."""
+        num_sampling = len(self.logits_indices)
+        ranges = [(0, num_sampling)] if num_sampling else []
+        total = num_sampling + len(self.scored_rows)
+        return ranges + [(i, min(i + SCORE_ROWS, total)) for i in range(num_sampling, total, SCORE_ROWS)]
 
 
 @contextlib.contextmanager
@@ -81,11 +102,22 @@ def _default_tensor_type(device: torch.device, dtype: torch.dtype) -> Iterator[N
         torch.set_default_dtype(previous)
 
 
+def model_facts(config: EngineConfig) -> tuple[Path, ModelConfig, int]:
+    """(model folder, its shape, the context window) that a runner of `config` loads: what the
+    engine and every worker rank read alike."""
+    model_dir = weights.resolve_model_dir(config.model, dummy=config.load_format == "dummy")
+    mc = ModelConfig.from_hf(weights.load_config(model_dir))
+    # A sliding window as long as the context is plain causal attention, which is what runs here.
+    max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
+                        mc.sliding_window or mc.max_position_embeddings)
+    return model_dir, mc, max_model_len
+
+
 def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
     """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32+int8` or `torch.float32`."""
     layer = model.layers[0]
     formats = []
-    for weight in (layer.qkv_proj, layer.o_proj, *layer.mlp_weights(), model.lm_head):
+    for weight in (layer.qkv_proj, layer.o_proj[0], *layer.mlp_weights(), model.lm_head):
         if isinstance(weight, PackedWeight):
             name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 else "")
         else:
@@ -96,9 +128,12 @@ def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path, max_model_len: int,
+                 tp: TensorParallel | None = None) -> None:
+        """`tp`: the tensor-parallel group whose shard this runner holds (default: alone, all of it)."""
         self.config = config
         self.model_config = model_config
+        self.tp = tp or TensorParallel(Layout(splits=config.invariant_splits))
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
@@ -107,17 +142,21 @@ class ModelRunner:
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings
         with _default_tensor_type(self.device, self.dtype):
-            self.model = LlamaModel(model_config, max_positions=max_model_len)
+            self.model = LlamaModel(model_config, max_positions=max_model_len, tp=self.tp)
             if config.load_format == "dummy":
                 state = weights.convert_state(dummy_state_dict(model_config, config.seed), self.quantization, tie)
             else:
                 state = weights.load_weights(model_dir, self.quantization, tie)
             self.model.load_weights(state)
         self.weight_format = _weight_format(self.model, self.dtype)
+        if self.tp.layout.size > 1 and self.device.type == "cpu" and str(self.dtype) in self.weight_format:
+            raise ValueError("tensor parallelism on CPU runs the integer kernels, whose output columns are proven "
+                             "the same in any shard (float matmuls are not): use --quantization int4 or int8")
+        self.num_heads, self.num_kv_heads = self.model.layers[0].num_heads, self.model.layers[0].num_kv_heads
         mc = model_config
         # One block more than the block manager hands out: it stays zero, for reads past a sequence.
         self.zero_slot = config.kv_capacity_tokens
-        cache_shape = (config.num_kv_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim)
+        cache_shape = (config.num_kv_blocks + 1, config.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(cache_shape, dtype=self.dtype, device=self.device),
@@ -125,7 +164,7 @@ class ModelRunner:
             )
             for _ in range(mc.num_layers)
         ]
-        kv_bytes = 2 * mc.num_layers * config.kv_capacity_tokens * mc.num_kv_heads * mc.head_dim
+        kv_bytes = 2 * mc.num_layers * config.kv_capacity_tokens * self.num_kv_heads * mc.head_dim
         logger.info("weights: %s", self.weight_format)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
@@ -135,61 +174,82 @@ class ModelRunner:
         )
 
     def prepare(self, step: SchedulerOutput) -> ForwardBatch:
+        """The step's forward batch (tests and benchmarks run the model on it themselves)."""
+        return self._batch(*StepInputs.of(step))
+
+    def _batch(self, inputs: StepInputs, scored: list[PromptScore]) -> ForwardBatch:
         """Flatten the step's requests into one batch of tokens with their positions and cache slots,
         and plan the step's attention once for every layer, in the step's kernel mode."""
-        rows = _Rows.of(step)
-        max_blocks = max(len(s.request.block_table) for s in step.scheduled)
-        tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in step.scheduled]
+        max_blocks = max(len(table) for table in inputs.block_tables)
+        tables = [table + [0] * (max_blocks - len(table)) for table in inputs.block_tables]
 
         def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         block_tables = tensor(tables, torch.int32)
-        token_positions = tensor(rows.positions)
-        token_seqs = torch.repeat_interleave(
-            torch.arange(len(rows.seq_lens), device=self.device), tensor([s.num_new_tokens for s in step.scheduled]))
+        token_positions = tensor(inputs.positions)
+        token_seqs = torch.repeat_interleave(torch.arange(len(inputs.seq_lens), device=self.device),
+                                             tensor(inputs.num_new_tokens))
         attention = kernels.AttentionMetadata(
-            query_start_loc=rows.query_start_loc,
-            seq_lens=rows.seq_lens,
+            query_start_loc=inputs.query_start_loc,
+            seq_lens=inputs.seq_lens,
             block_tables=block_tables,
             block_size=self.block_size,
             zero_slot=self.zero_slot,
         )
-        with kernels.mode(kernel_mode(step)):
-            plan = kernels.plan_attention(attention, self.model_config.num_heads, self.model_config.num_kv_heads)
+        with kernels.mode(inputs.mode):
+            plan = kernels.plan_attention(attention, self.num_heads, self.num_kv_heads)
         return ForwardBatch(
-            input_ids=tensor(rows.input_ids),
+            input_ids=tensor(inputs.input_ids),
             positions=token_positions,
             slot_mapping=kernels.cache_slots(block_tables, token_seqs, token_positions, self.block_size),
             attention=attention,
             attention_plan=plan,
-            logits_indices=tensor(rows.logits_indices + rows.scored_rows),
-            scored=rows.scored,
+            logits_indices=tensor(inputs.logits_indices + inputs.scored_rows),
+            scored=scored,
         )
 
     def execute(self, step: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> ModelRunnerOutput:
-        """Run the forward pass, sample for the requests that sample, and score prompts."""
-        batch = self.prepare(step)
+        """Run the forward pass (on every rank), sample for the requests that sample, and score prompts."""
+        inputs, scored = StepInputs.of(step)
+        self.tp.broadcast(inputs)
         sampling = [s.request for s in step.scheduled if s.samples]
-        with kernels.mode(kernel_mode(step)):
-            hidden = self.model(batch, self.kv_caches)
-            samples = sampler.sample(self.model.compute_logits(hidden[: len(sampling)]), sampling,
-                                     eos_token_ids) if sampling else []
-            scores = self._score(hidden[len(sampling) :], batch.scored)
+        logits = self._logits(self._hidden(inputs, scored), inputs)
+        with kernels.mode(inputs.mode):
+            samples = sampler.sample(next(logits), sampling, eos_token_ids) if sampling else []
+            scores = self._score(logits, scored)
         prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = {}
         for score, logprob in scores:  # the logits at a position score the prompt token after it
             prompt_logprobs.setdefault(score.request.request_id, []).append((score.position + 1, logprob))
         return ModelRunnerOutput({r.request_id: sample for r, sample in zip(sampling, samples, strict=True)},
                                  prompt_logprobs)
 
-    def _score(self, hidden: torch.Tensor, scored: list[PromptScore]) -> list[tuple[PromptScore, TokenLogprob]]:
-        """Prompt logprobs of the scored rows, SCORE_ROWS rows of logits at a time (a whole prompt's
-        [tokens, vocab] logits would not fit in memory for long prompts). The logits and logprobs
-        are the ops a sampled token's reported logprob comes from, row by row, so in invariant mode
-        scoring a token gives the bits generating it reported."""
+    def follow(self, inputs: StepInputs) -> None:
+        """A worker rank's part of a step rank 0 executes: the same forward pass and LM-head calls."""
+        for _ in self._logits(self._hidden(inputs, []), inputs):
+            pass
+
+    def _hidden(self, inputs: StepInputs, scored: list[PromptScore]) -> torch.Tensor:
+        """The forward pass: final hidden states of the rows that sample, then of those scored."""
+        batch = self._batch(inputs, scored)
+        with kernels.mode(inputs.mode):
+            return self.model(batch, self.kv_caches)
+
+    def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> Iterator[torch.Tensor | None]:
+        """One float32 logits block per `logits_row_ranges` range, lazily (rank 0 samples from the
+        first before the scoring blocks are computed; None on the other ranks)."""
+        for start, end in inputs.logits_row_ranges():
+            with kernels.mode(inputs.mode):
+                yield self.model.compute_logits(hidden[start:end])
+
+    def _score(self, logits: Iterator[torch.Tensor | None], scored: list[PromptScore]
+               ) -> list[tuple[PromptScore, TokenLogprob]]:
+        """Prompt logprobs of the scored rows, from their logits blocks (SCORE_ROWS rows at a time: a
+        whole prompt's [tokens, vocab] logits would not fit in memory for long prompts). The logits
+        and logprobs are the ops a sampled token's reported logprob comes from, row by row, so in
+        invariant mode scoring a token gives the bits generating it reported."""
         results: list[tuple[PromptScore, TokenLogprob]] = []
-        for i in range(0, len(scored), SCORE_ROWS):
+        for i, block in zip(range(0, len(scored), SCORE_ROWS), logits, strict=True):
             rows = scored[i : i + SCORE_ROWS]
-            logits = self.model.compute_logits(hidden[i : i + SCORE_ROWS]).float()
-            results += zip(rows, sampler.token_logprobs(logits, [r.token_id for r in rows], [r.top for r in rows]))
+            results += zip(rows, sampler.token_logprobs(block, [r.token_id for r in rows], [r.top for r in rows]))
         return results

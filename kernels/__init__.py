@@ -125,6 +125,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     return _kernel("linear", x)(x, weight, bias)
 
 
+def linear_partials(x: torch.Tensor, splits: list, counts: list[int] | None = None) -> torch.Tensor:
+    """x [T, K] times one weight given as K-splits (splits[j] reads the K_j inputs after those of
+    splits[:j]) -> float32 [len(splits), T, N], split j's partial product in plane j.
+
+    A split is a weight [N, K_j] (`linear`) or, with `counts`, a mixture of experts' weights
+    (`grouped_linear`: stacked [E, N, K_j] or a list of packed ones). Each partial is one call of
+    that op, row-invariant as it is; `fold_partials` sums them."""
+    planes, start = [], 0
+    for weight in splits:
+        width = _inputs_of(weight)
+        rows = x[:, start : start + width]
+        planes.append((linear(rows, weight) if counts is None else grouped_linear(rows, weight, counts)).float())
+        start += width
+    if start != x.shape[1]:
+        raise ValueError(f"K-splits read {start} inputs of {x.shape[1]}")
+    return torch.stack(planes)
+
+
+def _inputs_of(weight: "torch.Tensor | PackedWeight | list[PackedWeight]") -> int:
+    """K of a weight [N, K], a stacked expert weight [E, N, K], or a list of packed expert weights."""
+    if isinstance(weight, list):
+        weight = weight[0]
+    return weight.in_features if isinstance(weight, PackedWeight) else weight.shape[-1]
+
+
+def fold_partials(partials: torch.Tensor) -> torch.Tensor:
+    """[S, T, N] float32 partials -> their sum [T, N], added in split order 0..S-1 from the first.
+
+    Elementwise adds in a fixed order: the same bits at any shape and device, and whichever rank
+    computed which partial."""
+    total = partials[0].clone()
+    for plane in partials[1:]:
+        total += plane
+    return total
+
+
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor | list[PackedWeight], counts: list[int]) -> torch.Tensor:
     """A mixture of experts' matmuls: x [M, K], rows sorted by expert with `counts[e]` rows of expert
     e, times weights[e].T -> [M, N]. `weights` is a stacked float [E, N, K] (one Triton launch on the
@@ -258,12 +294,14 @@ __all__ = [
     "attention",
     "cache_slots",
     "config_digest",
+    "fold_partials",
     "current_mode",
     "grouped_linear",
     "gumbel_max",
     "int4_fits",
     "kv_store",
     "linear",
+    "linear_partials",
     "log_softmax",
     "mode",
     "plan_attention",

@@ -92,16 +92,49 @@ class QuantizedWeight:
         qweight = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
         return QuantizedWeight(4, qweight, scales, tensors[f"{name}.zeros"], qweight.shape[1] // scales.shape[1])
 
-    def pack(self) -> "PackedWeight":
-        """The layout this CPU's kernel reads (the int4 packing is the kernel's own). Shapes the 4-bit
-        kernel does not take, and 8-bit weights with several scales per row, are requantized to
-        8 bits with one scale per row (what the 8-bit kernel reads)."""
+    def kernel_form(self) -> "QuantizedWeight":
+        """This weight as a CPU kernel takes it: shapes the 4-bit kernel does not take (e.g. a
+        vocabulary that is no multiple of 16), and 8-bit weights with several scales per row, are
+        requantized to 8 bits with one scale per row (what the 8-bit kernel reads). A sharded model
+        takes this form of the whole weight before slicing it, so every shard size reads the same
+        integers and scales."""
         if self.bits == 8:
-            per_row = self if self.group_size == self.shape[1] else quantize_int8(self.dequantize())
-            return PackedWeight(8, per_row.qweight.contiguous(), per_row.scales[:, 0].to(torch.bfloat16).contiguous(),
-                                self.shape[1], self.shape[0])
-        if not int4_fits(self.shape, self.group_size):  # e.g. a vocabulary that is no multiple of 16
-            return quantize_int8(self.dequantize()).pack()
+            return self if self.group_size == self.shape[1] else quantize_int8(self.dequantize())
+        return self if int4_fits(self.shape, self.group_size) else quantize_int8(self.dequantize())
+
+    def outputs(self, start: int, end: int) -> "QuantizedWeight":
+        """Output rows start..end-1 (a column-parallel shard); rows past N are zeros (padding)."""
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            part = t[start:end]
+            missing = end - start - part.shape[0]
+            return torch.cat([part, part.new_zeros((missing, *part.shape[1:]))]) if missing else part
+
+        return QuantizedWeight(self.bits, rows(self.qweight), rows(self.scales),
+                               None if self.zeros is None else rows(self.zeros), self.group_size)
+
+    def inputs(self, start: int, end: int) -> "QuantizedWeight":
+        """Inputs start..end-1 of every row (one K-split of a row-parallel matmul), on group
+        boundaries; an 8-bit weight's one scale per row stays that row's scale."""
+        if self.bits == 8:
+            if self.group_size != self.shape[1]:
+                raise ValueError("slice the kernel form of an 8-bit weight: one scale per row")
+            return QuantizedWeight(8, self.qweight[:, start:end], self.scales, None, end - start)
+        g = self.group_size
+        if start % g or end % g:
+            raise ValueError(f"inputs {start}..{end} cut a 4-bit group of {g}")
+        return QuantizedWeight(4, self.qweight[:, start:end], self.scales[:, start // g : end // g],
+                               self.zeros[:, start // g : end // g], g)
+
+    def pack(self) -> "PackedWeight":
+        """The layout this CPU's kernel reads (the int4 packing is the kernel's own), of `kernel_form`."""
+        form = self.kernel_form()
+        if form is not self:
+            return form.pack()
+        if self.bits == 8:
+            # A fresh copy, not a view: a safetensors file's tensors sit at any offset of one buffer,
+            # and the 8-bit kernel crashed (SIGSEGV) reading a weight at an unaligned one.
+            return PackedWeight(8, self.qweight.clone(memory_format=torch.contiguous_format),
+                                self.scales[:, 0].to(torch.bfloat16).contiguous(), self.shape[1], self.shape[0])
         data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.qweight.to(torch.int32).contiguous(), 1)
         scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
         return PackedWeight(4, data, scales_and_zeros, self.group_size, self.shape[0])
@@ -116,6 +149,10 @@ class PackedWeight:
     scales: torch.Tensor  # 4-bit: [K / group, N, 2] bfloat16 scales and zeros; 8-bit: [N] bfloat16
     group_size: int  # 4-bit: inputs per group; 8-bit: K
     out_features: int
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[0] * self.group_size if self.bits == 4 else self.data.shape[1]
 
     @property
     def nbytes(self) -> int:

@@ -26,6 +26,7 @@ from detserve.server.bench import determinism as bench_determinism
 from detserve.server.bench import serve as bench_serve
 from detserve.server.bench import soak as bench_soak
 from detserve.engine.config import EngineConfig
+from detserve.engine.workers import Rendezvous, serve_as_worker
 from detserve.engine.async_engine import AsyncEngine
 from detserve.server.app import ServerConfig, create_app
 from detserve.server.metrics import InFlight
@@ -206,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging()
+    rendezvous = Rendezvous.from_environment()
+    if config.tensor_parallel_size > 1 and rendezvous is not None and rendezvous.rank != 0:
+        logger.info("rank %d of %d: a tensor-parallel worker of the server at rank 0 (%s:%d)",
+                    rendezvous.rank, rendezvous.size, rendezvous.address, rendezvous.port)
+        serve_as_worker(config, rendezvous)
+        return
     logger.info(
         "loading %s on %s (%s), %s kernels by default%s",
         config.model or "the default model",

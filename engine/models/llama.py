@@ -5,6 +5,10 @@ Every op goes through `kernels`, so the same model runs batch-invariant or fast 
 kernel mode of the step. Projections are fused at load time (q|k|v and gate|up) so each layer
 runs four matmuls instead of seven. A projection's weight is a float tensor or a packed 4/8-bit
 weight (`kernels.quantized`); `kernels.linear` takes either.
+
+The model is one rank's shard of a tensor-parallel group (`engine/parallel.py`; alone, the whole
+model): its heads, its MLP columns, its vocabulary rows, and o and down as K-splits whose partials
+`TensorParallel.row_linear` folds in a fixed order.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from detserve import kernels
 from detserve.engine.config import ModelConfig
 from detserve.engine.forward_batch import ForwardBatch
 from detserve.engine.models.moe import SparseMoE
+from detserve.engine.parallel import Layout, TensorParallel
 from detserve.kernels import PackedWeight, QuantizedWeight
 
 Weight = torch.Tensor | PackedWeight  # what a projection multiplies by
@@ -56,24 +61,40 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def check_shardable(config: ModelConfig, layout: Layout) -> None:
+    """What tensor parallelism does not split (yet), refused by name before anything loads."""
+    if layout.size == 1:
+        return
+    if config.qk_norm == "full":
+        raise ValueError("a q/k norm over all heads (OLMoE's) does not split over ranks: use --tensor-parallel-size 1")
+    layout.part(config.num_heads, "attention heads")
+    layout.part(config.num_kv_heads, "key/value heads")
+    layout.part(config.intermediate_size, "MLP columns")
+    if config.moe is not None:
+        layout.part(config.moe.intermediate_size, "expert MLP columns")
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, tp: TensorParallel) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         c = config
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.num_heads = c.num_heads // tp.layout.size  # this rank's
+        self.num_kv_heads = c.num_kv_heads // tp.layout.size
+        q_size, kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
         self.input_norm = _param(c.hidden_size)
         self.qkv_bias = _param(q_size + 2 * kv_size) if c.attention_bias else None
         norm_sizes = {"head": (c.head_dim, c.head_dim), "full": (q_size, kv_size)}.get(c.qk_norm)
         self.q_norm = _param(norm_sizes[0]) if norm_sizes else None
         self.k_norm = _param(norm_sizes[1]) if norm_sizes else None
         self.post_attention_norm = _param(c.hidden_size)
-        self.moe = SparseMoE(c.moe) if c.is_sparse(index) else None
+        self.moe = SparseMoE(c.moe, tp) if c.is_sparse(index) else None
         # set by LlamaModel.load_weights
-        self.qkv_proj: Weight
-        self.o_proj: Weight
-        self.gate_up_proj: Weight  # the dense MLP's (a layer with `moe` has none)
-        self.down_proj: Weight
+        self.qkv_proj: Weight  # this rank's q, k and v heads
+        self.o_proj: list[Weight]  # this rank's K-splits (row-parallel)
+        self.gate_up_proj: Weight  # the dense MLP's, this rank's columns (a layer with `moe` has none)
+        self.down_proj: list[Weight]  # K-splits, as o_proj
 
     def forward(
         self,
@@ -91,53 +112,61 @@ class DecoderLayer(nn.Module):
         # Write first, then attend over the cache only: fresh and cached keys take one path.
         kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
         attn = kernels.attention(q, k_cache, v_cache, batch.attention_plan, c.head_dim**-0.5)
-        h, x = kernels.add_rms_norm(kernels.linear(attn.reshape(num_tokens, -1), self.o_proj), x,
+        h, x = kernels.add_rms_norm(self.tp.row_linear(attn.reshape(num_tokens, -1), self.o_proj), x,
                                     self.post_attention_norm, c.rms_norm_eps)
         if self.moe is not None:
             return x + self.moe(h)
-        return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
+        return x + self.tp.row_linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
 
     def mlp_weights(self) -> tuple[Weight, Weight]:
         """The MLP's gate|up and down weights (an MoE layer's first expert's: all are alike)."""
         if self.moe is not None:
-            return self.moe.gate_up_proj[0], self.moe.down_proj[0]
-        return self.gate_up_proj, self.down_proj
+            return self.moe.gate_up_proj[0], self.moe.down_proj[0][0]
+        return self.gate_up_proj, self.down_proj[0]
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, D], k and v [T, Hkv, D] from the fused projection: q/k normed per head (Qwen3) or
         over the whole projection (OLMoE), then clamped (OLMoE's clip_qkv), as the config says."""
-        c = self.config
+        c, num_heads, num_kv_heads = self.config, self.num_heads, self.num_kv_heads
         num_tokens = qkv.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_size, kv_size = num_heads * c.head_dim, num_kv_heads * c.head_dim
         q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
         if c.qk_norm == "full":  # contiguous: the GPU's row kernel reads whole rows
             q = kernels.rms_norm(q.contiguous(), self.q_norm, c.rms_norm_eps)
             k = kernels.rms_norm(k.contiguous(), self.k_norm, c.rms_norm_eps)
         if c.clip_qkv is not None:
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.reshape(num_tokens, c.num_heads, c.head_dim)
-        k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q = q.reshape(num_tokens, num_heads, c.head_dim)
+        k = k.reshape(num_tokens, num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = kernels.rms_norm(q, self.q_norm, c.rms_norm_eps), kernels.rms_norm(k, self.k_norm, c.rms_norm_eps)
-        return q, k, v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        return q, k, v.reshape(num_tokens, num_kv_heads, c.head_dim)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel | None = None) -> None:
+        """`tp`: the tensor-parallel group this model is one shard of (default: alone, the whole model)."""
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.tp = tp or TensorParallel(Layout())
+        check_shardable(config, self.tp.layout)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.tp) for i in range(config.num_layers))
         self.norm = _param(config.hidden_size)
         self.register_buffer("cos_sin", rope_cos_sin_table(config, max_positions), persistent=False)
+        self.vocab_start, self.vocab_end = self.tp.layout.vocab_part(config.vocab_size)  # this rank's rows
         # set by load_weights: the embedding table (float, or quantized rows dequantized on lookup)
         self.embed_tokens: torch.Tensor | QuantizedWeight
         self.lm_head: Weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden] in the model's dtype."""
+        return self.tp.embed(input_ids, self._lookup, self.vocab_start, self.vocab_end)
+
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of this rank's embedding table."""
         if isinstance(self.embed_tokens, QuantizedWeight):
-            return self.embed_tokens.rows(input_ids).to(self.norm.dtype)
-        return self.embed_tokens[input_ids]
+            return self.embed_tokens.rows(rows).to(self.norm.dtype)
+        return self.embed_tokens[rows]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -150,13 +179,14 @@ class LlamaModel(nn.Module):
         return kernels.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[S, hidden] -> [S, vocab] float32 logits."""
-        return kernels.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> [S, vocab] float32 logits, on the first rank (None on the others)."""
+        return self.tp.gather_logits(kernels.linear(hidden, self.lm_head).float(), self.config.vocab_size)
 
     def load_weights(self, state: dict[str, torch.Tensor | QuantizedWeight]) -> None:
-        """Take Hugging Face-named weights, fusing q/k/v and gate/up; every weight must be set (an MoE
-        layer's experts named as `weights.unify_expert_names` names them).
+        """Take Hugging Face-named weights, fusing q/k/v and gate/up, keeping this rank's shard of
+        each; every weight must be set (an MoE layer's experts named as `weights.unify_expert_names`
+        names them).
 
         Float weights move to the model's device and dtype; quantized ones are packed for the CPU.
         `state` is emptied as it is read, so that a weight fused or stacked here is not held twice
@@ -166,10 +196,13 @@ class LlamaModel(nn.Module):
         c = self.config
         state, given = {k.removeprefix("model."): v for k, v in state.items()}, state
         given.clear()
-        loader = _Loader(state, self.norm)
+        loader = _Loader(state, self.norm, self.tp.layout)
+        vocab = (self.vocab_start, self.vocab_end)
         with torch.no_grad():
-            self.embed_tokens = loader.take("embed_tokens.weight")
-            self.lm_head = _fuse([self.embed_tokens]) if c.tie_word_embeddings else loader.fused("lm_head.weight")
+            embedding = loader.take("embed_tokens.weight")
+            self.embed_tokens = _outputs(embedding, *vocab)
+            head = embedding if c.tie_word_embeddings else loader.take("lm_head.weight")
+            self.lm_head = _pack(_outputs(_kernel_form(head), *vocab))
             self.norm.copy_(loader.take("norm.weight"))
             for i, layer in enumerate(self.layers):
                 _load_layer(layer, f"layers.{i}.", loader)
@@ -181,11 +214,13 @@ class LlamaModel(nn.Module):
 class _Loader:
     """Hands out a checkpoint's weights by name, as the model's device and dtype want them, each
     once: a weight leaves the state as it is taken (so none is held twice once fused or stacked),
-    and one left over is a checkpoint this model misreads."""
+    and one left over is a checkpoint this model misreads. `columns` and `input_splits` cut this
+    rank's shard (`layout`) from the whole weight."""
 
-    def __init__(self, state: dict[str, torch.Tensor | QuantizedWeight], like: torch.Tensor) -> None:
+    def __init__(self, state: dict[str, torch.Tensor | QuantizedWeight], like: torch.Tensor, layout: Layout) -> None:
         self.state = state
         self.like = like
+        self.layout = layout
 
     def take(self, name: str) -> torch.Tensor | QuantizedWeight:
         if name not in self.state:
@@ -195,34 +230,96 @@ class _Loader:
 
     def fused(self, *names: str) -> Weight:
         """The weights `names` stacked along their outputs (one matmul for q|k|v or gate|up)."""
-        return _fuse([self.take(n) for n in names])
+        return _pack(_cat([self.take(n) for n in names]))
+
+    def columns(self, names: list[str], what: list[str]) -> Weight:
+        """The weights `names` fused along their outputs, each cut to this rank's equal share of its
+        outputs (`what` names them in errors). The kernel form is that of the whole fused weight, so
+        that every TP size reads the same integers."""
+        parts = [self.take(n) for n in names]
+        whole, offset, rows = _kernel_form(_cat(parts)), 0, []
+        for part, name in zip(parts, what, strict=True):
+            start, end = self.layout.part(part.shape[0], name)
+            rows.append(_outputs(whole, offset + start, offset + end))
+            offset += part.shape[0]
+        return _pack(_cat(rows), shard=True)
+
+    def input_splits(self, name: str) -> list[Weight]:
+        """Weight `name` as this rank's K-splits (`Layout.input_splits`), each packed on its own."""
+        whole = _kernel_form(self.take(name))
+        return [_pack(_inputs(whole, start, end), shard=True)
+                for start, end in self.layout.input_splits(whole.shape[1], name)]
+
+    def vector(self, names: list[str]) -> torch.Tensor:
+        """Per-output vectors (biases) of `names`, each cut to this rank's share, concatenated."""
+        parts = []
+        for name in names:
+            value = self.take(name)
+            parts.append(value[slice(*self.layout.part(value.shape[0], name))])
+        return torch.cat(parts)
 
 
-def _fuse(parts: list[torch.Tensor | QuantizedWeight]) -> Weight:
-    """Weights stacked along their outputs, as the matmul reads them (quantized ones packed)."""
+def _cat(parts: list[torch.Tensor | QuantizedWeight]) -> torch.Tensor | QuantizedWeight:
     if isinstance(parts[0], QuantizedWeight):
-        return QuantizedWeight.cat(parts).pack()
+        return QuantizedWeight.cat(parts) if len(parts) > 1 else parts[0]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _kernel_form(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    return weight.kernel_form() if isinstance(weight, QuantizedWeight) else weight
+
+
+def _outputs(weight: torch.Tensor | QuantizedWeight, start: int, end: int) -> torch.Tensor | QuantizedWeight:
+    """Output rows start..end-1 of a weight (zeros past its last row: a padded vocabulary shard)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.outputs(start, end)
+    if start == 0 and end == weight.shape[0]:
+        return weight
+    part = weight[start:end]
+    missing = end - start - part.shape[0]
+    return torch.cat([part, part.new_zeros((missing, *part.shape[1:]))]) if missing else part.contiguous()
+
+
+def _inputs(weight: torch.Tensor | QuantizedWeight, start: int, end: int) -> torch.Tensor | QuantizedWeight:
+    if isinstance(weight, QuantizedWeight):
+        return weight.inputs(start, end)
+    return weight if start == 0 and end == weight.shape[1] else weight[:, start:end].contiguous()
+
+
+def _pack(weight: torch.Tensor | QuantizedWeight, shard: bool = False) -> Weight:
+    """A weight as the matmul reads it (quantized ones packed). A `shard` must already be in the
+    kernel form its whole weight took: one the 4-bit kernel cannot take is refused, not requantized."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight
+    if shard and weight.kernel_form() is not weight:
+        raise ValueError(f"a {list(weight.shape)} shard does not fit the 4-bit kernel (it packs outputs 16 at "
+                         "a time, inputs by group): choose another --tensor-parallel-size or --tp-invariant-splits")
+    return weight.pack()
+
+
 def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
-    layer.qkv_proj = loader.fused(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"))
+    attn = f"{p}self_attn."
+    layer.qkv_proj = loader.columns([f"{attn}{n}_proj.weight" for n in "qkv"],
+                                    ["attention heads", "key/value heads", "key/value heads"])
     if layer.qkv_bias is not None:
-        layer.qkv_bias.copy_(torch.cat([loader.take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]))
+        layer.qkv_bias.copy_(loader.vector([f"{attn}{n}_proj.bias" for n in "qkv"]))
     if layer.q_norm is not None:
-        layer.q_norm.copy_(loader.take(f"{p}self_attn.q_norm.weight"))
-        layer.k_norm.copy_(loader.take(f"{p}self_attn.k_norm.weight"))
-    layer.o_proj = loader.fused(f"{p}self_attn.o_proj.weight")
+        layer.q_norm.copy_(loader.take(f"{attn}q_norm.weight"))
+        layer.k_norm.copy_(loader.take(f"{attn}k_norm.weight"))
+    layer.o_proj = loader.input_splits(f"{attn}o_proj.weight")
     layer.input_norm.copy_(loader.take(f"{p}input_layernorm.weight"))
     layer.post_attention_norm.copy_(loader.take(f"{p}post_attention_layernorm.weight"))
     if layer.moe is None:
-        layer.gate_up_proj = loader.fused(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight")
-        layer.down_proj = loader.fused(f"{p}mlp.down_proj.weight")
+        layer.gate_up_proj = loader.columns([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"],
+                                            ["MLP columns", "MLP columns"])
+        layer.down_proj = loader.input_splits(f"{p}mlp.down_proj.weight")
         return
     layer.moe.router = loader.fused(f"{p}mlp.gate.weight")
     experts = [f"{p}mlp.experts.{e}." for e in range(layer.moe.config.num_experts)]
-    layer.moe.gate_up_proj = _stacked([loader.fused(f"{e}gate_proj.weight", f"{e}up_proj.weight") for e in experts])
-    layer.moe.down_proj = _stacked([loader.fused(f"{e}down_proj.weight") for e in experts])
+    layer.moe.gate_up_proj = _stacked([loader.columns([f"{e}gate_proj.weight", f"{e}up_proj.weight"],
+                                                      ["expert MLP columns"] * 2) for e in experts])
+    downs = [loader.input_splits(f"{e}down_proj.weight") for e in experts]  # [expert][split]
+    layer.moe.down_proj = [_stacked(list(split)) for split in zip(*downs)]
 
 
 def _stacked(weights: list[Weight]) -> torch.Tensor | list[PackedWeight]:

@@ -19,20 +19,25 @@ from torch import nn
 
 from detserve import kernels
 from detserve.engine.config import MoEConfig
+from detserve.engine.parallel import Layout, TensorParallel
 from detserve.kernels import PackedWeight
 
 Weight = torch.Tensor | PackedWeight
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config: MoEConfig, tp: TensorParallel | None = None) -> None:
+        """`tp` (default: alone): under tensor parallelism each rank holds every expert's share of its MLP columns,
+        the down projections as K-splits folded like a dense layer's (`TensorParallel`)."""
         super().__init__()
         self.config = config
-        # set by LlamaModel.load_weights: the router [E, hidden], and the experts' gate|up [E, 2I, hidden]
-        # and down [E, hidden, I] weights, stacked when float, a list of packed weights when quantized
+        self.tp = tp or TensorParallel(Layout())
+        # set by LlamaModel.load_weights: the router [E, hidden] (whole on every rank), the experts'
+        # gate|up [E, 2I, hidden] weights, stacked when float, a list of packed weights when
+        # quantized, and their down [E, hidden, I] weights as this rank's K-splits, each like gate|up
         self.router: Weight
         self.gate_up_proj: torch.Tensor | list[PackedWeight]
-        self.down_proj: torch.Tensor | list[PackedWeight]
+        self.down_proj: list[torch.Tensor | list[PackedWeight]]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, hidden] -> [T, hidden] in h's dtype: each token's experts' MLPs, weighted and summed."""
@@ -43,7 +48,7 @@ class SparseMoE(nn.Module):
         order = flat.argsort(stable=True)  # the (token, rank) pairs by expert, tokens ascending within one
         counts = torch.bincount(flat, minlength=c.num_experts).tolist()
         up = kernels.grouped_linear(h[order // top_k], self.gate_up_proj, counts)
-        y = kernels.grouped_linear(kernels.silu_mul(up), self.down_proj, counts).float()
+        y = self.tp.row_grouped_linear(kernels.silu_mul(up), self.down_proj, counts).float()
         place = torch.empty_like(order)
         place[order] = torch.arange(order.numel(), device=order.device)  # y's row of each (token, rank)
         contributions = y[place].view(num_tokens, top_k, -1) * weights[..., None]

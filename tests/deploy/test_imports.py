@@ -31,6 +31,7 @@ SERVER_MAY_IMPORT = {
     "detserve.engine.request": {"FinishReason", "ParamError", "RequestOutput", "SamplingParams", "TokenLogprob"},
     "detserve.engine.tokenizer": {"Tokenizer"},
     "detserve.engine.structured": {"KINDS", "GrammarError", "StructuredOutput"},
+    "detserve.engine.workers": {"Rendezvous", "serve_as_worker"},  # a torchrun rank > 0 serves no HTTP
 }
 
 

@@ -231,3 +231,31 @@ def test_cpu_overlay_serves_the_model_baked_into_its_image():
     assert container("cpu")["image"] == "detserve:cpu"
     assert flag(expanded_args("cpu"), "--model") is None
     assert flag(expanded_args("cpu"), "--device") == "cpu"
+
+
+def _rank_command(template: dict) -> tuple[dict[str, str], list[str]]:
+    """(the torchrun variables set, the `detserve serve` arguments) of a LeaderWorkerSet pod's `sh -c`."""
+    [server] = template["spec"]["containers"]
+    assert server["command"] == ["sh", "-c"]
+    words = server["args"][0].split()
+    exec_at = words.index("exec")
+    assert words[exec_at + 1 : exec_at + 3] == ["detserve", "serve"]
+    return dict(word.split("=", 1) for word in words[:exec_at]), words[exec_at + 3 :]
+
+
+def test_the_leaderworkerset_starts_one_rank_per_pod_of_one_tensor_parallel_group():
+    """deploy/k8s/multi-node: the leader and its workers run the same engine flags, with the group's
+    size as --tensor-parallel-size and the torchrun variables from LeaderWorkerSet's own."""
+    [lws] = yaml.safe_load_all((K8S / "multi-node" / "leaderworkerset.yaml").read_text())
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert template["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader_env, leader_args = _rank_command(template["leaderTemplate"])
+    worker_env, worker_args = _rank_command(template["workerTemplate"])
+    assert leader_env == worker_env == {"RANK": "$LWS_WORKER_INDEX", "WORLD_SIZE": "$LWS_GROUP_SIZE", "LOCAL_RANK": "0",
+                                        "MASTER_ADDR": "$LWS_LEADER_ADDRESS", "MASTER_PORT": "29500"}
+    configs = [engine_config(build_parser().parse_args(["serve", *args])) for args in (leader_args, worker_args)]
+    assert configs[0] == configs[1] and configs[0].tensor_parallel_size == template["size"]
+    assert configs[0].invariant_splits % configs[0].tensor_parallel_size == 0
+    [leader] = template["leaderTemplate"]["spec"]["containers"]
+    assert leader["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert 29500 in [port["containerPort"] for port in leader["ports"]]

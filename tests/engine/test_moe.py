@@ -93,7 +93,7 @@ def _moe_layer(num_experts: int = 4) -> SparseMoE:
     moe = SparseMoE(MoEConfig(num_experts=num_experts, top_k=2, intermediate_size=96, normalize_top_k=True))
     moe.router = torch.randn(num_experts, 64)
     moe.gate_up_proj = torch.randn(num_experts, 192, 64) * 0.1
-    moe.down_proj = torch.randn(num_experts, 64, 96) * 0.1
+    moe.down_proj = [torch.randn(num_experts, 64, 96) * 0.1]  # one K-split
     return moe
 
 
@@ -107,7 +107,7 @@ def test_a_tokens_expert_output_leaks_its_company_through_a_plain_matmul_but_not
 
     def plain_expert(rows: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(rows, moe.gate_up_proj[0]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, moe.down_proj[0])[0]
+        return F.linear(F.silu(gate) * up, moe.down_proj[0][0])[0]
 
     plain = {n: plain_expert(torch.cat([token, others[:n]])) for n in range(41)}
     assert len({tuple(v.tolist()) for v in plain.values()}) > 1, "the plain matmul did not leak on this machine"

@@ -116,6 +116,17 @@ def tiny_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
         yield live
 
 
+@pytest.fixture
+def processes() -> Iterator[list]:
+    """Server processes a test starts (each with a `process` Popen): killed at its end if still running."""
+    started: list = []
+    yield started
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
 @pytest.fixture(scope="session")
 def client(server: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

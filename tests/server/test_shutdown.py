@@ -11,7 +11,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx2
 import pytest
@@ -44,10 +43,13 @@ def start_server(tmp_path: Path, *flags: str) -> ServerProcess:
         [sys.executable, "-m", "detserve.server", "serve", "--port", str(port), *flags],
         cwd=REPO, stdout=stdout.open("w"), stderr=stderr.open("w"),
     )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", stdout, stderr)
+    return wait_until_healthy(ServerProcess(process, f"http://127.0.0.1:{port}", stdout, stderr))
+
+
+def wait_until_healthy(server: ServerProcess) -> ServerProcess:
     deadline = time.monotonic() + 180
     while True:
-        assert process.poll() is None, f"the server exited: {stderr.read_text()[-2000:]}"
+        assert server.process.poll() is None, f"the server exited: {server.stderr.read_text()[-2000:]}"
         assert time.monotonic() < deadline, "the server did not become healthy in 180 s"
         try:
             if httpx2.get(server.url + "/health", timeout=5).status_code == 200:
@@ -92,16 +94,6 @@ def health_once_draining(server: ServerProcess, timeout: float = 120.0) -> httpx
         assert time.monotonic() < deadline, f"/health still 200 {timeout} s after SIGTERM"
         time.sleep(0.05)
     return health
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
 
 
 def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_path, processes):
