@@ -4,7 +4,8 @@ For each (TP size, S) the engine loads the model split over that many gloo (CPU)
 processes, and `bench.engine_step.time_decode_steps` times whole decode steps at each batch size,
 deterministic (the invariant fold: S float32 partials all-gathered, folded in order) and fast (a
 rank's partials folded, then all-reduced). TP 1 with S = 1 is today's single-process engine. The
-ranks share the machine's cores: each gets cores / TP threads. Then, on paper, the bytes a
+ranks share the machine's cores: each gets cores / TP threads. Then the latency of one gloo
+all-gather and all-reduce between two processes (a CPU TP step's floor), and on paper the bytes a
 row-parallel matmul moves per token for a model shape at TP 2, 4 and 8 (`--paper-config`):
 
     python -m bench.tensor_parallel                      # the default model: TP 1 and 3, S = 1, 3, 6
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bench.engine_step import LLAMA3_8B, time_decode_steps
 from detserve.engine.config import EngineConfig
@@ -45,6 +49,37 @@ def bytes_per_token(hidden: int, tp: int, splits: int) -> tuple[float, float]:
     invariant = (tp - 1) * (splits // tp) * hidden * 4
     fast = 2 * (tp - 1) / tp * hidden * 4
     return invariant, fast
+
+
+def _time_collectives(rank: int, port: int, hidden: int, results: Path) -> None:
+    """One rank of two: microseconds per all-gather and per all-reduce of one `hidden`-float row."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    row = torch.randn(1, hidden)
+    gathered = [torch.empty_like(row) for _ in range(2)]
+    timings = {}
+    for name, op in (("all_gather", lambda: dist.all_gather(gathered, row)), ("all_reduce", lambda: dist.all_reduce(row))):
+        for _ in range(50):
+            op()
+        start = time.perf_counter()
+        for _ in range(500):
+            op()
+        timings[name] = (time.perf_counter() - start) / 500 * 1e6
+    dist.destroy_process_group()
+    if rank == 0:
+        results.write_text(json.dumps(timings))
+
+
+def print_collective_latency(hidden: int) -> None:
+    """What one collective costs between two gloo processes here: the floor of a CPU TP step."""
+    results = Path(tempfile.mkdtemp()) / "latency.json"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_time_collectives, args=(port, hidden, results), nprocs=2)
+    timings = json.loads(results.read_text())
+    print(f"\n== gloo, 2 processes, one {hidden}-float row: all_gather {timings['all_gather']:.0f} us, "
+          f"all_reduce {timings['all_reduce']:.0f} us ==")
 
 
 def print_paper(shape: dict) -> None:
@@ -76,15 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     header = " ".join(f"{f'{kind} b={b}':>14}" for b in batches for kind in ("det", "fast"))
     print(f"== decode tok/s, {cores} cores shared by the ranks, torch {torch.__version__} ==")
     print(f"{'TP':>3} {'S':>3} {'threads':>7} {header}")
-    for run in args.runs.split(","):
-        tp, splits = (int(v) for v in run.split(":"))
-        threads = max(1, cores // tp)
-        torch.set_num_threads(threads)  # spawned ranks take rank 0's count
-        config = EngineConfig(**model, quantization=args.quantization, tensor_parallel_size=tp,
-                              tp_invariant_splits=splits, kv_cache_tokens=4096)
-        rates = measure(config, batches, args.steps)
-        cells = " ".join(f"{rates[(b, d)]:>14.1f}" for b in batches for d in (True, False))
-        print(f"{tp:>3} {splits:>3} {threads:>7} {cells}", flush=True)
+    previous_threads = torch.get_num_threads()
+    try:
+        for run in args.runs.split(","):
+            tp, splits = (int(v) for v in run.split(":"))
+            threads = max(1, cores // tp)
+            torch.set_num_threads(threads)  # spawned ranks take rank 0's count
+            config = EngineConfig(**model, quantization=args.quantization, tensor_parallel_size=tp,
+                                  tp_invariant_splits=splits, kv_cache_tokens=4096)
+            rates = measure(config, batches, args.steps)
+            cells = " ".join(f"{rates[(b, d)]:>14.1f}" for b in batches for d in (True, False))
+            print(f"{tp:>3} {splits:>3} {threads:>7} {cells}", flush=True)
+    finally:
+        torch.set_num_threads(previous_threads)
+    print_collective_latency(576)
     paper = json.loads(Path(args.paper_config).read_text()) if args.paper_config else LLAMA3_8B
     print_paper(paper)
     return 0

@@ -140,8 +140,8 @@ class TensorParallel:
             return kernels.grouped_linear(x, splits[0], counts)
         return self._reduce(kernels.linear_partials(x, splits, counts), x.dtype)
 
-    def _reduce(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's [S / size, T, N] float32 partials -> the sum over every rank's, in `dtype`."""
+    def _reduce(self, partials: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """This rank's S / size float32 partials [T, N] -> the sum over every rank's, in `dtype`."""
         if kernels.current_mode() == "invariant":
             total = kernels.fold_partials(self._all_gather(partials))
         else:
@@ -151,13 +151,14 @@ class TensorParallel:
                     dist.all_reduce(total, group=self.group)
         return total.to(dtype)
 
-    def _all_gather(self, partials: torch.Tensor) -> torch.Tensor:
-        """Every rank's partials, in rank (hence split) order: [S, T, N]."""
+    def _all_gather(self, partials: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Every rank's partials, in rank (hence split) order: S planes [T, N]."""
         if self.group is None:
             return partials
-        gathered = [torch.empty_like(partials) for _ in range(self.layout.size)]
+        mine = torch.stack(partials)
+        gathered = [torch.empty_like(mine) for _ in range(self.layout.size)]
         with _collective():
-            dist.all_gather(gathered, partials.contiguous(), group=self.group)
+            dist.all_gather(gathered, mine, group=self.group)
         return torch.cat(gathered)
 
     def embed(self, ids: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor], start: int, end: int

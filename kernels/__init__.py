@@ -16,7 +16,9 @@ used in both modes: on CUDA its Triton kernel keeps the logits on the GPU. One o
 by its weight instead: `linear` with a packed 4/8-bit weight runs the CPU's integer kernels
 (`quantized.py`) in both modes, since they are row-invariant as they are (and so does
 `grouped_linear`, a mixture of experts' matmuls, with packed expert weights). `route_experts` is
-composed of the row-wise log-softmax and elementwise ops, so it needs no entry of its own.
+composed of the row-wise log-softmax and elementwise ops, so it needs no entry of its own; so are
+`linear_partials` (one `linear` per K-split of a tensor-parallel row-parallel weight) and
+`fold_partials` (their sum in split order).
 """
 
 from __future__ import annotations
@@ -125,9 +127,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     return _kernel("linear", x)(x, weight, bias)
 
 
-def linear_partials(x: torch.Tensor, splits: list, counts: list[int] | None = None) -> torch.Tensor:
+def linear_partials(x: torch.Tensor, splits: list, counts: list[int] | None = None) -> list[torch.Tensor]:
     """x [T, K] times one weight given as K-splits (splits[j] reads the K_j inputs after those of
-    splits[:j]) -> float32 [len(splits), T, N], split j's partial product in plane j.
+    splits[:j]) -> the float32 partial products [T, N], split by split.
 
     A split is a weight [N, K_j] (`linear`) or, with `counts`, a mixture of experts' weights
     (`grouped_linear`: stacked [E, N, K_j] or a list of packed ones). Each partial is one call of
@@ -140,7 +142,7 @@ def linear_partials(x: torch.Tensor, splits: list, counts: list[int] | None = No
         start += width
     if start != x.shape[1]:
         raise ValueError(f"K-splits read {start} inputs of {x.shape[1]}")
-    return torch.stack(planes)
+    return planes
 
 
 def _inputs_of(weight: "torch.Tensor | PackedWeight | list[PackedWeight]") -> int:
@@ -150,8 +152,9 @@ def _inputs_of(weight: "torch.Tensor | PackedWeight | list[PackedWeight]") -> in
     return weight.in_features if isinstance(weight, PackedWeight) else weight.shape[-1]
 
 
-def fold_partials(partials: torch.Tensor) -> torch.Tensor:
-    """[S, T, N] float32 partials -> their sum [T, N], added in split order 0..S-1 from the first.
+def fold_partials(partials: "list[torch.Tensor] | torch.Tensor") -> torch.Tensor:
+    """S float32 partials [T, N] (a list, or planes of one [S, T, N]) -> their sum [T, N], added in
+    split order 0..S-1 from the first.
 
     Elementwise adds in a fixed order: the same bits at any shape and device, and whichever rank
     computed which partial."""

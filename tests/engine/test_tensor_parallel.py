@@ -74,7 +74,8 @@ def test_random_models_give_the_same_bits_at_tp_1_2_and_4(random_model: list[str
         assert deterministic_part(runs[tp]) == deterministic_part(runs[1]), f"TP {tp} differs from TP 1"
     one = runs[1]
     assert one["amid_load"] == one["alone"], "company changed a deterministic answer"
-    assert one["prefix_cache_hits"] > 0 and len(one["scored"]["prompt_logprobs"]) == 30
+    assert all(run["prefix_cache_hits"] > 0 for run in runs.values())
+    assert len(one["scored"]["prompt_logprobs"]) == 30
     # Fast mode all-reduces: close to TP 1, not promised equal.
     assert runs[2]["fast_ids"] == one["fast_ids"]
     assert max(abs(a - b) for a, b in zip(runs[2]["fast_logprobs"], one["fast_logprobs"])) < 1e-2
