@@ -329,8 +329,9 @@ class LLMEngine:
 
     def _tp_part(self, deterministic: bool) -> str:
         """S, and the TP size only where the bits may depend on it: fast mode's all-reduce, and on a
-        GPU, where the Triton matmul's split plan follows a shard's columns (unproven across shards;
-        the CPU's integer kernels are proven, tests/engine/test_tensor_parallel.py)."""
+        GPU until measured (its column shards take the whole weight's matmul plan, so they should
+        agree, but two GPUs never ran `bench/gpu_check.sh tp`; the CPU's integer kernels are proven
+        in tests/engine/test_tensor_parallel.py)."""
         depends = not deterministic or self.runner.device.type == "cuda"
         return f"tp-splits={self.config.invariant_splits}" + (f"/tp={self.tp.layout.size}" if depends else "")
 

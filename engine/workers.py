@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Rendezvous:
     address: str
     port: int
     local_rank: int
-    launched: bool = False  # by a launcher, whose variables say where (torchrun's own store may serve)
+    launched: bool = False  # by a launcher, whose variables say where (torchrun's agent store may serve)
 
     @classmethod
     def from_environment(cls) -> "Rendezvous | None":
@@ -51,12 +52,6 @@ class Rendezvous:
         rank = int(os.environ.get("RANK", "0"))
         return cls(rank, int(os.environ["WORLD_SIZE"]), os.environ.get("MASTER_ADDR", "127.0.0.1"),
                    int(os.environ.get("MASTER_PORT", "29500")), int(os.environ.get("LOCAL_RANK", rank)), True)
-
-    @property
-    def init_method(self) -> str:
-        """env:// under a launcher (it honours torchrun's agent store on MASTER_PORT), else a TCP
-        store rank 0 opens at `address:port`."""
-        return "env://" if self.launched else f"tcp://{self.address}:{self.port}"
 
 
 def launch(config: EngineConfig) -> TensorParallel:
@@ -74,7 +69,7 @@ def launch(config: EngineConfig) -> TensorParallel:
     _check_rendezvous(config, rendezvous)
     if rendezvous.rank != 0:
         raise ValueError("only rank 0 runs the engine; the other ranks run serve_as_worker")
-    tp = _join(config, rendezvous)
+    tp = _join(config, rendezvous, processes)
     tp.processes = processes
     if processes:
         threading.Thread(target=_watch, args=(tp, processes), name="detserve-tp-watch", daemon=True).start()
@@ -129,15 +124,45 @@ def _check_rendezvous(config: EngineConfig, rendezvous: Rendezvous) -> None:
                          f"{config.tensor_parallel_size}")
 
 
-def _join(config: EngineConfig, rendezvous: Rendezvous) -> TensorParallel:
-    """Join the group (gloo on CPU, NCCL on CUDA), each collective bounded by COLLECTIVE_TIMEOUT."""
+def _join(config: EngineConfig, rendezvous: Rendezvous,
+          processes: list[multiprocessing.process.BaseProcess] | None = None) -> TensorParallel:
+    """Join the group (gloo on CPU, NCCL on CUDA), each collective bounded by COLLECTIVE_TIMEOUT.
+
+    Under a launcher, through env:// (which honours torchrun's agent store on MASTER_PORT). Spawned
+    here, through a store rank 0 opens, where it first waits for its `processes` to check in, so
+    a worker that dies before joining fails the start at once instead of after the timeout."""
     backend = "nccl" if config.torch_device().type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank_config(config, rendezvous.local_rank).torch_device())
-    dist.init_process_group(backend, init_method=rendezvous.init_method, rank=rendezvous.rank,
-                            world_size=rendezvous.size, timeout=COLLECTIVE_TIMEOUT)
+    common = dict(rank=rendezvous.rank, world_size=rendezvous.size, timeout=COLLECTIVE_TIMEOUT)
+    if rendezvous.launched:
+        dist.init_process_group(backend, init_method="env://", **common)
+    else:
+        first = rendezvous.rank == 0
+        store = dist.TCPStore(rendezvous.address, rendezvous.port, rendezvous.size, is_master=first,
+                              timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
+        if first:
+            _await_check_ins(store, processes or [])
+        else:
+            store.add(_CHECKED_IN, 1)
+        dist.init_process_group(backend, store=store, **common)
     layout = Layout(rendezvous.rank, rendezvous.size, config.invariant_splits)
     return TensorParallel(layout, dist.group.WORLD)
+
+
+_CHECKED_IN = "detserve/checked-in"
+
+
+def _await_check_ins(store: dist.TCPStore, processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Until every spawned worker has checked in; a worker that exits first stops them all."""
+    while store.add(_CHECKED_IN, 0) < len(processes):
+        dead = [p for p in processes if p.exitcode is not None]
+        if dead:
+            for process in processes:
+                process.kill()
+            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited with status {dead[0].exitcode} "
+                               "before it joined the group")
+        time.sleep(0.05)
 
 
 def _free_port() -> int:

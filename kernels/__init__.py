@@ -152,6 +152,15 @@ def _inputs_of(weight: "torch.Tensor | PackedWeight | list[PackedWeight]") -> in
     return weight.in_features if isinstance(weight, PackedWeight) else weight.shape[-1]
 
 
+def column_shard(weight: torch.Tensor, whole_columns: int) -> torch.Tensor:
+    """Mark a float weight [N, K] (or stacked experts [E, N, K]) as a column shard of one with
+    `whole_columns` outputs, and return it. The GPU matmul then picks the tiling and K-splits of the
+    whole weight, which depend on N, so each column gets the whole weight's bits at any TP size. The
+    CPU ops need no mark: the integer kernels are column-invariant as they are."""
+    weight.whole_columns = whole_columns
+    return weight
+
+
 def fold_partials(partials: "list[torch.Tensor] | torch.Tensor") -> torch.Tensor:
     """S float32 partials [T, N] (a list, or planes of one [S, T, N]) -> their sum [T, N], added in
     split order 0..S-1 from the first.
@@ -296,6 +305,7 @@ __all__ = [
     "apply_token_bitmask",
     "attention",
     "cache_slots",
+    "column_shard",
     "config_digest",
     "fold_partials",
     "current_mode",

@@ -15,12 +15,20 @@ def _config(device: torch.device) -> configs.ArchConfig:
     return configs.for_capability(torch.cuda.get_device_capability(device))
 
 
+def _whole_columns(weight: torch.Tensor, n: int) -> int:
+    """The outputs of the whole weight a column shard was cut from (`kernels.column_shard`), else n."""
+    return getattr(weight, "whole_columns", n)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return matmul.linear(x, weight, bias, _config(x.device).matmul_for(*weight.shape))
+    n = _whole_columns(weight, weight.shape[0])
+    return matmul.linear(x, weight, bias, _config(x.device).matmul_for(n, weight.shape[1]), plan_n=n)
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    return grouped_matmul.grouped_linear(x, weights, counts, _config(x.device).matmul_for(*weights.shape[1:]))
+    n = _whole_columns(weights, weights.shape[1])
+    return grouped_matmul.grouped_linear(x, weights, counts, _config(x.device).matmul_for(n, weights.shape[2]),
+                                         plan_n=n)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

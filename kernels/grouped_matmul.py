@@ -59,7 +59,8 @@ def _tiles(counts: list[int], block_m: int, device: torch.device) -> tuple[torch
     return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (experts, starts, rows))
 
 
-def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], config: MatmulConfig) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], config: MatmulConfig,
+                   plan_n: int | None = None) -> torch.Tensor:
     """x [M, K] (rows sorted by expert, `counts[e]` of expert e) @ weights[e].T -> [M, N] in x's
     dtype, fp32 accumulation; weights [E, N, K]; `config` the tiling pinned for [N, K]."""
     m, k = x.shape
@@ -71,7 +72,7 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], co
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    splits, k_per_split = split_plan(n, k, config)
+    splits, k_per_split = split_plan(plan_n or n, k, config)  # plan_n: as `matmul.linear`'s
     tile_expert, tile_start, tile_rows = _tiles(counts, config.block_m, x.device)
     grid = (tile_expert.shape[0], triton.cdiv(n, config.block_n))
     _grouped_kernel[grid](

@@ -218,12 +218,15 @@ def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig, launch: Launch = "auto"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig, launch: Launch = "auto",
+    plan_n: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias[N]) -> [M, N] in x's dtype, fp32 accumulation.
 
     `launch` forces one of the two launches (for tests); "auto" picks by M, which is safe because
-    both give the same bits. A `tma` config reads through tensor descriptors where the operands
+    both give the same bits. `plan_n`: the outputs of the whole weight that `weight` is a column
+    shard of (tensor parallelism): the K-splits are planned for it, so a column's bits are the
+    whole weight's (S depends on N, and would otherwise change with the shard). A `tma` config reads through tensor descriptors where the operands
     allow a bulk copy, else through pointers: the same tiles into the same dot either way.
     """
     m, k = x.shape
@@ -237,7 +240,7 @@ def linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    splits, k_per_split = split_plan(n, k, config)
+    splits, k_per_split = split_plan(plan_n or n, k, config)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 16-bit inputs ignore it
     has_bias = bias is not None
     bias_arg = bias if has_bias else out  # never read without HAS_BIAS

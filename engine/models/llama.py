@@ -202,7 +202,7 @@ class LlamaModel(nn.Module):
             embedding = loader.take("embed_tokens.weight")
             self.embed_tokens = _outputs(embedding, *vocab)
             head = embedding if c.tie_word_embeddings else loader.take("lm_head.weight")
-            self.lm_head = _pack(_outputs(_kernel_form(head), *vocab))
+            self.lm_head = _pack(_outputs(_kernel_form(head), *vocab), whole_columns=head.shape[0])
             self.norm.copy_(loader.take("norm.weight"))
             for i, layer in enumerate(self.layers):
                 _load_layer(layer, f"layers.{i}.", loader)
@@ -242,7 +242,7 @@ class _Loader:
             start, end = self.layout.part(part.shape[0], name)
             rows.append(_outputs(whole, offset + start, offset + end))
             offset += part.shape[0]
-        return _pack(_cat(rows), shard=True)
+        return _pack(_cat(rows), shard=True, whole_columns=whole.shape[0])
 
     def input_splits(self, name: str) -> list[Weight]:
         """Weight `name` as this rank's K-splits (`Layout.input_splits`), each packed on its own."""
@@ -286,11 +286,13 @@ def _inputs(weight: torch.Tensor | QuantizedWeight, start: int, end: int) -> tor
     return weight if start == 0 and end == weight.shape[1] else weight[:, start:end].contiguous()
 
 
-def _pack(weight: torch.Tensor | QuantizedWeight, shard: bool = False) -> Weight:
+def _pack(weight: torch.Tensor | QuantizedWeight, shard: bool = False, whole_columns: int | None = None) -> Weight:
     """A weight as the matmul reads it (quantized ones packed). A `shard` must already be in the
-    kernel form its whole weight took: one the 4-bit kernel cannot take is refused, not requantized."""
+    kernel form its whole weight took: one the 4-bit kernel cannot take is refused, not requantized.
+    A float column shard of a weight with `whole_columns` outputs is marked as one
+    (`kernels.column_shard`)."""
     if not isinstance(weight, QuantizedWeight):
-        return weight
+        return weight if whole_columns is None else kernels.column_shard(weight, whole_columns)
     if shard and weight.kernel_form() is not weight:
         raise ValueError(f"a {list(weight.shape)} shard does not fit the 4-bit kernel (it packs outputs 16 at "
                          "a time, inputs by group): choose another --tensor-parallel-size or --tp-invariant-splits")
@@ -323,9 +325,13 @@ def _load_layer(layer: DecoderLayer, p: str, loader: _Loader) -> None:
 
 
 def _stacked(weights: list[Weight]) -> torch.Tensor | list[PackedWeight]:
-    """Float expert weights as one [E, N, K] tensor (what the grouped GPU kernel reads); packed ones
-    stay a list (each in the CPU kernel's own layout)."""
-    return torch.stack(weights) if isinstance(weights[0], torch.Tensor) else weights
+    """Float expert weights as one [E, N, K] tensor (what the grouped GPU kernel reads; still marked
+    a column shard if they were); packed ones stay a list (each in the CPU kernel's own layout)."""
+    if not isinstance(weights[0], torch.Tensor):
+        return weights
+    stacked = torch.stack(weights)
+    whole = getattr(weights[0], "whole_columns", None)
+    return stacked if whole is None else kernels.column_shard(stacked, whole)
 
 
 def dummy_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -5,8 +5,9 @@ once per TP size, each in a process of its own, and compares the bits).
 
 The requests: greedy and seeded probes alone; the same probes again amid other requests arriving
 step after step (continuous batching, chunked prefill through a small token budget, prefix-cache
-hits on the repeated probe prompt); a prompt scored with prompt logprobs; and a fast-mode request,
-whose answer is compared within a tolerance, not bit for bit.
+hits on the repeated probe prompt, preemption in a KV cache of 10 blocks); a prompt scored with
+prompt logprobs; and a fast-mode request, whose answer is compared within a tolerance, not bit
+for bit.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def run(config: EngineConfig) -> dict:
         return {"alone": alone, "amid_load": loaded, "scored": scored,
                 "fast_ids": fast.output_token_ids, "fast_logprobs": [lp.logprob for lp in fast.output_logprobs],
                 "fingerprint": engine.info.fingerprint(True),
-                "prefix_cache_hits": engine.stats().prefix_cache_hits}
+                "prefix_cache_hits": engine.stats().prefix_cache_hits,
+                "preemptions": engine.stats().num_preemptions}
     finally:
         engine.close()
 
@@ -77,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # every rank alike, on a small machine
     config = EngineConfig(model=args.model, load_format=args.load_format, quantization=args.quantization,
-                          tensor_parallel_size=args.tp, tp_invariant_splits=args.splits, kv_cache_tokens=2048,
+                          tensor_parallel_size=args.tp, tp_invariant_splits=args.splits, kv_cache_tokens=160,
                           max_num_batched_tokens=24)
     print("RESULT " + json.dumps(run(config)))
 

@@ -128,3 +128,18 @@ def test_on_sm90_decode_runs_the_k_splits_in_parallel_and_prefill_runs_them_in_s
         assert splits > 1
         assert matmul.uses_parallel_splits(1, n, splits, config)
         assert not matmul.uses_parallel_splits(8192, n, splits, config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_column_shard_planned_as_its_whole_weight_gives_the_whole_weights_bits(dtype) -> None:
+    """Tensor parallelism's column pieces on the GPU: S depends on N (192 columns: 1 split with the
+    small config, 96: 2), so a shard takes the whole weight's plan (`plan_n`), and then its columns
+    are bitwise the whole weight's; planned as itself, they are not."""
+    x, w, _ = _operands(5, 192, 256, dtype, seed=3)
+    assert matmul.num_k_splits(192, 256, SMALL) != matmul.num_k_splits(96, 256, SMALL)
+    whole = matmul.linear(x, w, None, SMALL)
+    for start in (0, 96):
+        shard = w[start : start + 96].contiguous()
+        assert torch.equal(matmul.linear(x, shard, None, SMALL, plan_n=192), whole[:, start : start + 96])
+    if dtype == torch.float32:  # (a float16 output's rounding can hide the other fold order)
+        assert not torch.equal(matmul.linear(x, w[:96].contiguous(), None, SMALL), whole[:, :96])
