@@ -214,10 +214,14 @@ class ModelRunner:
         inputs, scored = StepInputs.of(step)
         self.tp.broadcast(inputs)
         sampling = [s.request for s in step.scheduled if s.samples]
-        logits = self._logits(self._hidden(inputs, scored), inputs)
-        with kernels.mode(inputs.mode):
-            samples = sampler.sample(next(logits), sampling, eos_token_ids) if sampling else []
-            scores = self._score(logits, scored)
+        try:
+            logits = self._logits(self._hidden(inputs, scored), inputs)
+            with kernels.mode(inputs.mode):
+                samples = sampler.sample(next(logits), sampling, eos_token_ids) if sampling else []
+                scores = self._score(logits, scored)
+        except BaseException:
+            self.tp.broken = True  # the other ranks may be waiting in this step's collectives
+            raise
         prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = {}
         for score, logprob in scores:  # the logits at a position score the prompt token after it
             prompt_logprobs.setdefault(score.request.request_id, []).append((score.position + 1, logprob))

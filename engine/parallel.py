@@ -89,15 +89,6 @@ class RankLostError(RuntimeError):
     """A collective failed: another rank of the group is gone (or stopped answering)."""
 
 
-@contextlib.contextmanager
-def _collective() -> Iterator[None]:
-    """Say which failure a failed collective is (gloo's own message speaks of pairs and sockets)."""
-    try:
-        yield
-    except RuntimeError as exc:
-        raise RankLostError(f"a tensor-parallel worker is gone ({str(exc).splitlines()[0][:300]})") from exc
-
-
 @dataclass(frozen=True)
 class Control:
     """What rank 0 broadcasts between steps: keep waiting, or stop."""
@@ -109,7 +100,9 @@ class TensorParallel:
     """The collectives of one sharded forward pass, on `group`; alone, each is the identity.
 
     `failure` is set (by `workers.py`'s watcher) when a local worker process exits: the engine is
-    dead from then on, whether or not a collective has noticed yet.
+    dead from then on, whether or not a collective has noticed yet. `broken` is set when a step
+    stopped half way (a collective failed, or rank 0 raised within it): the ranks may then wait in
+    different collectives, so closing tells them nothing more.
     """
 
     def __init__(self, layout: Layout, group: dist.ProcessGroup | None = None) -> None:
@@ -118,6 +111,7 @@ class TensorParallel:
         self.layout = layout
         self.group = group
         self.failure: str | None = None
+        self.broken = False
         self.closing = False
         self.processes: list[multiprocessing.process.BaseProcess] = []  # workers this rank started
         self._last_message = time.monotonic()
@@ -125,6 +119,15 @@ class TensorParallel:
     @property
     def is_first(self) -> bool:
         return self.layout.rank == 0
+
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """Say which failure a failed collective is (gloo's own message speaks of pairs and sockets)."""
+        try:
+            yield
+        except RuntimeError as exc:
+            self.broken = True
+            raise RankLostError(f"a tensor-parallel worker is gone ({str(exc).splitlines()[0][:300]})") from exc
 
     def row_linear(self, x: torch.Tensor, splits: list[torch.Tensor | PackedWeight]) -> torch.Tensor:
         """x [T, K_rank] @ W.T for a row-parallel weight given as this rank's K-splits -> [T, N], equal
@@ -147,7 +150,7 @@ class TensorParallel:
         else:
             total = kernels.fold_partials(partials)
             if self.group is not None:
-                with _collective():
+                with self._collective():
                     dist.all_reduce(total, group=self.group)
         return total.to(dtype)
 
@@ -157,7 +160,7 @@ class TensorParallel:
             return partials
         mine = torch.stack(partials)
         gathered = [torch.empty_like(mine) for _ in range(self.layout.size)]
-        with _collective():
+        with self._collective():
             dist.all_gather(gathered, mine, group=self.group)
         return torch.cat(gathered)
 
@@ -171,7 +174,7 @@ class TensorParallel:
         mine = (ids >= start) & (ids < end)
         rows = lookup(torch.where(mine, ids - start, 0))
         rows = torch.where(mine[:, None], rows, torch.tensor(-0.0, dtype=rows.dtype, device=rows.device))
-        with _collective():
+        with self._collective():
             dist.all_reduce(rows, group=self.group)
         return rows
 
@@ -182,7 +185,7 @@ class TensorParallel:
             return logits
         logits = logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(self.layout.size)] if self.is_first else None
-        with _collective():
+        with self._collective():
             dist.gather(logits, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=1)[:, :vocab_size] if parts is not None else None
 
@@ -193,7 +196,7 @@ class TensorParallel:
         if self.failure is not None:
             raise RankLostError(self.failure)
         box = [message]
-        with _collective():
+        with self._collective():
             dist.broadcast_object_list(box, src=0, group=self.group)
         self._last_message = time.monotonic()
         return box[0]
@@ -209,7 +212,7 @@ class TensorParallel:
         if self.group is None:
             return
         self.closing = True
-        if self.is_first and self.failure is None:
+        if self.is_first and self.failure is None and not self.broken:
             try:
                 self.broadcast(Control("stop"))
             except RankLostError:  # a worker is gone already: nothing to tell it
@@ -228,7 +231,7 @@ class TensorParallel:
                 raise RuntimeError(error)
             return
         errors: list[str | None] = [None] * self.layout.size
-        with _collective():
+        with self._collective():
             dist.all_gather_object(errors, error, group=self.group)
         failed = [f"rank {rank}: {e}" for rank, e in enumerate(errors) if e]
         if failed:
