@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,13 +90,35 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     state = gguf.read_weights(gguf_path)
     if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = _scratch_dir(target)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
     save_state_dict(state, tmp / "model.safetensors")
-    os.replace(tmp, target)
+    _publish(tmp, target)
     return target
+
+
+def _scratch_dir(target: Path) -> Path:
+    """A fresh folder beside `target` to build it in, unique to this call (not just this process)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    return tmp
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished `tmp` into place as `target`, or drop it if another process was first.
+
+    Several processes may convert the same file at once (tensor-parallel ranks, tests, two servers);
+    each builds its own copy, the first rename wins, and the copies are equal, so a loser keeps the
+    winner's folder. A rename onto an existing non-empty folder fails, which is how a loser knows.
+    """
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_config(model_dir: Path) -> dict:
@@ -184,11 +207,10 @@ def load_weights(model_dir: Path, quantization: str, tie_word_embeddings: bool) 
     if (target / "model.safetensors").is_file():
         return load_state_dict(target)
     state = convert_state(load_state_dict(model_dir), quantization, tie_word_embeddings)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = _scratch_dir(target)
     shutil.copy(model_dir / "config.json", tmp / "config.json")
     save_state_dict(state, tmp / "model.safetensors")
-    os.replace(tmp, target)
+    _publish(tmp, target)
     return state
 
 

@@ -227,6 +227,39 @@ def test_a_float_checkpoint_is_quantized_at_load_once_and_cached(tmp_path: Path,
                                                                      kv_cache_tokens=1024)).info.fingerprint(True)
 
 
+def test_processes_quantizing_the_same_checkpoint_at_once_all_get_the_cached_weights(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """Tensor-parallel ranks (or two servers) convert one checkpoint together: the loser of the
+    rename keeps the winner's folder instead of failing with 'Directory not empty'."""
+    import threading
+
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    _tiny_hf_model(tmp_path / "model", "qwen2")
+    both_converted = threading.Barrier(2, timeout=60)
+    save = weights.save_state_dict
+
+    def save_after_both_converted(state, path) -> None:
+        both_converted.wait()
+        save(state, path)
+
+    monkeypatch.setattr(weights, "save_state_dict", save_after_both_converted)
+    results: list[object] = [None, None]
+
+    def load(slot: int) -> None:
+        try:
+            results[slot] = weights.load_weights(tmp_path / "model", "int8", False)
+        except Exception as error:  # noqa: BLE001 - the test reports it below
+            results[slot] = error
+
+    threads = [threading.Thread(target=load, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(result, dict) for result in results), results
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [f"model-int8-{weights.file_digest(tmp_path / 'model')}"]
+
+
 def test_a_sliding_window_caps_the_context_at_its_length(tmp_path: Path) -> None:
     """Attention here is plain causal: within a window as long as the context, exactly what the
     model's sliding-window attention computes, so the window is where the context ends."""
