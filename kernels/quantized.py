@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from detserve.kernels.reference import as_dtype
+
 INT4_GROUP_SIZE = 32
 """Inputs per 4-bit scale/zero group: the block size of GGUF's Q4_0/Q4_1, so they convert exactly."""
 
@@ -164,12 +166,12 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> 
 
     The casts and the bias add are elementwise, hence exact at any shape; the kernel is row-invariant.
     """
-    xb = x.to(torch.bfloat16)
+    xb = as_dtype(x, torch.bfloat16)
     if weight.bits == 4:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, weight.data, weight.group_size, weight.scales)
     else:
         out = torch.ops.aten._weight_int8pack_mm(xb, weight.data, weight.scales)
-    out = out.to(x.dtype)
+    out = as_dtype(out, x.dtype)
     return out if bias is None else out + bias
 
 

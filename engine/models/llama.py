@@ -130,7 +130,7 @@ class DecoderLayer(nn.Module):
         c, num_heads, num_kv_heads = self.config, self.num_heads, self.num_kv_heads
         num_tokens = qkv.shape[0]
         q_size, kv_size = num_heads * c.head_dim, num_kv_heads * c.head_dim
-        q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=1)
         if c.qk_norm == "full":  # contiguous: the GPU's row kernel reads whole rows
             q = kernels.rms_norm(q.contiguous(), self.q_norm, c.rms_norm_eps)
             k = kernels.rms_norm(k.contiguous(), self.k_norm, c.rms_norm_eps)

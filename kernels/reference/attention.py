@@ -16,14 +16,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from detserve.kernels.contract import EXP_FLOOR, KV_SPLIT_SIZE
 from detserve.kernels.inputs import AttentionMetadata, cache_slots
+from detserve.kernels.reference import as_dtype
 
 
 def kv_store(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write this step's K/V rows [T, Hkv, D] into cache slots (caches [num_blocks, block_size, Hkv, D])."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+    """Write this step's K/V rows [T, Hkv, D] into cache slots (caches [num_blocks, block_size, Hkv, D]).
+    index_copy_, not an indexed assignment: the same copy in half the host time (a step's slots are
+    distinct)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -154,8 +157,8 @@ class _DecodePlan:
     """The step's decodes (one query each) as matmul items, one per (KV head, sequence, split)."""
 
     rows: torch.Tensor  # [B] flat query row of each decode
-    key_rows: torch.Tensor  # [Hkv * B * J * S] rows of the cache viewed as [slots * Hkv, D], see _key_rows
-    bias: torch.Tensor  # [Hkv * B * J, 1, S] float: -inf at keys after the query, else 0
+    key_rows: torch.Tensor  # [B * Hkv * J * S] rows of the cache viewed as [slots * Hkv, D], see _key_rows
+    bias: torch.Tensor  # [B * Hkv * J, 1, S] float: -inf at keys after the query, else 0
     num_splits: int  # J: the most splits any decode has
 
 
@@ -180,16 +183,17 @@ class InvariantPlan:
 def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_heads: int,
               device: torch.device) -> torch.Tensor:
     """Rows of a cache viewed as [slots * Hkv, D] holding keys 0 .. J * S - 1 of each sequence, in
-    (KV head, sequence, key) order: one index_select then yields every matmul item contiguous,
-    [Hkv * len(seqs) * J, S, D], at the cost of a block gather (measured). Keys past a sequence's
-    length read the always-zero slot."""
+    (sequence, KV head, key) order: one index_select then yields every matmul item contiguous,
+    [len(seqs) * Hkv * J, S, D], at the cost of a block gather (measured). Sequence-major, so the
+    decodes' queries [B, H, D] are their items' queries as they lie, and the results the output,
+    with no transposing copy either way. Keys past a sequence's length read the always-zero slot."""
     bs = meta.block_size
     key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
     rows = torch.tensor(seqs, device=device)[:, None]
     lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
     slots = torch.where(key_pos[None, :] < lengths[:, None], cache_slots(meta.block_tables, rows, key_pos[None, :], bs),
                         meta.zero_slot)  # [B, J*S]
-    return (slots[None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None, None]).reshape(-1)
+    return (slots[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None]).reshape(-1)
 
 
 def _bias(masked: torch.Tensor) -> torch.Tensor:
@@ -204,8 +208,8 @@ def plan_invariant(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, d
         num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
         key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
         lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(1, len(decodes) * num_splits, 1, KV_SPLIT_SIZE)
-        bias = _bias(masked.expand(num_kv_heads, -1, -1, -1)).view(-1, 1, KV_SPLIT_SIZE)
+        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), 1, num_splits, KV_SPLIT_SIZE)
+        bias = _bias(masked.expand(-1, num_kv_heads, -1, -1)).view(-1, 1, KV_SPLIT_SIZE)
         rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
         key_rows = _key_rows(meta, decodes, num_splits, num_kv_heads, device)
         decode_plan = _DecodePlan(rows, key_rows, bias, num_splits)
@@ -229,7 +233,7 @@ def plan_invariant(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, d
 def _gather_items(cache: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
     """float32 [len(key_rows) / S, S, D]: the keys (or values) at `key_rows`, one matmul item per S."""
     rows = cache.view(-1, cache.shape[-1]).index_select(0, key_rows)
-    return rows.view(-1, KV_SPLIT_SIZE, cache.shape[-1]).float()
+    return as_dtype(rows.view(-1, KV_SPLIT_SIZE, cache.shape[-1]), torch.float32)
 
 
 def attention_invariant(
@@ -253,23 +257,15 @@ def attention_invariant(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    q = q.float()
     _expect(plan, InvariantPlan)
+    dtype, q = q.dtype, as_dtype(q, torch.float32)
     if plan.decodes is not None:
-        d = plan.decodes
-        batch, splits = d.rows.shape[0], d.num_splits
-        queries = (q if batch == num_tokens else q.index_select(0, d.rows)).view(batch, num_kv_heads, 1, group, head_dim)
-        queries = queries.transpose(0, 1).expand(-1, -1, splits, -1, -1).reshape(-1, group, head_dim)
-        o, m, l = _attend_split(queries, _gather_items(k_cache, d.key_rows), _gather_items(v_cache, d.key_rows),
-                                d.bias, scale, (num_kv_heads, batch, splits, group))
-        if splits > 1:
-            o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
-        result = (o / l).view(num_kv_heads, batch, group, head_dim).transpose(0, 1)
-        result = result.reshape(batch, num_heads, head_dim).to(out.dtype)
-        if batch == num_tokens:
+        result = as_dtype(_attend_decodes_invariant(q, k_cache, v_cache, plan.decodes, scale), dtype)
+        if plan.decodes.rows.shape[0] == num_tokens:
             return result
-        out[d.rows] = result
+    out = q.new_empty(q.shape, dtype=dtype)
+    if plan.decodes is not None:
+        out[plan.decodes.rows] = result
     for p in plan.prefills:
         rows, splits = p.end - p.start, len(p.split_biases)
         keys = _gather_items(k_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
@@ -284,6 +280,23 @@ def attention_invariant(
             o, l = _merge_splits(partials)
             out[p.start : p.end, h * group : (h + 1) * group] = o / l
     return out
+
+
+def _attend_decodes_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _DecodePlan,
+                              scale: float) -> torch.Tensor:
+    """float32 [B, H, D]: the step's decodes, all in one batched call per matmul. Items are
+    (decode, KV head, split), each query row's G heads of one KV head against one split."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    batch, splits, group = d.rows.shape[0], d.num_splits, num_heads // num_kv_heads
+    queries = (q if batch == num_tokens else q.index_select(0, d.rows)).view(batch, num_kv_heads, 1, group, head_dim)
+    if splits > 1:
+        queries = queries.expand(-1, -1, splits, -1, -1)
+    o, m, l = _attend_split(queries.reshape(-1, group, head_dim), _gather_items(k_cache, d.key_rows),
+                            _gather_items(v_cache, d.key_rows), d.bias, scale, (batch, num_kv_heads, splits, group))
+    if splits > 1:
+        o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
+    return (o / l).view(batch, num_heads, head_dim)
 
 
 _NO_KEY = torch.finfo(torch.float32).min

@@ -13,6 +13,7 @@ from detserve.kernels import quantized
 from detserve.kernels.contract import ROWS_PER_CALL
 from detserve.kernels.inputs import RotaryInputs
 from detserve.kernels.quantized import PackedWeight
+from detserve.kernels.reference import as_dtype
 
 
 def in_fixed_row_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +94,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     vector body and the scalar tail of a loop, so an element's bits would depend on where it sits
     in the batch; exp, add and divide give the same bits on both paths (tests pin it)."""
     gate, up = x.chunk(2, dim=-1)
-    g = gate.float()
+    g = as_dtype(gate, torch.float32)
     silu = torch.div(g, torch.neg(g).exp_().add_(1))  # fresh tensors only: g may be a view of x
     return (silu if x.dtype == torch.float32 else silu.to(x.dtype)).mul_(up)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Both modes: torch's CPU log-softmax reduces each row on its own (tests pin it)."""
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(as_dtype(logits, torch.float32), dim=-1)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +112,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.
     and k are rotated as one tensor (four ops in all, not four per tensor).
     """
     half = rotary.cos_sin.shape[-1] // 2
-    qk = torch.cat([q, k], dim=1).float()
-    rotated = (qk * rotary.cos_cos + torch.roll(qk, half, dims=-1) * rotary.minus_sin_sin).to(q.dtype)
+    qk = as_dtype(torch.cat([q, k], dim=1), torch.float32)
+    rotated = as_dtype(qk * rotary.cos_cos + torch.roll(qk, half, dims=-1) * rotary.minus_sin_sin, q.dtype)
     return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
 
 
