@@ -154,12 +154,17 @@ def _attend_decodes(
 
 @dataclass
 class _DecodePlan:
-    """The step's decodes (one query each) as matmul items, one per (KV head, sequence, split)."""
+    """The step's decodes (one query each) as N matmul items, one per (split, decode, KV head), each
+    decode with as many splits as its own keys fill. Items are split-major, and the decodes in order
+    of descending split count (stable): split j's items are those of the first `split_decodes[j]`
+    decodes, each decode's KV heads in turn."""
 
-    rows: torch.Tensor  # [B] flat query row of each decode
-    key_rows: torch.Tensor  # [B * Hkv * J * S] rows of the cache viewed as [slots * Hkv, D], see _key_rows
-    bias: torch.Tensor  # [B * Hkv * J, 1, S] float: -inf at keys after the query, else 0
-    num_splits: int  # J: the most splits any decode has
+    rows: torch.Tensor  # [B] flat query row of each decode, in the items' decode order
+    in_order: bool  # whether that order is the step's (then the rows are the output's as they lie)
+    query_items: tuple[torch.Tensor, torch.Tensor]  # [N] query row and KV head of each item
+    key_rows: torch.Tensor  # [N * S] rows of the cache viewed as [slots * Hkv, D] (see _key_rows)
+    bias: torch.Tensor  # [N, 1, S] float: -inf at keys after the query, else 0
+    split_decodes: list[int]  # per split j: how many decodes have one
 
 
 @dataclass
@@ -201,18 +206,33 @@ def _bias(masked: torch.Tensor) -> torch.Tensor:
     return torch.zeros(masked.shape, device=masked.device).masked_fill_(masked, float("-inf"))
 
 
+def _plan_decodes(meta: AttentionMetadata, decodes: list[int], num_kv_heads: int, device: torch.device
+                  ) -> _DecodePlan:
+    """The decodes' items (see `_DecodePlan`): a decode attends over its own splits only, so its
+    work and its bits do not depend on how long the longest sequence in its company is."""
+    splits = {b: -(-meta.seq_lens[b] // KV_SPLIT_SIZE) for b in decodes}
+    decodes = sorted(decodes, key=lambda b: -splits[b])
+    most = splits[decodes[0]]
+    split_decodes = [sum(splits[b] > j for b in decodes) for j in range(most)]
+    key_pos = torch.arange(most * KV_SPLIT_SIZE, device=device)
+    lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
+    masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), most, 1, KV_SPLIT_SIZE)
+    key_rows = _key_rows(meta, decodes, most, num_kv_heads, device).view(len(decodes), num_kv_heads, most, -1)
+    key_rows, masked = key_rows.transpose(1, 2), masked.expand(-1, -1, num_kv_heads, -1)  # [B, J, Hkv, S]
+    rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
+    items = torch.arange(len(decodes) * num_kv_heads, device=device)
+    query_items = torch.cat([items[: n * num_kv_heads] for n in split_decodes])
+    return _DecodePlan(
+        rows=rows, in_order=decodes == sorted(decodes),
+        query_items=(rows[query_items // num_kv_heads], query_items % num_kv_heads),
+        key_rows=torch.cat([key_rows[:n, j].reshape(-1) for j, n in enumerate(split_decodes)]),
+        bias=_bias(torch.cat([masked[:n, j] for j, n in enumerate(split_decodes)])).view(-1, 1, KV_SPLIT_SIZE),
+        split_decodes=split_decodes)
+
+
 def plan_invariant(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> InvariantPlan:
     decodes = [b for b in range(meta.num_seqs) if meta.is_decode(b)]
-    decode_plan = None
-    if decodes:
-        num_splits = -(-max(meta.seq_lens[b] for b in decodes) // KV_SPLIT_SIZE)
-        key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
-        lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-        masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), 1, num_splits, KV_SPLIT_SIZE)
-        bias = _bias(masked.expand(-1, num_kv_heads, -1, -1)).view(-1, 1, KV_SPLIT_SIZE)
-        rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
-        key_rows = _key_rows(meta, decodes, num_splits, num_kv_heads, device)
-        decode_plan = _DecodePlan(rows, key_rows, bias, num_splits)
+    decode_plan = _plan_decodes(meta, decodes, num_kv_heads, device) if decodes else None
     prefills = []
     visible = torch.zeros(1, 1, KV_SPLIT_SIZE, device=device)
     for b in range(meta.num_seqs):
@@ -245,10 +265,11 @@ def attention_invariant(
     a batched matmul computes each batch item alike whatever the batch count. So every matmul here
     is a batch of items of one fixed shape: one query row's G heads of one KV head ([G, D]) against
     one fixed split of KV_SPLIT_SIZE keys at absolute positions. The step's decodes share one
-    batched call per layer (their keys gathered head-major, one copy); a prefill run shares each
-    split's keys among its queries through a stride-0 batch (no copy: a batch across heads or
-    sequences would need one copy of the keys per query row; keys times a prompt's queries as
-    columns would need none, but a column's bits change with the number of columns, measured).
+    batched call per layer (their keys gathered in one copy, each decode's own splits only); a
+    prefill run shares each split's keys among its queries through a stride-0 batch (no copy: a
+    batch across heads or sequences would need one copy of the keys per query row; keys times a
+    prompt's queries as columns would need none, but a column's bits change with the number of
+    columns, measured).
     The splits' partial softmax states are merged in order 0, 1, 2, ... by elementwise ops, which
     are exact (or, for exp, the same code at every position: tests pin that). A split wholly after
     a query is an exact no-op in the merge (scale exp(0) = 1, contribution 0). Masked keys get
@@ -261,7 +282,7 @@ def attention_invariant(
     dtype, q = q.dtype, as_dtype(q, torch.float32)
     if plan.decodes is not None:
         result = as_dtype(_attend_decodes_invariant(q, k_cache, v_cache, plan.decodes, scale), dtype)
-        if plan.decodes.rows.shape[0] == num_tokens:
+        if plan.decodes.in_order and plan.decodes.rows.shape[0] == num_tokens:
             return result
     out = q.new_empty(q.shape, dtype=dtype)
     if plan.decodes is not None:
@@ -284,19 +305,36 @@ def attention_invariant(
 
 def _attend_decodes_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _DecodePlan,
                               scale: float) -> torch.Tensor:
-    """float32 [B, H, D]: the step's decodes, all in one batched call per matmul. Items are
-    (decode, KV head, split), each query row's G heads of one KV head against one split."""
+    """float32 [B, H, D]: the step's decodes in `d.rows` order, every split of every decode in one
+    batched call per matmul, then each decode's splits merged in order."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    batch, splits, group = d.rows.shape[0], d.num_splits, num_heads // num_kv_heads
-    queries = (q if batch == num_tokens else q.index_select(0, d.rows)).view(batch, num_kv_heads, 1, group, head_dim)
-    if splits > 1:
-        queries = queries.expand(-1, -1, splits, -1, -1)
-    o, m, l = _attend_split(queries.reshape(-1, group, head_dim), _gather_items(k_cache, d.key_rows),
-                            _gather_items(v_cache, d.key_rows), d.bias, scale, (batch, num_kv_heads, splits, group))
-    if splits > 1:
-        o, l = _merge_splits([(o[:, :, j], m[:, :, j], l[:, :, j]) for j in range(splits)])
-    return (o / l).view(batch, num_heads, head_dim)
+    group = num_heads // num_kv_heads
+    queries = q.view(num_tokens, num_kv_heads, group, head_dim)[d.query_items]  # [N, G, D]
+    o, m, l = _attend_split(queries, _gather_items(k_cache, d.key_rows), _gather_items(v_cache, d.key_rows),
+                            d.bias, scale, (queries.shape[0], group))
+    o, l = _merge_split_prefixes(o, m, l, [n * num_kv_heads for n in d.split_decodes])
+    return (o / l).view(-1, num_heads, head_dim)
+
+
+def _merge_split_prefixes(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, counts: list[int]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_merge_splits` for split-major items whose split j covers the first counts[j] items of split
+    0 (counts non-increasing): each item's state takes its splits in order 0, 1, ..., by the same
+    elementwise ops, so an item's bits do not depend on how many splits the others have."""
+    o_state, m_state, l_state = o[: counts[0]], m[: counts[0]], l[: counts[0]]
+    start = counts[0]
+    for count in counts[1:]:
+        o_j, m_j, l_j = o[start : start + count], m[start : start + count], l[start : start + count]
+        o_mine, m_mine, l_mine = o_state[:count], m_state[:count], l_state[:count]
+        m_new = torch.maximum(m_mine, m_j)
+        alpha = torch.exp((m_mine - m_new).clamp(min=EXP_FLOOR))
+        beta = torch.exp((m_j - m_new).clamp(min=EXP_FLOOR))
+        o_mine.copy_(o_mine * alpha + o_j * beta)
+        l_mine.copy_(l_mine * alpha + l_j * beta)
+        m_mine.copy_(m_new)
+        start += count
+    return o_state, l_state
 
 
 _NO_KEY = torch.finfo(torch.float32).min

@@ -171,6 +171,28 @@ def test_attention_splits_sit_at_absolute_key_positions() -> None:
     assert torch.equal(whole, around_boundary)
 
 
+def _decode_after_prefill(cache: PagedCache, seqs: dict[str, tuple]) -> list[torch.Tensor]:
+    """Prefill each sequence's tokens but its last in one step, then decode the last ones in one."""
+    cache.step([(name, q[:-1], k[:-1], v[:-1], 0) for name, (q, k, v) in seqs.items()])
+    return cache.step([(name, q[-1:], k[-1:], v[-1:], q.shape[0] - 1) for name, (q, k, v) in seqs.items()])
+
+
+def test_a_decode_attends_over_its_own_splits_only_with_the_bits_it_has_alone() -> None:
+    """Decodes of 1, 3, 2 and 1 splits in one step: 7 splits' items per KV head, not 4 x 3, taken out
+    of the step's order (most splits first), and each decode's output is its output alone."""
+    lengths = {"a": 100, "b": 3 * KV_SPLIT_SIZE - 20, "c": KV_SPLIT_SIZE + 9, "d": 40}
+    seqs = {name: _sequence(length, seed) for seed, (name, length) in enumerate(lengths.items())}
+    together = _decode_after_prefill(_cache(num_blocks=200), seqs)
+    for (name, qkv), out in zip(seqs.items(), together):
+        assert torch.equal(out, _decode_after_prefill(_cache(num_blocks=200, seed=5), {name: qkv})[0])
+    cache = _cache(num_blocks=200)
+    cache.step([(name, q[:-1], k[:-1], v[:-1], 0) for name, (q, k, v) in seqs.items()])
+    _, meta = cache.store([(name, q[-1:], k[-1:], v[-1:], q.shape[0] - 1) for name, (q, k, v) in seqs.items()])
+    plan = torch_attention.plan_invariant(meta, 9, 3, torch.device("cpu")).decodes
+    assert plan.split_decodes == [4, 2, 1] and plan.bias.shape[0] == 3 * 7
+    assert plan.rows.tolist() == [1, 2, 0, 3] and not plan.in_order
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_attention_matches_float64_reference(mode: str) -> None:
     length = KV_SPLIT_SIZE + 77
