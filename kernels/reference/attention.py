@@ -212,21 +212,22 @@ def _plan_decodes(meta: AttentionMetadata, decodes: list[int], num_kv_heads: int
     work and its bits do not depend on how long the longest sequence in its company is."""
     splits = {b: -(-meta.seq_lens[b] // KV_SPLIT_SIZE) for b in decodes}
     decodes = sorted(decodes, key=lambda b: -splits[b])
-    most = splits[decodes[0]]
-    split_decodes = [sum(splits[b] > j for b in decodes) for j in range(most)]
-    key_pos = torch.arange(most * KV_SPLIT_SIZE, device=device)
-    lengths = torch.tensor([meta.seq_lens[b] for b in decodes], device=device)
-    masked = (key_pos[None, :] >= lengths[:, None]).view(len(decodes), most, 1, KV_SPLIT_SIZE)
-    key_rows = _key_rows(meta, decodes, most, num_kv_heads, device).view(len(decodes), num_kv_heads, most, -1)
-    key_rows, masked = key_rows.transpose(1, 2), masked.expand(-1, -1, num_kv_heads, -1)  # [B, J, Hkv, S]
-    rows = torch.tensor([meta.query_start_loc[b] for b in decodes], device=device)
-    items = torch.arange(len(decodes) * num_kv_heads, device=device)
-    query_items = torch.cat([items[: n * num_kv_heads] for n in split_decodes])
+    split_decodes = [sum(splits[b] > j for b in decodes) for j in range(splits[decodes[0]])]
+    # (sequence, split) of every item but its KV head, split-major, as host lists: a few tensors in
+    # all, not ops per split
+    pairs = [(b, j) for j, n in enumerate(split_decodes) for b in decodes[:n]]
+    pair_seq, pair_split, pair_len = torch.tensor([(b, j, meta.seq_lens[b]) for b, j in pairs], device=device).T
+    key_pos = pair_split[:, None] * KV_SPLIT_SIZE + torch.arange(KV_SPLIT_SIZE, device=device)  # [P, S]
+    masked = key_pos >= pair_len[:, None]
+    slots = torch.where(masked, meta.zero_slot, cache_slots(meta.block_tables, pair_seq[:, None], key_pos,
+                                                            meta.block_size))
+    heads = torch.arange(num_kv_heads, device=device)
+    query_rows = torch.tensor([meta.query_start_loc[b] for b, _ in pairs for _ in range(num_kv_heads)], device=device)
     return _DecodePlan(
-        rows=rows, in_order=decodes == sorted(decodes),
-        query_items=(rows[query_items // num_kv_heads], query_items % num_kv_heads),
-        key_rows=torch.cat([key_rows[:n, j].reshape(-1) for j, n in enumerate(split_decodes)]),
-        bias=_bias(torch.cat([masked[:n, j] for j, n in enumerate(split_decodes)])).view(-1, 1, KV_SPLIT_SIZE),
+        rows=torch.tensor([meta.query_start_loc[b] for b in decodes], device=device),
+        in_order=decodes == sorted(decodes), query_items=(query_rows, heads.repeat(len(pairs))),
+        key_rows=(slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1),
+        bias=_bias(masked[:, None, :].expand(-1, num_kv_heads, -1)).view(-1, 1, KV_SPLIT_SIZE),
         split_decodes=split_decodes)
 
 
