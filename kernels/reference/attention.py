@@ -296,7 +296,7 @@ def attention_invariant(
         for h in range(num_kv_heads):
             partials = [  # each split's keys are shared by the run's queries through a stride-0 batch
                 _attend_split(queries[:, h], keys[h, j][None].expand(rows, -1, -1),
-                              values[h, j][None].expand(rows, -1, -1), bias, scale, (rows, group))
+                              values[h, j][None].expand(rows, -1, -1), bias, scale)
                 for j, bias in enumerate(p.split_biases)
             ]
             o, l = _merge_splits(partials)
@@ -313,7 +313,7 @@ def _attend_decodes_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     group = num_heads // num_kv_heads
     queries = q.view(num_tokens, num_kv_heads, group, head_dim)[d.query_items]  # [N, G, D]
     o, m, l = _attend_split(queries, _gather_items(k_cache, d.key_rows), _gather_items(v_cache, d.key_rows),
-                            d.bias, scale, (queries.shape[0], group))
+                            d.bias, scale)
     o, l = _merge_split_prefixes(o, m, l, [n * num_kv_heads for n in d.split_decodes])
     return (o / l).view(-1, num_heads, head_dim)
 
@@ -343,20 +343,19 @@ _NO_KEY = torch.finfo(torch.float32).min
 
 
 def _attend_split(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, shape: tuple[int, ...]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One split's partial softmax state per item: (weighted values, max score, normalizer).
+    """One split's partial softmax state per item: (weighted values [N, G, D], max score [N, G, 1],
+    normalizer [N, G, 1]).
 
-    q [N, G, D], k and v [N, S, D] with N * G = prod(shape); `bias` [N or 1, 1, S] is 0 at visible
-    keys and -inf at masked ones, added to the scaled scores by the matmul itself. The state comes
-    back as shape + (D,) and shape + (1,). Masked keys get weight exactly +0; a split with no
-    visible key gives max _NO_KEY, normalizer 0 and values 0.
+    q [N, G, D], k and v [N, S, D]; `bias` [N or 1, 1, S] is 0 at visible keys and -inf at masked
+    ones, added to the scaled scores by the matmul itself. Masked keys get weight exactly +0; a
+    split with no visible key gives max _NO_KEY, normalizer 0 and values 0.
     """
     s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     m = s.amax(-1, keepdim=True).clamp_(min=_NO_KEY)
     p = torch.exp(s.sub_(m))
-    o = torch.bmm(p, v).view(*shape, v.shape[-1])
-    return o, m.view(*shape, 1), p.sum(-1, keepdim=True).view(*shape, 1)
+    return torch.bmm(p, v), m, p.sum(-1, keepdim=True)
 
 
 def _merge_splits(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
