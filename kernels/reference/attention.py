@@ -189,9 +189,8 @@ def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_
               device: torch.device) -> torch.Tensor:
     """Rows of a cache viewed as [slots * Hkv, D] holding keys 0 .. J * S - 1 of each sequence, in
     (sequence, KV head, key) order: one index_select then yields every matmul item contiguous,
-    [len(seqs) * Hkv * J, S, D], at the cost of a block gather (measured). Sequence-major, so the
-    decodes' queries [B, H, D] are their items' queries as they lie, and the results the output,
-    with no transposing copy either way. Keys past a sequence's length read the always-zero slot."""
+    [len(seqs) * Hkv * J, S, D], at the cost of a block gather (measured). Keys past a sequence's
+    length read the always-zero slot. (A prefill run's; the decodes' come from `_plan_decodes`.)"""
     bs = meta.block_size
     key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
     rows = torch.tensor(seqs, device=device)[:, None]
