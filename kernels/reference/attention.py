@@ -162,7 +162,7 @@ class _DecodePlan:
     rows: torch.Tensor  # [B] flat query row of each decode, in the items' decode order
     in_order: bool  # whether that order is the step's (then the rows are the output's as they lie)
     query_items: tuple[torch.Tensor, torch.Tensor]  # [N] query row and KV head of each item
-    key_rows: torch.Tensor  # [N * S] rows of the cache viewed as [slots * Hkv, D] (see _key_rows)
+    key_rows: torch.Tensor  # [N * S] rows of the cache viewed as [slots * Hkv, D] (see _split_key_rows)
     bias: torch.Tensor  # [N, 1, S] float: -inf at keys after the query, else 0
     split_decodes: list[int]  # per split j: how many decodes have one
 
@@ -173,7 +173,7 @@ class _PrefillPlan:
 
     start: int
     end: int
-    key_rows: torch.Tensor  # [Hkv * J * S]
+    key_rows: torch.Tensor  # [J * Hkv * S] (see _split_key_rows)
     split_biases: list[torch.Tensor]  # per split: [R, 1, S] (-inf where masked), or [1, 1, S] zeros if none is
 
 
@@ -185,19 +185,19 @@ class InvariantPlan:
     prefills: list[_PrefillPlan]
 
 
-def _key_rows(meta: AttentionMetadata, seqs: list[int], num_splits: int, num_kv_heads: int,
-              device: torch.device) -> torch.Tensor:
-    """Rows of a cache viewed as [slots * Hkv, D] holding keys 0 .. J * S - 1 of each sequence, in
-    (sequence, KV head, key) order: one index_select then yields every matmul item contiguous,
-    [len(seqs) * Hkv * J, S, D], at the cost of a block gather (measured). Keys past a sequence's
-    length read the always-zero slot. (A prefill run's; the decodes' come from `_plan_decodes`.)"""
-    bs = meta.block_size
-    key_pos = torch.arange(num_splits * KV_SPLIT_SIZE, device=device)
-    rows = torch.tensor(seqs, device=device)[:, None]
-    lengths = torch.tensor([meta.seq_lens[b] for b in seqs], device=device)
-    slots = torch.where(key_pos[None, :] < lengths[:, None], cache_slots(meta.block_tables, rows, key_pos[None, :], bs),
-                        meta.zero_slot)  # [B, J*S]
-    return (slots[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None]).reshape(-1)
+def _split_key_rows(meta: AttentionMetadata, pairs: list[tuple[int, int]], num_kv_heads: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (sequence, split) pairs: the rows of a cache viewed as [slots * Hkv, D] holding each
+    split's KV_SPLIT_SIZE keys, in (pair, KV head, key) order, [P * Hkv * S] (one index_select then
+    yields every matmul item contiguous, at the cost of a block gather: measured); and which keys lie
+    past their sequence, [P, S] (they read the always-zero slot). Built from one host list: a few
+    tensors in all, not ops per split."""
+    seqs, splits, lengths = torch.tensor([(b, j, meta.seq_lens[b]) for b, j in pairs], device=device).T
+    key_pos = splits[:, None] * KV_SPLIT_SIZE + torch.arange(KV_SPLIT_SIZE, device=device)  # [P, S]
+    masked = key_pos >= lengths[:, None]
+    slots = torch.where(masked, meta.zero_slot, cache_slots(meta.block_tables, seqs[:, None], key_pos, meta.block_size))
+    heads = torch.arange(num_kv_heads, device=device)
+    return (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1), masked
 
 
 def _bias(masked: torch.Tensor) -> torch.Tensor:
@@ -212,21 +212,14 @@ def _plan_decodes(meta: AttentionMetadata, decodes: list[int], num_kv_heads: int
     splits = {b: -(-meta.seq_lens[b] // KV_SPLIT_SIZE) for b in decodes}
     decodes = sorted(decodes, key=lambda b: -splits[b])
     split_decodes = [sum(splits[b] > j for b in decodes) for j in range(splits[decodes[0]])]
-    # (sequence, split) of every item but its KV head, split-major, as host lists: a few tensors in
-    # all, not ops per split
-    pairs = [(b, j) for j, n in enumerate(split_decodes) for b in decodes[:n]]
-    pair_seq, pair_split, pair_len = torch.tensor([(b, j, meta.seq_lens[b]) for b, j in pairs], device=device).T
-    key_pos = pair_split[:, None] * KV_SPLIT_SIZE + torch.arange(KV_SPLIT_SIZE, device=device)  # [P, S]
-    masked = key_pos >= pair_len[:, None]
-    slots = torch.where(masked, meta.zero_slot, cache_slots(meta.block_tables, pair_seq[:, None], key_pos,
-                                                            meta.block_size))
-    heads = torch.arange(num_kv_heads, device=device)
+    pairs = [(b, j) for j, n in enumerate(split_decodes) for b in decodes[:n]]  # every item's but its KV head
+    key_rows, masked = _split_key_rows(meta, pairs, num_kv_heads, device)
     query_rows = torch.tensor([meta.query_start_loc[b] for b, _ in pairs for _ in range(num_kv_heads)], device=device)
     return _DecodePlan(
         rows=torch.tensor([meta.query_start_loc[b] for b in decodes], device=device),
-        in_order=decodes == sorted(decodes), query_items=(query_rows, heads.repeat(len(pairs))),
-        key_rows=(slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1),
-        bias=_bias(masked[:, None, :].expand(-1, num_kv_heads, -1)).view(-1, 1, KV_SPLIT_SIZE),
+        in_order=decodes == sorted(decodes),
+        query_items=(query_rows, torch.arange(num_kv_heads, device=device).repeat(len(pairs))),
+        key_rows=key_rows, bias=_bias(masked[:, None, :].expand(-1, num_kv_heads, -1)).view(-1, 1, KV_SPLIT_SIZE),
         split_decodes=split_decodes)
 
 
@@ -246,7 +239,8 @@ def plan_invariant(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, d
         for j in range(num_splits):
             masked = torch.arange(j * KV_SPLIT_SIZE, (j + 1) * KV_SPLIT_SIZE, device=device)[None, None, :] > q_pos
             biases.append(_bias(masked) if bool(masked.any()) else visible)
-        prefills.append(_PrefillPlan(start, end, _key_rows(meta, [b], num_splits, num_kv_heads, device), biases))
+        key_rows, _ = _split_key_rows(meta, [(b, j) for j in range(num_splits)], num_kv_heads, device)
+        prefills.append(_PrefillPlan(start, end, key_rows, biases))
     return InvariantPlan(decode_plan, prefills)
 
 
@@ -289,13 +283,13 @@ def attention_invariant(
         out[plan.decodes.rows] = result
     for p in plan.prefills:
         rows, splits = p.end - p.start, len(p.split_biases)
-        keys = _gather_items(k_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
-        values = _gather_items(v_cache, p.key_rows).view(num_kv_heads, splits, KV_SPLIT_SIZE, head_dim)
+        keys = _gather_items(k_cache, p.key_rows).view(splits, num_kv_heads, KV_SPLIT_SIZE, head_dim)
+        values = _gather_items(v_cache, p.key_rows).view(splits, num_kv_heads, KV_SPLIT_SIZE, head_dim)
         queries = q[p.start : p.end].view(rows, num_kv_heads, group, head_dim)
         for h in range(num_kv_heads):
             partials = [  # each split's keys are shared by the run's queries through a stride-0 batch
-                _attend_split(queries[:, h], keys[h, j][None].expand(rows, -1, -1),
-                              values[h, j][None].expand(rows, -1, -1), bias, scale)
+                _attend_split(queries[:, h], keys[j, h][None].expand(rows, -1, -1),
+                              values[j, h][None].expand(rows, -1, -1), bias, scale)
                 for j, bias in enumerate(p.split_biases)
             ]
             o, l = _merge_splits(partials)
@@ -320,19 +314,15 @@ def _attend_decodes_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _merge_split_prefixes(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, counts: list[int]
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_merge_splits` for split-major items whose split j covers the first counts[j] items of split
-    0 (counts non-increasing): each item's state takes its splits in order 0, 1, ..., by the same
-    elementwise ops, so an item's bits do not depend on how many splits the others have."""
+    0 (counts non-increasing): each item's state takes its splits in order 0, 1, ..., by
+    `_merge_step`, so an item's bits do not depend on how many splits the others have."""
     o_state, m_state, l_state = o[: counts[0]], m[: counts[0]], l[: counts[0]]
     start = counts[0]
     for count in counts[1:]:
-        o_j, m_j, l_j = o[start : start + count], m[start : start + count], l[start : start + count]
-        o_mine, m_mine, l_mine = o_state[:count], m_state[:count], l_state[:count]
-        m_new = torch.maximum(m_mine, m_j)
-        alpha = torch.exp((m_mine - m_new).clamp(min=EXP_FLOOR))
-        beta = torch.exp((m_j - m_new).clamp(min=EXP_FLOOR))
-        o_mine.copy_(o_mine * alpha + o_j * beta)
-        l_mine.copy_(l_mine * alpha + l_j * beta)
-        m_mine.copy_(m_new)
+        mine = (o_state[:count], m_state[:count], l_state[:count])
+        split = (o[start : start + count], m[start : start + count], l[start : start + count])
+        for state, merged in zip(mine, _merge_step(mine, split)):
+            state.copy_(merged)
         start += count
     return o_state, l_state
 
@@ -357,19 +347,28 @@ def _attend_split(
     return torch.bmm(p, v), m, p.sum(-1, keepdim=True)
 
 
-def _merge_splits(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+_State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A softmax state over some splits: (weighted values, max score, normalizer)."""
+
+
+def _merge_step(state: _State, split: _State) -> _State:
+    """The state of splits 0..j-1 merged with split j's: the one step both merges take, so a split's
+    arithmetic is the same whichever merge runs it."""
+    o, m, l = state
+    o_j, m_j, l_j = split
+    m_new = torch.maximum(m, m_j)
+    alpha = torch.exp((m - m_new).clamp(min=EXP_FLOOR))
+    beta = torch.exp((m_j - m_new).clamp(min=EXP_FLOOR))  # an empty split: o_j = l_j = 0, so no change
+    return o * alpha + o_j * beta, m_new, l * alpha + l_j * beta
+
+
+def _merge_splits(partials: list[_State]) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax merge of split states in order 0, 1, ...: (weighted values, normalizer).
 
     Split 0 always holds a visible key (key 0), so its max is finite and it seeds the state as is.
     """
-    o, m, l = partials[0]
-    for o_j, m_j, l_j in partials[1:]:
-        m_new = torch.maximum(m, m_j)
-        alpha = torch.exp((m - m_new).clamp(min=EXP_FLOOR))
-        beta = torch.exp((m_j - m_new).clamp(min=EXP_FLOOR))  # an empty split: o_j = l_j = 0, so no change
-        o = o * alpha + o_j * beta
-        l = l * alpha + l_j * beta
-        m = m_new
-    return o, l
-
+    state = partials[0]
+    for split in partials[1:]:
+        state = _merge_step(state, split)
+    return state[0], state[2]
 

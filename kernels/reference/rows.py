@@ -96,7 +96,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     g = as_dtype(gate, torch.float32)
     silu = torch.div(g, torch.neg(g).exp_().add_(1))  # fresh tensors only: g may be a view of x
-    return (silu if x.dtype == torch.float32 else silu.to(x.dtype)).mul_(up)
+    return as_dtype(silu, x.dtype).mul_(up)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
