@@ -112,7 +112,7 @@ class ChatRenderer(ChunkedRenderer):
         logprobs = self._logprobs(c, out.new_logprobs)
         if self.tool_use is not None:
             return self._tool_chunks(c, out, first, logprobs)
-        if not (first or out.text_delta or out.finished or (logprobs and out.new_logprobs)):
+        if not self.carries(out, first, logprobs):
             return []
         choice = self._choice(c, out.text_delta, logprobs, c.finish_reason if out.finished else None,
                               delta=True, role=first)

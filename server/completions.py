@@ -68,7 +68,7 @@ class CompletionRenderer(ChunkedRenderer):
 
     def chunks(self, c: Choice, out: RequestOutput, first: bool) -> list[dict]:
         logprobs, self._text_offsets[c.index] = self._logprobs(c, out.new_logprobs, self._text_offsets[c.index])
-        if not (first or out.text_delta or out.finished or (logprobs and out.new_logprobs)):
+        if not self.carries(out, first, logprobs):
             return []
         text = (self.echoes[c.index] if first else "") + out.text_delta
         choice = self._choice(c, text, logprobs, c.finish_reason if out.finished else None)

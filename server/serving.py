@@ -229,6 +229,13 @@ class ChunkedRenderer(Renderer):
             return {"token_ids": token_ids}
         return {"token_ids": None} if whole else {}
 
+    def carries(self, out: RequestOutput, first: bool, logprobs: dict | None) -> bool:
+        """Whether an output makes a chunk: the choice's first, new text, the finish, logprobs asked
+        for, or token ids asked for (a token whose text the detokenizer holds back, or a model with
+        no tokenizer, still streams its id, so the chunks' ids add up to the whole output's)."""
+        return bool(first or out.text_delta or out.finished or (logprobs and out.new_logprobs)
+                    or (self.return_token_ids and out.new_token_ids))
+
     def wants_logprobs(self, c: Choice) -> bool:
         return self.job.requests[c.index].params.logprobs is not None
 

@@ -105,7 +105,7 @@ def sample_length(rng: random.Random, mean: int, range_ratio: float) -> int:
 def build_payload(
     endpoint: Endpoint,
     model: str,
-    prompt: str,
+    prompt: str | list[int],
     max_tokens: int,
     *,
     temperature: float,
@@ -229,7 +229,8 @@ async def _read_stream(
 
 
 def _absorb(result: RequestResult, body: dict[str, Any], endpoint: Endpoint, message_key: str) -> bool:
-    """Fold a response body or stream chunk into `result`; whether it carried output (text or tokens)."""
+    """Fold a response body or stream chunk into `result`; whether it carried output (text, tokens
+    with logprobs, or vLLM's token_ids)."""
     result.fingerprint = body.get("system_fingerprint") or result.fingerprint
     result.digest = body.get("output_digest") or result.digest
     if usage := body.get("usage"):
@@ -246,7 +247,7 @@ def _absorb(result: RequestResult, body: dict[str, Any], endpoint: Endpoint, mes
                 result.tokens, result.logprobs = [], []
             result.tokens += tokens
             result.logprobs += logprobs
-        carried = carried or bool(text) or bool(tokens)
+        carried = carried or bool(text) or bool(tokens) or bool(choice.get("token_ids"))
     return carried
 
 

@@ -53,7 +53,9 @@ METRICS = {  # name -> (short name, section title), in vLLM's order
 
 EPILOG = """\
 datasets: random = distinct prompts of random common words (about one token each), lengths uniform
-in L*[1-r, 1+r] for --range-ratio r; fixed = one prompt of --input-len words sent every time (shows
+in L*[1-r, 1+r] for --range-ratio r; random-ids = the same lengths in random token ids below 1000
+(any vocabulary has them), sent as token ids with vLLM's return_token_ids, for a model served
+without a tokenizer (random weights from a config.json; completions only); fixed = one prompt of --input-len words sent every time (shows
 the prefix-cache path); jsonl = --dataset-path lines {"prompt": ..., "output_len" or "max_tokens": ...}
 in order, repeated up to --num-prompts.
 
@@ -67,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_client_arguments(parser, default_endpoint="completions")
-    parser.add_argument("--dataset", choices=["random", "fixed", "jsonl"], default="random",
+    parser.add_argument("--dataset", choices=["random", "random-ids", "fixed", "jsonl"], default="random",
                         help="where prompts come from (default: %(default)s)")
     parser.add_argument("--dataset-path", type=Path, help="the JSONL file for --dataset jsonl")
     parser.add_argument("--num-prompts", type=int, default=1000, help="requests to send (default: %(default)s)")
@@ -112,6 +114,8 @@ def _invalid(args: argparse.Namespace) -> str | None:
         return "--range-ratio must be in [0, 1)"
     if args.dataset == "jsonl" and args.dataset_path is None:
         return "--dataset jsonl needs --dataset-path"
+    if args.dataset == "random-ids" and args.endpoint != "completions":
+        return "--dataset random-ids sends token ids, which only --endpoint completions takes"
     if not args.request_rate > 0:
         return "--request-rate must be positive (inf for all at once)"
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -126,10 +130,14 @@ def _invalid(args: argparse.Namespace) -> str | None:
 # -- the workload ---------------------------------------------------------------------------------------
 
 
+RANDOM_ID_LIMIT = 1000
+"""--dataset random-ids draws its token ids below this: every model's vocabulary has them."""
+
+
 @dataclass
 class WorkItem:
-    prompt: str
-    prompt_len: int  # in words: the input token count when the server reports no usage
+    prompt: str | list[int]  # text, or token ids (random-ids)
+    prompt_len: int  # in words or ids: the input token count when the server reports no usage
     max_tokens: int
 
 
@@ -142,7 +150,9 @@ def load_workload(args: argparse.Namespace) -> list[WorkItem]:
     items = []
     for _ in range(args.num_prompts):
         input_len = sample_length(rng, args.input_len, args.range_ratio)
-        items.append(WorkItem(random_prompt(rng, input_len), input_len, sample_length(rng, args.output_len, args.range_ratio)))
+        prompt = ([rng.randrange(RANDOM_ID_LIMIT) for _ in range(input_len)] if args.dataset == "random-ids"
+                  else random_prompt(rng, input_len))
+        items.append(WorkItem(prompt, input_len, sample_length(rng, args.output_len, args.range_ratio)))
     return items
 
 
@@ -173,6 +183,8 @@ async def benchmark(args: argparse.Namespace, items: list[WorkItem]) -> ServeRep
     extra: dict[str, Any] = {"ignore_eos": True} if args.ignore_eos else {}
     if args.deterministic is not None:
         extra["deterministic"] = args.deterministic
+    if args.dataset == "random-ids":  # no text may come back: the chunks' token ids time the output
+        extra["return_token_ids"] = True
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
     async with make_client(args) as client:
         model = args.model or await first_model(client)

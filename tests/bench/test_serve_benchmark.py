@@ -133,3 +133,32 @@ def test_deterministic_field_is_sent_only_when_asked(fake, capsys):
     fake.reset()
     bench(fake, capsys, "--num-prompts", "1", "--output-len", "2", "--no-deterministic")
     assert fake.seen[0].body["deterministic"] is False
+
+
+def test_random_ids_time_every_token_of_a_model_served_without_a_tokenizer(tmp_path, capsys):
+    """A random-weight model from a config.json streams no text: the token ids it returns still
+    time every output token (4 gaps for 5 tokens), and its usage counts the ids sent."""
+    from types import SimpleNamespace
+
+    from detserve.engine.async_engine import AsyncEngine
+    from detserve.engine.config import EngineConfig
+    from tests.server.conftest import serve as serving
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1024, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    engine = AsyncEngine(EngineConfig(model=str(tmp_path), load_format="dummy", kv_cache_tokens=2048))
+    with serving(engine) as live:
+        code, report = bench(SimpleNamespace(url=live.url + "/v1"), capsys, "--dataset", "random-ids",
+                             "--num-prompts", "3", "--output-len", "5", "--ignore-eos", "--max-concurrency", "2")
+    assert code == 0, report["errors"]
+    assert report["total_output_tokens"] == 15 and report["total_input_tokens"] == 24
+    assert [len(itl) for itl in report["itls"]] == [4, 4, 4]
+
+
+def test_random_ids_go_to_completions_only(capsys):
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:9", "--dataset", "random-ids", "--endpoint", "chat"])
+    assert serve.run(args) == 2
+    assert "only --endpoint completions" in capsys.readouterr().err

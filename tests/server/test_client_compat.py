@@ -202,3 +202,23 @@ def test_responses_include_of_anything_else_is_a_400_naming_include(http) -> Non
     response = http.post("/v1/responses", json={"model": "tiny", "input": "hi",
                                                 "include": ["reasoning.encrypted_content"]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "include"
+
+
+def test_streamed_token_ids_add_up_to_the_whole_output_even_with_no_text(tmp_path) -> None:
+    """A model with no tokenizer streams no text (a random-weight model served for a benchmark);
+    each token's id still arrives in a chunk when asked for, as vLLM sends them."""
+    from detserve.engine.async_engine import AsyncEngine
+    from detserve.engine.config import EngineConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    engine = AsyncEngine(EngineConfig(model=str(tmp_path), load_format="dummy", kv_cache_tokens=1024,
+                                      served_model_name="bare"))
+    body = {"model": "bare", "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True, "return_token_ids": True,
+            "temperature": 0}
+    with serve(engine) as live, httpx2.Client(base_url=live.url, timeout=120) as client:
+        whole = client.post(COMP, json=body).json()["choices"][0]
+        chunks = _events(client.post(COMP, json=body | {"stream": True}))
+    streamed = [t for chunk in chunks for choice in chunk["choices"] for t in choice["token_ids"]]
+    assert whole["text"] == "" and len(whole["token_ids"]) == 6 and streamed == whole["token_ids"]
