@@ -165,6 +165,9 @@ class EngineConfig:
     max_num_batched_tokens: int = option(512, "token budget of one step")
     max_model_len: int | None = option(None, "context window (default: the model's)")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of a prompt prefix seen before")
+    enforce_eager: bool = option(
+        False, "run every step eagerly: no CUDA graphs for decode steps (graphs need a CUDA device, one rank "
+        "and a dense model; elsewhere steps are eager anyway)")
     seed: int = option(0, "seed of the random weights of --load-format dummy")
     served_model_name: str | None = option(None, "the model id clients send (default: from the model's file name)")
     tensor_parallel_size: int = option(

@@ -18,6 +18,7 @@ import torch
 from detserve import kernels
 from detserve.engine import cpu_runtime, sampler, weights
 from detserve.engine.config import EngineConfig, ModelConfig
+from detserve.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from detserve.engine.forward_batch import ForwardBatch, PromptScore
 from detserve.engine.models.llama import LlamaModel, dummy_state_dict
 from detserve.engine.parallel import Layout, TensorParallel
@@ -81,6 +82,19 @@ class StepInputs:
                     scored.append(PromptScore(request, p, request.prompt_token_ids[p + 1],
                                               request.params.prompt_logprobs))
         return rows, scored
+
+    def padded(self, batch: int, pad_block: int) -> "StepInputs":
+        """These inputs of a decode step with pad rows added up to `batch` rows (a CUDA graph's
+        bucket): each a one-token sequence, token 0 at position 0 of `pad_block`, which no request
+        owns, sampling like the real rows. The kernels are batch-invariant, so a pad row changes no
+        real row's bits; the caller drops its logits."""
+        pads, rows = batch - len(self.seq_lens), len(self.input_ids)
+        return StepInputs(
+            self.mode, self.input_ids + [0] * pads, self.positions + [0] * pads,
+            self.query_start_loc + list(range(rows + 1, rows + pads + 1)), self.seq_lens + [1] * pads,
+            self.num_new_tokens + [1] * pads, self.block_tables + [[pad_block]] * pads,
+            self.logits_indices + list(range(rows, rows + pads)), list(self.scored_rows),
+        )
 
     def logits_row_ranges(self) -> list[tuple[int, int]]:
         """The LM-head calls of the step, as ranges of its hidden rows: the sampling rows in one
@@ -154,9 +168,11 @@ class ModelRunner:
                              "the same in any shard (float matmuls are not): use --quantization int4 or int8")
         self.num_heads, self.num_kv_heads = self.model.layers[0].num_heads, self.model.layers[0].num_kv_heads
         mc = model_config
-        # One block more than the block manager hands out: it stays zero, for reads past a sequence.
+        # Two blocks more than the block manager hands out: one stays zero, for reads past a sequence;
+        # the other holds the K/V of a CUDA graph's pad rows (`StepInputs.padded`).
         self.zero_slot = config.kv_capacity_tokens
-        cache_shape = (config.num_kv_blocks + 1, config.block_size, self.num_kv_heads, mc.head_dim)
+        self.pad_block = config.num_kv_blocks + 1
+        cache_shape = (config.num_kv_blocks + 2, config.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(cache_shape, dtype=self.dtype, device=self.device),
@@ -164,6 +180,7 @@ class ModelRunner:
             )
             for _ in range(mc.num_layers)
         ]
+        self.graphs = self._decode_graphs(max_model_len)
         kv_bytes = 2 * mc.num_layers * config.kv_capacity_tokens * self.num_kv_heads * mc.head_dim
         logger.info("weights: %s", self.weight_format)
         logger.info(
@@ -172,6 +189,17 @@ class ModelRunner:
             config.block_size,
             kv_bytes * self.kv_caches[0][0].element_size() / 2**20,
         )
+
+    def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps where they can run: a CUDA device with triton, no
+        --enforce-eager, one rank (collectives stay eager), and a dense model (a mixture of experts
+        sizes its expert matmuls on the host from each step's routing)."""
+        config = self.config
+        if (config.enforce_eager or not kernels.can_capture_decodes(self.device) or self.tp.layout.size > 1
+                or self.model_config.moe is not None):
+            return None
+        logger.info("CUDA graphs: decode steps of up to %d sequences", config.max_num_seqs)
+        return DecodeGraphs(self, config.max_num_seqs, max_model_len)
 
     def prepare(self, step: SchedulerOutput) -> ForwardBatch:
         """The step's forward batch (tests and benchmarks run the model on it themselves)."""
@@ -215,7 +243,7 @@ class ModelRunner:
         self.tp.broadcast(inputs)
         sampling = [s.request for s in step.scheduled if s.samples]
         try:
-            logits = self._logits(self._hidden(inputs, scored), inputs)
+            logits = self._forward(inputs, scored)
             with kernels.mode(inputs.mode):
                 samples = sampler.sample(next(logits), sampling, eos_token_ids) if sampling else []
                 scores = self._score(logits, scored)
@@ -232,6 +260,19 @@ class ModelRunner:
         """A worker rank's part of a step rank 0 executes: the same forward pass and LM-head calls."""
         for _ in self._logits(self._hidden(inputs, []), inputs):
             pass
+
+    def _forward(self, inputs: StepInputs, scored: list[PromptScore]) -> Iterator[torch.Tensor | None]:
+        """The step's logits blocks (`_logits`): a decode step a CUDA graph holds is replayed, any
+        other step runs eagerly. A graph that cannot be captured turns graphs off, loudly: serving
+        goes on eagerly (its K/V writes are the warm-up's again)."""
+        bucket = self.graphs.bucket(inputs) if self.graphs is not None else None
+        if bucket is not None:
+            try:
+                return iter([self.graphs.logits(inputs, bucket)])
+            except GraphCaptureError:
+                logger.exception("CUDA graphs are off from now on: every step runs eagerly")
+                self.graphs = None
+        return self._logits(self._hidden(inputs, scored), inputs)
 
     def _hidden(self, inputs: StepInputs, scored: list[PromptScore]) -> torch.Tensor:
         """The forward pass: final hidden states of the rows that sample, then of those scored."""

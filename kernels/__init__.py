@@ -18,7 +18,9 @@ by its weight instead: `linear` with a packed 4/8-bit weight runs the CPU's inte
 `grouped_linear`, a mixture of experts' matmuls, with packed expert weights). `route_experts` is
 composed of the row-wise log-softmax and elementwise ops, so it needs no entry of its own; so are
 `linear_partials` (one `linear` per K-split of a tensor-parallel row-parallel weight) and
-`fold_partials` (their sum in split order).
+`fold_partials` (their sum in split order). `attention` follows its plan: a Triton plan (invariant
+mode's on CUDA, or a CUDA graph's decode plan in either mode, `graph_attention_plan`) runs the
+Triton kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 
 from detserve.kernels import configs, contract, quantized
 from detserve.kernels.contract import KV_SPLIT_SIZE, ROWS_PER_CALL
+from detserve.kernels.graph_plan import capacity_items as graph_decode_items
+from detserve.kernels.graph_plan import splits_for, table_length as graph_table_length
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 from detserve.kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
 from detserve.kernels.reference import attention as torch_attention
@@ -267,11 +271,33 @@ def plan_attention(meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -
     return _kernel("plan_attention", meta.block_tables)(meta, num_heads, num_kv_heads, meta.block_tables.device)
 
 
+def can_capture_decodes(device: torch.device) -> bool:
+    """Whether decode steps on `device` can run in CUDA graphs: a CUDA device with triton importable,
+    since a graph's attention is the Triton kernel's (`graph_attention_plan`)."""
+    return device.type == "cuda" and _triton_available()
+
+
+def graph_attention_plan(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, table: torch.Tensor,
+                         max_splits: int) -> AttentionPlan:
+    """A CUDA graph's decode-step plan, its work items read from the static int32 `table` that
+    `graph_decode_items` fills each step: the same launches whatever the sequences' lengths, so a
+    captured graph replays any step of its batch size. It is the Triton kernel's plan in both modes
+    (fast mode's torch attention plans from host lists, which a graph cannot replay); in invariant
+    mode its bits are those of `plan_attention`'s."""
+    if not _triton_device(table):
+        raise RuntimeError("a CUDA graph's attention plan needs a CUDA device and triton")
+    return _gpu().capacity_attention_plan(meta, num_heads, num_kv_heads, table, max_splits)
+
+
 def attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache as `plan` lays it out; returns [T, H, D].
-    The plan must come from `plan_attention` in the same mode (a backend refuses another's plan)."""
+    The plan names the backend: a Triton plan (`plan_attention` in invariant mode on CUDA, or a
+    graph's `graph_attention_plan`) runs the Triton kernel in either mode; any other plan must come
+    from `plan_attention` in the current mode (a backend refuses another's plan)."""
+    if _triton_device(q) and isinstance(plan, _gpu().paged_attention.Plan):
+        return _gpu().attention(q, k_cache, v_cache, plan, scale)
     return _kernel("attention", q)(q, k_cache, v_cache, plan, scale)
 
 
@@ -305,9 +331,13 @@ __all__ = [
     "apply_token_bitmask",
     "attention",
     "cache_slots",
+    "can_capture_decodes",
     "column_shard",
     "config_digest",
     "fold_partials",
+    "graph_attention_plan",
+    "graph_decode_items",
+    "graph_table_length",
     "current_mode",
     "grouped_linear",
     "gumbel_max",
@@ -324,4 +354,5 @@ __all__ = [
     "route_experts",
     "sample_tokens",
     "silu_mul",
+    "splits_for",
 ]

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []  # counters a captured CUDA graph may still point at
 
 
 def arrival_counts(pieces: int, device: torch.device) -> torch.Tensor:
@@ -22,12 +23,15 @@ def arrival_counts(pieces: int, device: torch.device) -> torch.Tensor:
     a launch costs no memset. Launches that share them must not overlap, which holds on one stream
     (the engine uses one). Not one set per stream: CUDA graph capture runs on its own stream, after
     a warm-up on another, and must find the counters the warm-up allocated (zeroing captured in a
-    graph runs only on replay).
+    graph runs only on replay). Counters outgrown by a larger launch stay allocated, zero: a graph
+    captured earlier replays on them, and freed memory would be another tensor's.
     """
     counts = _counters.get(device)
     if counts is None or counts.numel() < pieces:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("arrival counters: run each shape once before CUDA graph capture")
+        if counts is not None:
+            _outgrown.append(counts)
         counts = torch.zeros(max(pieces, 1024), dtype=torch.int32, device=device)
         _counters[device] = counts
     return counts

@@ -62,6 +62,12 @@ def plan_attention(meta: AttentionMetadata, num_heads: int, num_kv_heads: int,
     return paged_attention.plan(meta, num_heads // num_kv_heads, _config(device).attention, device)
 
 
+def capacity_attention_plan(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, table: torch.Tensor,
+                            max_splits: int) -> paged_attention.Plan:
+    return paged_attention.capacity_plan(meta, num_heads // num_kv_heads, _config(table.device).attention, table,
+                                         max_splits)
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: paged_attention.Plan,
               scale: float) -> torch.Tensor:
     return paged_attention.paged_attention(q, k_cache, v_cache, plan, scale)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from detserve.kernels import graph_plan
 from detserve.kernels.arrivals import arrival_counts, last_to_arrive
 from detserve.kernels.configs import LAUNCH_OPTIONS, AttentionConfig
 from detserve.kernels.inputs import AttentionMetadata
@@ -39,8 +40,7 @@ from detserve.kernels.contract import KV_SPLIT_SIZE
 Launch = Literal["auto", "parallel", "sequential"]
 
 SPLIT: tl.constexpr = tl.constexpr(KV_SPLIT_SIZE)
-# An item's fields: sequence, first token, rows, first query position, splits, first partial slot.
-ITEM_FIELDS: tl.constexpr = tl.constexpr(6)
+ITEM_FIELDS: tl.constexpr = tl.constexpr(graph_plan.ITEM_FIELDS)
 
 
 @triton.jit
@@ -190,30 +190,33 @@ def _attention_split_kernel(
     """Program (item split, KV head): one split's (acc, m, l) into its partial slots, fp32.
 
     With LAST_MERGES, the last of the item's split programs to finish (for this KV head) merges
-    them, as `_attention_merge_kernel` does otherwise.
+    them, as `_attention_merge_kernel` does otherwise. A program past its item's splits does
+    nothing: a CUDA graph's launch has a program for every split an item could have
+    (`capacity_plan`), while a step's items have only those their keys reach.
     """
     kv_head = tl.program_id(1)
     item = tl.load(programs_ptr + 2 * tl.program_id(0))
     split = tl.load(programs_ptr + 2 * tl.program_id(0) + 1)
     seq, tok0, num_rows, qpos0, num_splits, slot0 = _load_item(items_ptr, item)
-    qi, tok, head, q_pos, row_ok = _query_rows(tok0, num_rows, qpos0, kv_head, G, BLOCK_M)
-    q = _load_queries(q_ptr, tok, head, stride_qt, stride_qh, D, HEAD)
-    table = tables_ptr + seq.to(tl.int64) * stride_table
-    acc, m, l = _attend_split(
-        q, q_pos, k_ptr, v_ptr, table, kv_head, split, qpos0 + num_rows, page_size, stride_slot, stride_head,
-        qk_scale, D, BLOCK_M, BLOCK_N, HEAD, PRECISION,
-    )
-    slot_head = (slot0 + qi * num_splits + split).to(tl.int64) * H + head  # [BLOCK_M]
-    offs_d = tl.arange(0, HEAD)
-    tl.store(part_o_ptr + slot_head[:, None] * HEAD + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(part_ml_ptr + 2 * slot_head, m, mask=row_ok)
-    tl.store(part_ml_ptr + 2 * slot_head + 1, l, mask=row_ok)
-    if LAST_MERGES:
-        if last_to_arrive(arrivals_ptr + item * tl.num_programs(1) + kv_head, num_splits):
-            _merge_partials(
-                out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot, stride_oh,
-                D, H, BLOCK_M, HEAD,
-            )
+    if split < num_splits:
+        qi, tok, head, q_pos, row_ok = _query_rows(tok0, num_rows, qpos0, kv_head, G, BLOCK_M)
+        q = _load_queries(q_ptr, tok, head, stride_qt, stride_qh, D, HEAD)
+        table = tables_ptr + seq.to(tl.int64) * stride_table
+        acc, m, l = _attend_split(
+            q, q_pos, k_ptr, v_ptr, table, kv_head, split, qpos0 + num_rows, page_size, stride_slot, stride_head,
+            qk_scale, D, BLOCK_M, BLOCK_N, HEAD, PRECISION,
+        )
+        slot_head = (slot0 + qi * num_splits + split).to(tl.int64) * H + head  # [BLOCK_M]
+        offs_d = tl.arange(0, HEAD)
+        tl.store(part_o_ptr + slot_head[:, None] * HEAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + 2 * slot_head, m, mask=row_ok)
+        tl.store(part_ml_ptr + 2 * slot_head + 1, l, mask=row_ok)
+        if LAST_MERGES:
+            if last_to_arrive(arrivals_ptr + item * tl.num_programs(1) + kv_head, num_splits):
+                _merge_partials(
+                    out_ptr, part_o_ptr, part_ml_ptr, qi, tok, head, row_ok, num_splits, slot0, stride_ot,
+                    stride_oh, D, H, BLOCK_M, HEAD,
+                )
 
 
 @triton.jit(do_not_specialize=["first_item"])
@@ -251,8 +254,7 @@ def plan(meta: AttentionMetadata, group: int, config: AttentionConfig, device: t
     """The step's work items for `group` query heads per KV head. `launch` forces one launch for
     every sequence (for tests); "auto" splits decode-sized sequences in parallel, which is safe
     because both launches give the same bits."""
-    if group > config.block_m or KV_SPLIT_SIZE % config.block_n:
-        raise ValueError(f"attention config {config} cannot serve {group} query heads per KV head")
+    _check_config(group, config)
     rows_per_item = config.block_m // group
     sequential: list[list[int]] = []
     parallel: list[list[int]] = []
@@ -268,7 +270,7 @@ def plan(meta: AttentionMetadata, group: int, config: AttentionConfig, device: t
         for c in range(0, q_len, rows_per_item):
             rows = min(rows_per_item, q_len - c)
             qpos0 = seq_len - q_len + c
-            splits = (qpos0 + rows - 1) // KV_SPLIT_SIZE + 1  # through the split of the item's last query
+            splits = graph_plan.splits_for(qpos0 + rows)  # through the split of the item's last query
             if split_up:
                 programs += [(len(parallel), j) for j in range(splits)]
                 parallel.append([b, start + c, rows, qpos0, splits, num_slots])
@@ -289,6 +291,23 @@ def plan(meta: AttentionMetadata, group: int, config: AttentionConfig, device: t
         num_parallel=len(parallel),
         num_slots=num_slots,
     )
+
+
+def _check_config(group: int, config: AttentionConfig) -> None:
+    if group > config.block_m or KV_SPLIT_SIZE % config.block_n:
+        raise ValueError(f"attention config {config} cannot serve {group} query heads per KV head")
+
+
+def capacity_plan(meta: AttentionMetadata, group: int, config: AttentionConfig, table: torch.Tensor,
+                  max_splits: int) -> Plan:
+    """A decode step's plan whose work items are read from `table` (int32 on the device, as
+    `graph_plan.capacity_items` fills it for meta's `num_seqs` decodes): its launches are the same whatever the
+    sequences' lengths, as a CUDA graph replays them, and each item's arithmetic is `plan`'s, so
+    are its bits."""
+    _check_config(group, config)
+    batch = meta.num_seqs
+    return Plan(meta=meta, group=group, config=config, items=table, programs=table[batch * ITEM_FIELDS.value :],
+                num_sequential=0, num_parallel=batch, num_slots=batch * max_splits)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Plan,

@@ -19,6 +19,7 @@ from tests.kernels.triton_setup import DEVICE
 pytest.importorskip("triton")
 
 from detserve.kernels import KV_SPLIT_SIZE  # noqa: E402
+from detserve.kernels.arrivals import arrival_counts  # noqa: E402
 from detserve.kernels.configs import AttentionConfig  # noqa: E402
 
 # 16 query tokens x 2 heads per program; 4 key tiles per split.
@@ -102,3 +103,43 @@ def test_matches_float64_reference(dtype, head_dim: int, tolerance: float) -> No
     out = run_chunked(_cache(dtype, 4, head_dim=head_dim), "s", (q, k, v), [150, length])
     ref = attention_float64(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCALE)
     assert (out.double() - ref).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("last_merges", [False, True])
+def test_a_capacity_plan_gives_the_bits_of_the_step_planned_alone(last_merges: bool) -> None:
+    """A CUDA graph's decode plan: every decode runs a program per split it could have (here 5),
+    the spare ones doing nothing, with the same bits as the step's own plan (1 to 3 splits each)."""
+    from detserve.kernels import graph_plan, paged_attention
+
+    cache = _cache(torch.float32, seed=5, num_blocks=120)
+    lengths = {"a": 530, "b": 257, "c": 2, "d": 256}
+    seqs = {name: sequence(n, seed) for seed, (name, n) in enumerate(lengths.items())}
+    cache.step([(name, *(t[:-1] for t in qkv), 0) for name, qkv in seqs.items()])
+    q, meta = cache.store([(name, *(t[-1:] for t in qkv), lengths[name] - 1) for name, qkv in seqs.items()])
+    config = dataclasses.replace(SMALL, last_split_merges=last_merges)
+    planned = triton_attend(q, cache.k, cache.v, meta, SCALE, config)
+    table = torch.tensor(graph_plan.capacity_items(meta.seq_lens, max_splits=5), dtype=torch.int32, device=DEVICE)
+    capacity = paged_attention.capacity_plan(meta, 2, config, table, max_splits=5)
+    negated = triton_attend(-q, cache.k, cache.v, meta, SCALE, config)
+    for query, expected in [(q, planned), (-q, negated)] * 2:
+        assert torch.equal(paged_attention.paged_attention(query, cache.k, cache.v, capacity, SCALE), expected)
+        # A spare program that counted itself in would leave a counter nonzero, and on a GPU the next
+        # launch's item would merge before its splits arrived (the interpreter's in-order programs hide it).
+        assert int(arrival_counts(1, q.device).count_nonzero()) == 0
+    with pytest.raises(ValueError, match="more than 2 splits"):
+        graph_plan.capacity_items(meta.seq_lens, max_splits=2)
+
+
+def test_arrival_counters_outgrown_by_a_larger_launch_stay_allocated_for_graphs_captured_before() -> None:
+    """A CUDA graph captured at a small batch keeps the address of the counters it counted on; a
+    larger batch's launch must not free them under it."""
+    import gc
+    import weakref
+
+    device = torch.device(DEVICE)
+    earlier = arrival_counts(1, device)
+    captured = weakref.ref(earlier)
+    grown = arrival_counts(earlier.numel() + 1, device)
+    del earlier
+    gc.collect()
+    assert grown.numel() > captured().numel() and int(captured().count_nonzero()) == 0

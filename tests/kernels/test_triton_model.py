@@ -114,6 +114,43 @@ def test_engine_generates_through_the_triton_sampler_with_the_same_tokens_alone_
     assert all(len(lp.top) == 2 for lp in alone[0].output_logprobs)
 
 
+def test_decode_steps_run_as_a_graph_replays_them_give_the_eager_bits_in_company(tiny_engine, on_triton,
+                                                                                  monkeypatch) -> None:
+    """The CUDA graph path without the capture (a CPU has none): each decode step staged in the one
+    static buffer, padded to its bucket, attention over the fixed-capacity plan, and the captured
+    work run again on every replay. Greedy and seeded requests amid company give the bits of the
+    eager steps alone; a fast request's steps replay a fast graph (its decode attention the Triton
+    kernel's too)."""
+    from detserve.engine.cuda_graphs import DecodeGraphs
+
+    class ReplayedEagerly(DecodeGraphs):
+        def _capture(self, bucket: int, mode: kernels.Mode):
+            logits = self.forward(bucket, mode)
+            def replay() -> None:
+                with torch.inference_mode():
+                    logits.copy_(self.forward(bucket, mode))
+
+            return type("Graph", (), {"replay": staticmethod(replay)}), logits
+
+    prompts = [[random.Random(i).randrange(384) for _ in range(KV_SPLIT_SIZE + 3 if i == 0 else 5 + i)]
+               for i in range(4)]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=5, temperature=0.9, seed=11, ignore_eos=True, logprobs=0)]
+    alone = [tiny_engine.generate([prompts[i]], params[i])[0] for i in range(2)]
+    graphs = ReplayedEagerly(tiny_engine.runner, tiny_engine.config.max_num_seqs, tiny_engine.max_model_len)
+    monkeypatch.setattr(tiny_engine.runner, "graphs", graphs)
+    # Decodes: 4 rows, then 3 (padded to 4) once the first company request ends, then the fast one alone.
+    company = [SamplingParams(max_tokens=3, temperature=1.0, seed=0, ignore_eos=True),
+               SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True, deterministic=False)]
+    together = tiny_engine.generate(prompts, params + company)
+    assert set(graphs.graphs) == {(4, "invariant"), (1, "fast")}
+    assert len(together[3].output_token_ids) == 8
+    for one, crowded in zip(alone, together):
+        assert crowded.output_token_ids == one.output_token_ids
+        assert [(lp.logprob, lp.top) for lp in crowded.output_logprobs] == [(lp.logprob, lp.top) for lp in
+                                                                              one.output_logprobs]
+
+
 TINY_MOE = TINY_LLAMA | {"architectures": ["Qwen3MoeForCausalLM"], "head_dim": 16, "moe_intermediate_size": 32,
                          "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}
 
