@@ -54,10 +54,13 @@ class Row:
 
 
 def client_args(base_url: str, concurrency: int, requests_per_slot: int, deterministic: bool | None,
-                input_words: int, output_len: int) -> argparse.Namespace:
+                input_words: int, output_len: int, dataset: str = "random") -> argparse.Namespace:
+    """`detserve bench serve`'s arguments for one closed-loop run: chat requests of random words, or
+    with dataset `random-ids` completions of random token ids (a model served without a tokenizer)."""
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
-    argv = ["--base-url", base_url, "--endpoint", "chat", "--dataset", "random", "--disable-tqdm",
+    endpoint = "completions" if dataset == "random-ids" else "chat"
+    argv = ["--base-url", base_url, "--endpoint", endpoint, "--dataset", dataset, "--disable-tqdm",
             "--num-prompts", str(concurrency * requests_per_slot), "--input-len", str(input_words),
             "--output-len", str(output_len), "--max-concurrency", str(concurrency), "--ignore-eos"]
     if deterministic is not None:
@@ -112,9 +115,11 @@ def _completion_tokens(stream: str) -> int:
 
 
 def measure_engine(engine: LLMEngine, args: argparse.Namespace, deterministic: bool) -> float:
-    """The same workload through the engine in this process: closed loop at the same concurrency."""
+    """The same workload through the engine in this process: closed loop at the same concurrency
+    (a chat prompt through the chat template, token ids as they are)."""
     items = serve.load_workload(args)
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": i.prompt}]) for i in items]
+    prompts = [i.prompt if isinstance(i.prompt, list) else
+               engine.tokenizer.apply_chat_template([{"role": "user", "content": i.prompt}]) for i in items]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True, deterministic=deterministic)
     engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
     pending, running, tokens = list(prompts), 0, 0
@@ -134,19 +139,24 @@ def _mode(deterministic: bool | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
+    """Tokens/s per system and concurrency, then the ratios whose both sides ran."""
     by = {(r.server, r.mode, r.concurrency): r.tokens_per_second for r in rows}
-    lines = [f"{'':28}" + "".join(f"{f'concurrency {c}':>16}" for c in sorted({r.concurrency for r in rows}))]
+    lines = [f"{'':32}" + "".join(f"{f'concurrency {c}':>16}" for c in sorted({r.concurrency for r in rows}))]
     for server, mode in dict.fromkeys((r.server, r.mode) for r in rows):
         cells = "".join(f"{by.get((server, mode, c), float('nan')):>16.1f}" for c in sorted({r.concurrency for r in rows}))
-        lines.append(f"{server + ' ' + mode:28}{cells}")
+        lines.append(f"{server + ' ' + mode:32}{cells}")
     ratios = [("deterministic / fast", ("detserve", "deterministic"), ("detserve", "fast")),
               ("server / engine, deterministic", ("detserve", "deterministic"), ("engine", "deterministic")),
+              ("server / engine, fast", ("detserve", "fast"), ("engine", "fast")),
               ("server / engine, curl", ("detserve (curl)", "deterministic"), ("engine", "deterministic")),
               ("deterministic / llama.cpp", ("detserve", "deterministic"), ("llama.cpp", "-"))]
+    ran = {(r.server, r.mode) for r in rows}
     for name, top, bottom in ratios:
+        if top not in ran or bottom not in ran:
+            continue
         cells = [by.get((*top, c), float("nan")) / by.get((*bottom, c), float("nan"))
                  for c in sorted({r.concurrency for r in rows})]
-        lines.append(f"{name:28}" + "".join(f"{x:>16.2f}" for x in cells))
+        lines.append(f"{name:32}" + "".join(f"{x:>16.2f}" for x in cells))
     return "\n".join(lines)
 
 

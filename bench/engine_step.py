@@ -5,8 +5,11 @@ config.json in a temporary folder, `load_format="dummy"`, nothing to download) a
 batch size, admits that many requests with distinct random prompts, runs their prefill, and then
 times whole `engine.step()` calls while every request decodes: scheduling, input preparation,
 the forward pass, sampling and detokenization, synchronized with the device. The same engine
-serves both modes, since determinism is per request. Prints the median step time and the decode
-throughput of each mode and their ratio, a short table last.
+serves both modes, since determinism is per request. Decode steps replay CUDA graphs on a GPU
+(each batch size's first decode step, untimed, captures them) unless `--enforce-eager`. Prints the
+median step time and the decode throughput of each mode and their ratio, a short table last; on a
+GPU also the weight-read floor (the bytes a decode step must read, over the bandwidth a 1 GiB
+device-to-device copy reaches) and each step time as a multiple of it.
 
 Run from the repo root: `python -m bench.engine_step` (on a GPU; `--device cpu --config ...` for
 a small model on CPU, or `--device cpu --model default` for the default model's real weights).
@@ -73,7 +76,7 @@ def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: 
     (held to `structured`, when given, which must not end within the steps)."""
     rng = random.Random(seed)
     vocab = engine.info.vocab_size
-    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, deterministic=deterministic,
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True, deterministic=deterministic,
                             structured=structured)
     requests = [
         engine.add_request(f"bench-{deterministic}-{batch}-{i}",
@@ -82,6 +85,7 @@ def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: 
     ]
     while any(r.num_output_tokens == 0 for r in requests):  # prefill, untimed
         engine.step()
+    engine.step()  # the first decode step, untimed: on a GPU it captures the batch's CUDA graph
     device = engine.runner.device
     times = []
     for _ in range(steps):
@@ -95,19 +99,60 @@ def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: 
     return StepTiming(batch, deterministic, statistics.median(times))
 
 
-def table(timings: list[StepTiming]) -> str:
-    lines = [f"{'batch':>5} {'invariant ms':>12} {'fast ms':>8} {'ratio':>6} {'invariant tok/s':>15} {'fast tok/s':>10}"]
+def table(timings: list[StepTiming], floor_ms: float | None = None) -> str:
+    """One line per batch: both modes' step times, their ratio, tokens/s, and with `floor_ms` each
+    step time as a multiple of the weight-read floor."""
+    floors = f" {'invariant/floor':>15} {'fast/floor':>10}" if floor_ms else ""
+    lines = [f"{'batch':>5} {'invariant ms':>12} {'fast ms':>8} {'ratio':>6} {'invariant tok/s':>15} {'fast tok/s':>10}"
+             + floors]
     by_key = {(t.batch, t.deterministic): t for t in timings}
     for batch in dict.fromkeys(t.batch for t in timings):
         inv, fast = by_key[(batch, True)], by_key[(batch, False)]
-        lines.append(f"{batch:>5} {inv.step_ms:12.2f} {fast.step_ms:8.2f} {inv.step_ms / fast.step_ms:6.2f}"
-                     f" {inv.tokens_per_second:15.0f} {fast.tokens_per_second:10.0f}")
+        line = (f"{batch:>5} {inv.step_ms:12.2f} {fast.step_ms:8.2f} {inv.step_ms / fast.step_ms:6.2f}"
+                f" {inv.tokens_per_second:15.0f} {fast.tokens_per_second:10.0f}")
+        if floor_ms:
+            line += f" {inv.step_ms / floor_ms:15.2f} {fast.step_ms / floor_ms:10.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
+def weight_bytes(engine: LLMEngine) -> int:
+    """Bytes every decode step reads whatever its batch: the layers' weights and norms, the final
+    norm and the LM head (the embedding gives only the batch's rows)."""
+    model, tensors = engine.runner.model, {}
+
+    def add(value: object) -> None:
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(t, torch.Tensor):
+                tensors[t.data_ptr()] = t.numel() * t.element_size()
+
+    for holder in (*model.layers, model):
+        for name, value in vars(holder).items():
+            if name not in ("embed_tokens", "cos_sin"):
+                add(value)
+        for name, param in holder.named_parameters(recurse=holder is not model):
+            add(param)
+    add(model.lm_head)
+    return sum(tensors.values())
+
+
+def weight_read_floor_ms(engine: LLMEngine) -> float:
+    """The fastest a decode step could be on this GPU: its weight bytes read once at the bandwidth
+    a 1 GiB device-to-device copy reaches (`bench.kernels.measured_bandwidth_gbs`)."""
+    from bench.kernels import measured_bandwidth_gbs
+
+    bandwidth = measured_bandwidth_gbs()
+    floor = weight_bytes(engine) / bandwidth / 1e6
+    print(f"weights read per decode step: {weight_bytes(engine) / 2**30:.2f} GiB; copy bandwidth {bandwidth:.0f} GB/s;"
+          f" floor {floor:.2f} ms", flush=True)
+    return floor
+
+
 def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int], prompt_tokens: int, steps: int,
-        model: str | None = None, quantization: str = "auto") -> list[StepTiming]:
-    """Time each batch size in both modes, on `config_json` with random weights, or else on `model`."""
+        model: str | None = None, quantization: str = "auto", enforce_eager: bool = False
+        ) -> tuple[list[StepTiming], float | None]:
+    """Time each batch size in both modes, on `config_json` with random weights, or else on `model`;
+    with the weight-read floor in ms on a GPU (None on CPU)."""
     with tempfile.TemporaryDirectory() as folder:
         if config_json is not None:
             (Path(folder) / "config.json").write_text(json.dumps(config_json))
@@ -116,7 +161,9 @@ def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int
             device=device, dtype=dtype, quantization=quantization,
             kv_cache_tokens=max(batch_sizes) * (prompt_tokens + steps + 16), max_num_seqs=max(batch_sizes),
             max_num_batched_tokens=max(2048, max(batch_sizes)), enable_prefix_caching=False,
+            enforce_eager=enforce_eager,
         ))
+        floor_ms = weight_read_floor_ms(engine) if engine.runner.device.type == "cuda" else None
         timings = []
         for batch in batch_sizes:
             for deterministic in (True, False):
@@ -124,7 +171,10 @@ def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int
                 print(f"batch {batch:>4} {'invariant' if deterministic else 'fast':>9}: {timings[-1].step_ms:.2f} ms/step",
                       flush=True)
         assert not engine.has_unfinished_requests()
-    return timings
+        if engine.runner.device.type == "cuda":
+            graphs = engine.runner.graphs
+            print(f"CUDA graphs replayed: {sorted(graphs.graphs) if graphs is not None else 'none (eager steps)'}")
+    return timings, floor_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,20 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,16,64,256", help="(default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch and mode (default: %(default)s)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step eager")
     args = parser.parse_args(argv)
     config_json = json.loads(args.config.read_text()) if args.config else None if args.model else LLAMA3_8B
     model = None if args.model in (None, "default") else args.model
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench.engine_step: no CUDA device (use --device cpu with a small --config)")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    timings = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps, model,
-                  args.quantization)
+    timings, floor_ms = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps, model,
+                            args.quantization, args.enforce_eager)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     what = (f"{config_json['hidden_size']}-wide x {config_json['num_hidden_layers']} layers" if config_json
             else args.model)
+    steps = "eager steps" if args.enforce_eager or not args.device.startswith("cuda") else "CUDA graphs"
     print(f"\n== engine decode step, {what}, {args.dtype}, quantization {args.quantization},"
-          f" {args.prompt_tokens}-token prompts, {where} ==")
-    print(table(timings))
+          f" {args.prompt_tokens}-token prompts, {where}, {steps} ==")
+    print(table(timings, floor_ms))
     return 0
 
 

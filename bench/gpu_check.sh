@@ -3,7 +3,8 @@
 # pytest and hypothesis already installed: installs nothing, needs no network and no gguf.
 # Steps, in order (name them as arguments to run a subset, e.g. to fit a 10-minute call):
 #   gpu_tests             the `gpu` tests: bf16 invariance at Llama-3-8B shapes, sampling over a
-#                         Llama-3 vocab, and a whole random-weight 8B model alone vs in batches;
+#                         Llama-3 vocab, a whole random-weight 8B model alone vs in batches, and
+#                         decode steps replayed from CUDA graphs bitwise equal to eager ones;
 #   compiled_small_tests  the interpreter-sized Triton tests, here compiled for this GPU;
 #   bench                 bench.kernels: invariant kernels vs cuBLAS / SDPA, eager and in CUDA graphs,
 #                         and decode attention as a share of the measured HBM bandwidth;
@@ -11,7 +12,10 @@
 #                         against cuBLAS, the best per weight shape printed as configs.py entries
 #                         (pin them, then rerun `bench`);
 #   engine                bench.engine_step: whole-engine decode steps of a random 8B model, invariant
-#                         vs fast, at batch 1, 16, 64 and 256.
+#                         vs fast, at batch 1, 16, 64 and 256, in CUDA graphs, with the weight-read floor;
+#   engine_eager          the same with --enforce-eager (every step launched from Python);
+#   serve                 bench.gpu_serving: `detserve serve` of a random 8B model through HTTP vs the
+#                         engine in-process, deterministic and fast, at concurrency 1, 16 and 64.
 #   moe                   (not run unless named) bench.engine_step on a random Qwen3-30B-A3B-shaped
 #                         mixture of experts (bench/configs/qwen3-moe-30b-a3b.json), batch 1, 16, 64:
 #                         the grouped expert matmul against fast mode's cuBLAS call per expert.
@@ -33,11 +37,12 @@ export PYTHONPATH="$PWD:$namespace${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=
 logs=${GPU_CHECK_LOGS:-$(mktemp -d)}
 mkdir -p "$logs"
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests compiled_small_tests bench sweep engine)
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests compiled_small_tests bench sweep engine engine_eager serve)
 for step in "${steps[@]}"; do
     case $step in
-        gpu_tests | compiled_small_tests | bench | sweep | engine | moe | tp) ;;
-        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine moe tp)" >&2; exit 2 ;;
+        gpu_tests | compiled_small_tests | bench | sweep | engine | engine_eager | serve | moe | tp) ;;
+        *) echo "unknown step $step (steps: gpu_tests compiled_small_tests bench sweep engine engine_eager serve" \
+                "moe tp)" >&2; exit 2 ;;
     esac
 done
 
@@ -58,7 +63,8 @@ run_step() {  # run_step NAME CMD...: show the output, keep a log and the exit s
 
 for step in "${steps[@]}"; do
     case $step in
-        gpu_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
+        gpu_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels \
+            tests/engine/test_cuda_graphs.py ;;
         compiled_small_tests) run_step "$step" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" \
             tests/kernels/test_triton_matmul.py tests/kernels/test_triton_rows.py \
             tests/kernels/test_triton_attention.py tests/kernels/test_triton_elementwise.py \
@@ -66,6 +72,8 @@ for step in "${steps[@]}"; do
         bench) run_step "$step" "$PYTHON" -m bench.kernels ;;
         sweep) run_step "$step" "$PYTHON" -m bench.kernels --sweep ;;
         engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;
+        engine_eager) run_step "$step" "$PYTHON" -m bench.engine_step --enforce-eager ;;
+        serve) run_step "$step" "$PYTHON" -m bench.gpu_serving ;;
         moe) run_step "$step" "$PYTHON" -m bench.engine_step --config bench/configs/qwen3-moe-30b-a3b.json \
             --batch-sizes 1,16,64 --prompt-tokens 256 --steps 10 ;;
         tp) if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
@@ -96,7 +104,9 @@ for name in "${steps[@]}"; do
     case $name in
         sweep) sed -n -e '/^== attention sweep/,/^$/p' -e '/^best invariant tiling/,$p' "$logs/sweep.log" ;;
         bench) sed -n '/^== summary/,$p' "$logs/bench.log" ;;
-        engine | moe) sed -n '/^== engine decode step/,$p' "$logs/$name.log" ;;
+        engine | engine_eager | moe) sed -n '/^weights read per decode step/p; /^== engine decode step/,$p' \
+            "$logs/$name.log" ;;
+        serve) sed -n '/^== output tokens\/s/,$p' "$logs/serve.log" ;;
     esac
 done
 exit $status

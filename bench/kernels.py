@@ -36,7 +36,14 @@ from triton.testing import do_bench, do_bench_cudagraph
 from detserve.kernels import KV_SPLIT_SIZE, AttentionMetadata, configs, matmul, paged_attention
 
 DEVICE, DTYPE = "cuda", torch.bfloat16  # what the tables measure (tests run the code in the Triton interpreter)
-MATMUL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
+# (K, N) of the weights the engine multiplies by, per model: q|k|v and gate|up fused at load, then o
+# and down (the LM heads, 128256-152064 rows, are left out: a sweep keeps every candidate's output).
+MODEL_SHAPES = {
+    "llama-3-8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+    "qwen3-8b": [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)],
+    "qwen2.5-7b": [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)],
+}
+MATMUL_SHAPES = MODEL_SHAPES["llama-3-8b"]  # what `--models` does not widen
 MATMUL_M = [1, 8, 32, 128, 512, 2048, 8192]
 DECODE = [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (64, 4096), (256, 1024)]  # (batch, keys per sequence)
 PREFILL = [(1, 2048), (4, 1024)]  # (sequences, prompt tokens each)
@@ -354,7 +361,11 @@ def report(arch: configs.ArchConfig) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the pinned ones")
+    parser.add_argument("--models", default="llama-3-8b",
+                        help=f"whose matmul shapes, comma-separated, of {', '.join(MODEL_SHAPES)} (default: %(default)s)")
     args = parser.parse_args()
+    global MATMUL_SHAPES
+    MATMUL_SHAPES = list(dict.fromkeys(shape for name in args.models.split(",") for shape in MODEL_SHAPES[name]))
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
     capability = torch.cuda.get_device_capability()

@@ -29,9 +29,28 @@ def test_engine_step_bench_times_each_batch_in_both_modes_and_prints_their_ratio
 
 
 def test_each_timed_step_decodes_one_token_for_every_request() -> None:
-    timings = engine_step.run(TINY, "cpu", "float32", [2], prompt_tokens=5, steps=2)
+    timings, floor_ms = engine_step.run(TINY, "cpu", "float32", [2], prompt_tokens=5, steps=2)
     assert [(t.batch, t.deterministic) for t in timings] == [(2, True), (2, False)]
     assert all(t.tokens_per_second == 2 / t.step_ms * 1e3 for t in timings)
+    assert floor_ms is None  # measured on a GPU only
+
+
+def test_the_weight_read_floor_counts_every_weight_a_decode_step_reads_once(tmp_path) -> None:
+    from detserve.engine.config import EngineConfig
+    from detserve.engine.llm_engine import LLMEngine
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", device="cpu", dtype="float32"))
+    hidden, inter, kv = 32, 64, 2 * 8
+    per_layer = (hidden + 2 * kv) * hidden + hidden * hidden + 2 * inter * hidden + hidden * inter + 2 * hidden
+    lm_head, final_norm = 256 * hidden, hidden  # the embedding is not read whole: no tied head here
+    assert engine_step.weight_bytes(engine) == 4 * (2 * per_layer + final_norm + lm_head)
+
+
+def test_the_table_shows_step_times_as_multiples_of_the_floor() -> None:
+    timings = [engine_step.StepTiming(1, True, 6.0), engine_step.StepTiming(1, False, 5.0)]
+    row = engine_step.table(timings, floor_ms=4.0).splitlines()[1].split()
+    assert row[0] == "1" and row[-2:] == ["1.50", "1.25"]
 
 
 def test_structured_outputs_bench_times_constrained_and_plain_steps_on_the_default_model(capsys) -> None:

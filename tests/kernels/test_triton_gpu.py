@@ -27,7 +27,8 @@ from detserve.kernels.reference import noise  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-LAYER_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): o/q, gate/up, down, k/v
+# (K, N) as the engine multiplies: q|k|v fused, o, gate|up fused, down; and a lone k or v projection.
+LAYER_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 1024)]
 M_VALUES = [1, 2, 3, 8, 31, 64, 127, 128, 129, 300, 512, 1000, 2048, 4097, 8192]
 
 
