@@ -115,6 +115,7 @@ class DecodeGraphs:
         self.buffer = StaticBuffer(self.buckets[-1], max_blocks, self.max_splits, runner.device)
         self.rows = torch.arange(self.buckets[-1], device=runner.device)  # logits_indices: every row samples
         self.graphs: dict[tuple[int, kernels.Mode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: tuple | None = None  # one memory pool for every graph, made at the first capture
 
     def bucket(self, inputs: "StepInputs") -> int | None:
         """The bucket of a step a graph can run: decodes only (one new token each, every one
@@ -163,8 +164,13 @@ class DecodeGraphs:
             with torch.cuda.stream(side):
                 self.forward(bucket, mode)
             torch.cuda.current_stream().wait_stream(side)
+            # One pool: a graph's temporaries are dead once its replay ends and graphs never run at
+            # once, so the next capture may reuse them; only each graph's logits stay allocated.
+            # Thread-local capture: the server's other threads (admission, metrics) may call into
+            # CUDA meanwhile without invalidating it; none of them touches this stream.
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self.forward(bucket, mode)
         except Exception as exc:
             raise GraphCaptureError(f"capturing the {mode} decode step of {bucket} rows failed: {exc!r}") from exc
