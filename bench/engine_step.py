@@ -141,9 +141,9 @@ def weight_read_floor_ms(engine: LLMEngine) -> float:
     a 1 GiB device-to-device copy reaches (`bench.kernels.measured_bandwidth_gbs`)."""
     from bench.kernels import measured_bandwidth_gbs
 
-    bandwidth = measured_bandwidth_gbs()
-    floor = weight_bytes(engine) / bandwidth / 1e6
-    print(f"weights read per decode step: {weight_bytes(engine) / 2**30:.2f} GiB; copy bandwidth {bandwidth:.0f} GB/s;"
+    bandwidth, read = measured_bandwidth_gbs(), weight_bytes(engine)
+    floor = read / bandwidth / 1e6
+    print(f"weights read per decode step: {read / 2**30:.2f} GiB; copy bandwidth {bandwidth:.0f} GB/s;"
           f" floor {floor:.2f} ms", flush=True)
     return floor
 

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, config_json: dict, concurrencies: list[int]) -
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config_json))
         port = free_port()
-        with launched(serve_command(folder, flags, port), port, Path(tempfile.gettempdir()) / f"gpu-serving-{port}.log"):
+        log = Path(tempfile.gettempdir()) / f"gpu-serving-{port}.log"
+        with launched(serve_command(folder, flags, port), port, log):
             for c in concurrencies:
                 for d in MODES:
                     record("detserve", d, c, measure_server(client(f"http://127.0.0.1:{port}/v1", c, d)))
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="a model config.json, random weights (default: Llama-3-8B's)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--concurrency", default="1,16,64", help="(default: %(default)s)")
-    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per unit of concurrency (default: 2)")
+    parser.add_argument("--requests-per-slot", type=int, default=2,
+                        help="requests per unit of concurrency (default: 2)")
     parser.add_argument("--input-len", type=int, default=64, help="prompt token ids (default: %(default)s)")
     parser.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, in the server and the engine")
