@@ -223,6 +223,7 @@ class TensorParallel:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+                process.join(timeout=10)  # reaped, so it no longer counts among the live children
 
     def agree_loaded(self, error: str | None) -> None:
         """Every rank says whether it loaded its shard; raises on each if any did not."""
