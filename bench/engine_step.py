@@ -6,10 +6,11 @@ batch size, admits that many requests with distinct random prompts, runs their p
 times whole `engine.step()` calls while every request decodes: scheduling, input preparation,
 the forward pass, sampling and detokenization, synchronized with the device. The same engine
 serves both modes, since determinism is per request. Decode steps replay CUDA graphs on a GPU
-(each batch size's first decode step, untimed, captures them) unless `--enforce-eager`. Prints the
-median step time and the decode throughput of each mode and their ratio, a short table last; on a
-GPU also the weight-read floor (the bytes a decode step must read, over the bandwidth a 1 GiB
-device-to-device copy reaches) and each step time as a multiple of it.
+(captured when the engine starts) unless `--enforce-eager`; each batch's first decode step is
+untimed (one-time costs such as kernel compiles stay out). Prints the median step time and the
+decode throughput of each mode and their ratio, a short table last; on a GPU also the weight-read
+floor (the bytes a decode step must read, over the bandwidth a 1 GiB device-to-device copy
+reaches) and each step time as a multiple of it.
 
 Run from the repo root: `python -m bench.engine_step` (on a GPU; `--device cpu --config ...` for
 a small model on CPU, or `--device cpu --model default` for the default model's real weights).
@@ -85,7 +86,7 @@ def time_decode_steps(engine: LLMEngine, batch: int, prompt_tokens: int, steps: 
     ]
     while any(r.num_output_tokens == 0 for r in requests):  # prefill, untimed
         engine.step()
-    engine.step()  # the first decode step, untimed: on a GPU it captures the batch's CUDA graph
+    engine.step()  # the first decode step, untimed: one-time costs (kernel compiles) stay out of the timings
     device = engine.runner.device
     times = []
     for _ in range(steps):

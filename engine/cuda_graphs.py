@@ -1,5 +1,5 @@
-"""Decode steps replayed from CUDA graphs: one graph per (batch bucket, kernel mode), captured on
-first use.
+"""Decode steps replayed from CUDA graphs: one graph per (batch bucket, kernel mode), all captured
+when the runner starts.
 
 A decode step launches a few hundred kernels from Python; on a GPU that host time, not the
 weights' read, bounds the step. A graph replays the step's launches in one call. Three things make
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 class GraphCaptureError(RuntimeError):
-    """A decode step could not be captured: the runner turns graphs off and runs eagerly."""
+    """A decode step could not be captured: the runner runs every step eagerly instead."""
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -105,7 +105,7 @@ class StaticBuffer:
 
 
 class DecodeGraphs:
-    """The runner's decode steps in CUDA graphs, captured per (bucket, mode) on first use."""
+    """The runner's decode steps in CUDA graphs, one per (bucket, mode), captured by `capture_all`."""
 
     def __init__(self, runner: "ModelRunner", max_num_seqs: int, max_model_len: int) -> None:
         self.runner = runner
@@ -127,14 +127,20 @@ class DecodeGraphs:
 
     def logits(self, inputs: "StepInputs", bucket: int) -> torch.Tensor:
         """float32 logits [n, vocab] of the step's n decodes, from its bucket's graph replayed."""
-        padded = inputs.padded(bucket, self.runner.pad_block)
-        self.buffer.load(padded)
-        key = (bucket, inputs.mode)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, inputs.mode)
-        graph, logits = self.graphs[key]
+        self.buffer.load(inputs.padded(bucket, self.runner.pad_block))
+        graph, logits = self.graphs[(bucket, inputs.mode)]
         graph.replay()
         return logits[: len(inputs.seq_lens)]
+
+    def capture_all(self, no_rows: "StepInputs") -> None:
+        """Capture every (bucket, mode) now, largest bucket first (the shared pool then holds the
+        largest temporaries from the start), each on `no_rows` padded: pad rows alone, whose K/V
+        go to the pad block. Then serving never stalls on a capture, and a benchmark's timed steps
+        never hold one."""
+        for mode in kernels.MODES:
+            for bucket in reversed(self.buckets):
+                self.buffer.load(no_rows.padded(bucket, self.runner.pad_block))
+                self.graphs[(bucket, mode)] = self._capture(bucket, mode)
 
     def forward(self, bucket: int, mode: kernels.Mode) -> torch.Tensor:
         """The captured work: the model's forward pass and LM head over the static inputs of a
@@ -156,8 +162,7 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int, mode: kernels.Mode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, the arrival counters and cuBLAS workspaces are
-        allocated, as torch's graph docs ask), then capture; the staged step's K/V writes happen in
-        the warm-up and again, identically, in the replay that follows."""
+        allocated, as torch's graph docs ask), then capture the staged step."""
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

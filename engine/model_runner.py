@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -191,15 +192,23 @@ class ModelRunner:
         )
 
     def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps where they can run: a CUDA device with triton, no
-        --enforce-eager, one rank (collectives stay eager), and a dense model (a mixture of experts
-        sizes its expert matmuls on the host from each step's routing)."""
+        """CUDA graphs for decode steps where they can run, all captured now: a CUDA device with
+        triton, no --enforce-eager, one rank (collectives stay eager), and a dense model (a mixture
+        of experts sizes its expert matmuls on the host from each step's routing). A capture that
+        fails is logged and leaves every step eager: the server still serves."""
         config = self.config
         if (config.enforce_eager or not kernels.can_capture_decodes(self.device) or self.tp.layout.size > 1
                 or self.model_config.moe is not None):
             return None
-        logger.info("CUDA graphs: decode steps of up to %d sequences", config.max_num_seqs)
-        return DecodeGraphs(self, config.max_num_seqs, max_model_len)
+        started, graphs = time.monotonic(), DecodeGraphs(self, config.max_num_seqs, max_model_len)
+        try:
+            graphs.capture_all(StepInputs("invariant"))
+        except GraphCaptureError:
+            logger.exception("CUDA graphs are off: every step runs eagerly")
+            return None
+        logger.info("CUDA graphs: %d captured in %.1f s (decode steps of up to %d sequences, both kernel modes)",
+                    len(graphs.graphs), time.monotonic() - started, graphs.buckets[-1])
+        return graphs
 
     def prepare(self, step: SchedulerOutput) -> ForwardBatch:
         """The step's forward batch (tests and benchmarks run the model on it themselves)."""
@@ -263,15 +272,10 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, scored: list[PromptScore]) -> Iterator[torch.Tensor | None]:
         """The step's logits blocks (`_logits`): a decode step a CUDA graph holds is replayed, any
-        other step runs eagerly. A graph that cannot be captured turns graphs off, loudly: serving
-        goes on eagerly (its K/V writes are the warm-up's again)."""
+        other step runs eagerly."""
         bucket = self.graphs.bucket(inputs) if self.graphs is not None else None
         if bucket is not None:
-            try:
-                return iter([self.graphs.logits(inputs, bucket)])
-            except GraphCaptureError:
-                logger.exception("CUDA graphs are off from now on: every step runs eagerly")
-                self.graphs = None
+            return iter([self.graphs.logits(inputs, bucket)])
         return self._logits(self._hidden(inputs, scored), inputs)
 
     def _hidden(self, inputs: StepInputs, scored: list[PromptScore]) -> torch.Tensor:

@@ -116,17 +116,22 @@ def test_engine_generates_through_the_triton_sampler_with_the_same_tokens_alone_
 
 def test_decode_steps_run_as_a_graph_replays_them_give_the_eager_bits_in_company(tiny_engine, on_triton,
                                                                                   monkeypatch) -> None:
-    """The CUDA graph path without the capture (a CPU has none): each decode step staged in the one
-    static buffer, padded to its bucket, attention over the fixed-capacity plan, and the captured
-    work run again on every replay. Greedy and seeded requests amid company give the bits of the
-    eager steps alone; a fast request's steps replay a fast graph (its decode attention the Triton
-    kernel's too)."""
+    """The CUDA graph path without the capture (a CPU has none): every (bucket, mode) "captured" at
+    the start on pad rows alone, then each decode step staged in the one static buffer, padded to
+    its bucket, attention over the fixed-capacity plan, and the captured work run again on every
+    replay. Greedy and seeded requests amid company give the bits of the eager steps alone; a fast
+    request's steps replay a fast graph (its decode attention the Triton kernel's too)."""
     from detserve.engine.cuda_graphs import DecodeGraphs
+    from detserve.engine.model_runner import StepInputs
+
+    replayed: list[tuple[int, str]] = []
 
     class ReplayedEagerly(DecodeGraphs):
         def _capture(self, bucket: int, mode: kernels.Mode):
             logits = self.forward(bucket, mode)
+
             def replay() -> None:
+                replayed.append((bucket, mode))
                 with torch.inference_mode():
                     logits.copy_(self.forward(bucket, mode))
 
@@ -137,14 +142,15 @@ def test_decode_steps_run_as_a_graph_replays_them_give_the_eager_bits_in_company
     params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2),
               SamplingParams(max_tokens=5, temperature=0.9, seed=11, ignore_eos=True, logprobs=0)]
     alone = [tiny_engine.generate([prompts[i]], params[i])[0] for i in range(2)]
-    graphs = ReplayedEagerly(tiny_engine.runner, tiny_engine.config.max_num_seqs, tiny_engine.max_model_len)
+    graphs = ReplayedEagerly(tiny_engine.runner, 4, tiny_engine.max_model_len)
+    graphs.capture_all(StepInputs("invariant"))
+    assert set(graphs.graphs) == {(b, m) for b in (1, 2, 4) for m in kernels.MODES}
     monkeypatch.setattr(tiny_engine.runner, "graphs", graphs)
     # Decodes: 4 rows, then 3 (padded to 4) once the first company request ends, then the fast one alone.
     company = [SamplingParams(max_tokens=3, temperature=1.0, seed=0, ignore_eos=True),
                SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True, deterministic=False)]
     together = tiny_engine.generate(prompts, params + company)
-    assert set(graphs.graphs) == {(4, "invariant"), (1, "fast")}
-    assert len(together[3].output_token_ids) == 8
+    assert set(replayed) == {(4, "invariant"), (1, "fast")} and len(together[3].output_token_ids) == 8
     for one, crowded in zip(alone, together):
         assert crowded.output_token_ids == one.output_token_ids
         assert [(lp.logprob, lp.top) for lp in crowded.output_logprobs] == [(lp.logprob, lp.top) for lp in
