@@ -114,7 +114,12 @@ class DecodeGraphs:
         max_blocks = math.ceil(max_model_len / runner.block_size)
         self.buffer = StaticBuffer(self.buckets[-1], max_blocks, self.max_splits, runner.device)
         self.rows = torch.arange(self.buckets[-1], device=runner.device)  # logits_indices: every row samples
-        self.graphs: dict[tuple[int, kernels.Mode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every graph writes its logits here (graphs never run at once): one [capacity, vocab] buffer,
+        # not one per graph (at 35 buckets of a 128k vocabulary those would hold gigabytes).
+        head = runner.model.lm_head
+        vocab = head.out_features if isinstance(head, kernels.PackedWeight) else head.shape[0]
+        self.logits_buffer = torch.empty((self.buckets[-1], vocab), dtype=torch.float32, device=runner.device)
+        self.graphs: dict[tuple[int, kernels.Mode], torch.cuda.CUDAGraph] = {}
         self.pool: tuple | None = None  # one memory pool for every graph, made at the first capture
 
     def bucket(self, inputs: "StepInputs") -> int | None:
@@ -128,9 +133,8 @@ class DecodeGraphs:
     def logits(self, inputs: "StepInputs", bucket: int) -> torch.Tensor:
         """float32 logits [n, vocab] of the step's n decodes, from its bucket's graph replayed."""
         self.buffer.load(inputs.padded(bucket, self.runner.pad_block))
-        graph, logits = self.graphs[(bucket, inputs.mode)]
-        graph.replay()
-        return logits[: len(inputs.seq_lens)]
+        self.graphs[(bucket, inputs.mode)].replay()
+        return self.logits_buffer[: len(inputs.seq_lens)]
 
     def capture_all(self, no_rows: "StepInputs") -> None:
         """Capture every (bucket, mode) now, largest bucket first (the shared pool then holds the
@@ -142,10 +146,10 @@ class DecodeGraphs:
                 self.buffer.load(no_rows.padded(bucket, self.runner.pad_block))
                 self.graphs[(bucket, mode)] = self._capture(bucket, mode)
 
-    def forward(self, bucket: int, mode: kernels.Mode) -> torch.Tensor:
+    def forward(self, bucket: int, mode: kernels.Mode) -> None:
         """The captured work: the model's forward pass and LM head over the static inputs of a
-        bucket; float32 logits [bucket, vocab]. Every tensor it reads is static: the buffer's views,
-        the weights and the KV cache."""
+        bucket, its float32 logits written to `logits_buffer[:bucket]`. Every tensor it reads is
+        static: the buffer's views, the weights and the KV cache."""
         runner, static = self.runner, self.buffer.views(bucket)
         # Only the block tables and block size are read through a capacity plan: no per-step lists.
         meta = kernels.AttentionMetadata(query_start_loc=list(range(bucket + 1)), seq_lens=[1] * bucket,
@@ -158,9 +162,9 @@ class DecodeGraphs:
                              slot_mapping=kernels.cache_slots(static.block_tables, rows, positions, runner.block_size),
                              attention=meta, attention_plan=plan, logits_indices=rows)
         with kernels.mode(mode):
-            return runner.model.compute_logits(runner.model(batch, runner.kv_caches))
+            self.logits_buffer[:bucket].copy_(runner.model.compute_logits(runner.model(batch, runner.kv_caches)))
 
-    def _capture(self, bucket: int, mode: kernels.Mode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, mode: kernels.Mode) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (Triton compiles, the arrival counters and cuBLAS workspaces are
         allocated, as torch's graph docs ask), then capture the staged step."""
         try:
@@ -170,13 +174,13 @@ class DecodeGraphs:
                 self.forward(bucket, mode)
             torch.cuda.current_stream().wait_stream(side)
             # One pool: a graph's temporaries are dead once its replay ends and graphs never run at
-            # once, so the next capture may reuse them; only each graph's logits stay allocated.
+            # once, so the next capture may reuse them.
             # Thread-local capture: the server's other threads (admission, metrics) may call into
             # CUDA meanwhile without invalidating it; none of them touches this stream.
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                logits = self.forward(bucket, mode)
+                self.forward(bucket, mode)
         except Exception as exc:
             raise GraphCaptureError(f"capturing the {mode} decode step of {bucket} rows failed: {exc!r}") from exc
-        return graph, logits
+        return graph

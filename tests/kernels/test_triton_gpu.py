@@ -209,9 +209,9 @@ def llama_8b(tmp_path_factory):
 
     folder: Path = tmp_path_factory.mktemp("llama3-8b")
     (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
-    config = EngineConfig(
+    config = EngineConfig(  # eager: the probes build their steps themselves, no graph would replay
         model=str(folder), load_format="dummy", dtype="bfloat16", device="cuda",
-        kv_cache_tokens=65536, max_num_seqs=512,
+        kv_cache_tokens=65536, max_num_seqs=512, enforce_eager=True,
     )
     engine = LLMEngine(config)
     yield engine

@@ -128,14 +128,13 @@ def test_decode_steps_run_as_a_graph_replays_them_give_the_eager_bits_in_company
 
     class ReplayedEagerly(DecodeGraphs):
         def _capture(self, bucket: int, mode: kernels.Mode):
-            logits = self.forward(bucket, mode)
+            self.forward(bucket, mode)
 
             def replay() -> None:
                 replayed.append((bucket, mode))
-                with torch.inference_mode():
-                    logits.copy_(self.forward(bucket, mode))
+                self.forward(bucket, mode)
 
-            return type("Graph", (), {"replay": staticmethod(replay)}), logits
+            return type("Graph", (), {"replay": staticmethod(replay)})
 
     prompts = [[random.Random(i).randrange(384) for _ in range(KV_SPLIT_SIZE + 3 if i == 0 else 5 + i)]
                for i in range(4)]
