@@ -77,6 +77,7 @@ class StaticBuffer:
         total = self.spans["items"][1]
         self.device_buffer = torch.zeros(total, dtype=torch.int32, device=device)
         self.host_buffer = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None  # the last copy's end
 
     def _field(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
         start, end = self.spans[name]
@@ -91,9 +92,11 @@ class StaticBuffer:
 
     def load(self, inputs: "StepInputs") -> None:
         """Write a padded decode step's inputs into the host buffer, then copy it to the device in one
-        transfer, asynchronous from pinned memory: the stream orders it before the replay, and the
-        step's sampled ids reach the host (a sync) before the next step writes the host buffer again.
-        Entries past a block table's own blocks keep stale values, which attention never reads."""
+        transfer, asynchronous from pinned memory (the stream orders it before the replay). The host
+        buffer is written only once the last copy has read it. Entries past a block table's own
+        blocks keep stale values, which attention never reads."""
+        if self._copied is not None:
+            self._copied.synchronize()
         ids, positions, tables, items = (self._field(self.host_buffer, name).numpy() for name in self.spans)
         batch = len(inputs.seq_lens)
         ids[:batch], positions[:batch] = inputs.input_ids, inputs.positions
@@ -102,6 +105,8 @@ class StaticBuffer:
         table = kernels.graph_decode_items(inputs.seq_lens, self.max_splits)
         items[: len(table)] = table
         self.device_buffer.copy_(self.host_buffer, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
 
 class DecodeGraphs:
