@@ -174,7 +174,8 @@ def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int
         assert not engine.has_unfinished_requests()
         if engine.runner.device.type == "cuda":
             graphs = engine.runner.graphs
-            print(f"CUDA graphs replayed: {sorted(graphs.graphs) if graphs is not None else 'none (eager steps)'}")
+            print(f"CUDA graphs: {len(graphs.graphs)} captured, batch buckets {graphs.buckets}" if graphs is not None
+                  else "CUDA graphs: none, every step eager")
     return timings, floor_ms
 
 
