@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU acceptance check for the invariant Triton kernels, for a CUDA machine with torch, triton,
-# pytest and hypothesis already installed: installs nothing, needs no network and no gguf.
+# GPU acceptance check for the invariant Triton kernels, CUDA graphs and serving, for a CUDA machine
+# with torch, triton, pytest and hypothesis already installed: needs no network and no gguf, and
+# installs nothing but the wheels it is handed in .whl/ (the server's packages, for `serve`).
 # Steps, in order (name them as arguments to run a subset, e.g. to fit a 10-minute call):
 #   gpu_tests             the `gpu` tests: bf16 invariance at Llama-3-8B shapes, sampling over a
 #                         Llama-3 vocab, a whole random-weight 8B model alone vs in batches, and
@@ -15,7 +16,8 @@
 #                         vs fast, at batch 1, 16, 64 and 256, in CUDA graphs, with the weight-read floor;
 #   engine_eager          the same with --enforce-eager (every step launched from Python);
 #   serve                 bench.gpu_serving: `detserve serve` of a random 8B model through HTTP vs the
-#                         engine in-process, deterministic and fast, at concurrency 1, 16 and 64.
+#                         engine in-process, deterministic and fast, at concurrency 1, 16 and 64 (the
+#                         server's packages come from .whl/: see below).
 #   moe                   (not run unless named) bench.engine_step on a random Qwen3-30B-A3B-shaped
 #                         mixture of experts (bench/configs/qwen3-moe-30b-a3b.json), batch 1, 16, 64:
 #                         the grouped expert matmul against fast mode's cuBLAS call per expert.
@@ -34,6 +36,14 @@ namespace=$(mktemp -d)
 mkdir "$namespace/detserve"
 for layer in server engine kernels; do ln -s "$PWD/$layer" "$namespace/detserve/$layer"; done
 export PYTHONPATH="$PWD:$namespace${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The server's packages, which the GPU image lacks (fastapi, uvicorn, pydantic, httpx2, ...), travel as
+# wheels in .whl/ (`python -m bench.gpu_wheels` fetches them where an index is reachable; the device
+# call carries .whl): installed into a temporary folder ahead of the image's own packages.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
 logs=${GPU_CHECK_LOGS:-$(mktemp -d)}
 mkdir -p "$logs"
 steps=("$@")
@@ -73,7 +83,13 @@ for step in "${steps[@]}"; do
         sweep) run_step "$step" "$PYTHON" -m bench.kernels --sweep ;;
         engine) run_step "$step" "$PYTHON" -m bench.engine_step ;;
         engine_eager) run_step "$step" "$PYTHON" -m bench.engine_step --enforce-eager ;;
-        serve) run_step "$step" "$PYTHON" -m bench.gpu_serving ;;
+        serve) if "$PYTHON" -c "import fastapi, uvicorn, httpx2, pydantic" 2>/dev/null; then
+                run_step "$step" "$PYTHON" -m bench.gpu_serving
+            else
+                echo "== serve: the server's packages are missing: run python -m bench.gpu_wheels where an index" \
+                    "is reachable, and carry .whl ==" | tee "$logs/$step.log"
+                echo 1 >"$logs/$step.rc"
+            fi ;;
         moe) run_step "$step" "$PYTHON" -m bench.engine_step --config bench/configs/qwen3-moe-30b-a3b.json \
             --batch-sizes 1,16,64 --prompt-tokens 256 --steps 10 ;;
         tp) if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
