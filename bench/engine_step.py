@@ -179,6 +179,13 @@ def run(config_json: dict | None, device: str, dtype: str, batch_sizes: list[int
     return timings, floor_ms
 
 
+def where_and_how(device: str, enforce_eager: bool) -> str:
+    """The device a number came from, and whether its decode steps replayed CUDA graphs."""
+    if not device.startswith("cuda"):
+        return f"cpu, {torch.get_num_threads()} threads, eager steps"
+    return f"{torch.cuda.get_device_name()}, {'eager steps' if enforce_eager else 'CUDA graphs'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="a model config.json, random weights (default: Llama-3-8B's)")
@@ -198,12 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     timings, floor_ms = run(config_json, args.device, args.dtype, batch_sizes, args.prompt_tokens, args.steps, model,
                             args.quantization, args.enforce_eager)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     what = (f"{config_json['hidden_size']}-wide x {config_json['num_hidden_layers']} layers" if config_json
             else args.model)
-    steps = "eager steps" if args.enforce_eager or not args.device.startswith("cuda") else "CUDA graphs"
     print(f"\n== engine decode step, {what}, {args.dtype}, quantization {args.quantization},"
-          f" {args.prompt_tokens}-token prompts, {where}, {steps} ==")
+          f" {args.prompt_tokens}-token prompts, {where_and_how(args.device, args.enforce_eager)} ==")
     print(table(timings, floor_ms))
     return 0
 

@@ -26,7 +26,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the repo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.cpu_serving import Row, client_args, measure_engine, measure_server, table
-from bench.engine_step import LLAMA3_8B
+from bench.engine_step import LLAMA3_8B, where_and_how
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import LLMEngine
 from detserve.server.bench.common import free_port, launched
@@ -96,15 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     config_json = json.loads(args.config.read_text()) if args.config else LLAMA3_8B
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     rows = run(args, config_json, concurrencies)
-    where = args.device
-    if args.device.startswith("cuda"):
-        import torch
-
-        where = torch.cuda.get_device_name()
-    steps = "eager steps" if args.enforce_eager or not args.device.startswith("cuda") else "CUDA graphs"
     print(f"\n== output tokens/s through HTTP vs in-process, {config_json['hidden_size']}-wide x "
           f"{config_json['num_hidden_layers']} layers, random weights, {args.input_len}-id prompts, "
-          f"{args.output_len}-token outputs, closed loop, {where}, {steps} ==")
+          f"{args.output_len}-token outputs, closed loop, {where_and_how(args.device, args.enforce_eager)} ==")
     print(time.strftime("%Y-%m-%d"))
     print(table(rows))
     return 0
