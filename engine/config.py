@@ -168,6 +168,10 @@ class EngineConfig:
     enforce_eager: bool = option(
         False, "run every step eagerly: no CUDA graphs for decode steps (graphs need a CUDA device, one rank "
         "and a dense model; elsewhere steps are eager anyway)")
+    cpu_kernels: Literal["auto", "native", "torch"] = option(
+        "auto", "the CPU's norms, RoPE, SiLU and attention: native = compiled C, one call per op (built with "
+        "the system's C compiler on first use, cached; float32 models), torch = torch ops (slower, other bits), "
+        "auto = native where it builds", choices=("auto", "native", "torch"))
     seed: int = option(0, "seed of the random weights of --load-format dummy")
     served_model_name: str | None = option(None, "the model id clients send (default: from the model's file name)")
     tensor_parallel_size: int = option(

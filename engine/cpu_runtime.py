@@ -6,6 +6,10 @@ import ctypes
 import functools
 import logging
 
+import torch
+
+from detserve.kernels import cpu_native
+
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
@@ -31,3 +35,13 @@ def keep_freed_memory_for_reuse() -> bool:
     if not ok:
         logger.warning("could not tune malloc; CPU steps may be slower")
     return ok
+
+
+def select_cpu_kernels(backend: cpu_native.Backend, dtype: torch.dtype) -> None:
+    """Run the CPU's row ops and attention as `backend` says (`cpu_native.select`). The C ops read
+    and write a float32 model's activations and KV cache, so a model of another dtype runs torch's."""
+    if dtype != torch.float32:
+        if backend == "native":
+            raise ValueError(f"--cpu-kernels native runs float32 models, not {dtype}: use --dtype float32")
+        backend = "torch"
+    cpu_native.select(backend)

@@ -154,6 +154,7 @@ class ModelRunner:
         self.block_size = config.block_size
         if self.device.type == "cpu":
             cpu_runtime.keep_freed_memory_for_reuse()
+            cpu_runtime.select_cpu_kernels(config.cpu_kernels, self.dtype)
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings
         with _default_tensor_type(self.device, self.dtype):

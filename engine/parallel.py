@@ -136,6 +136,13 @@ class TensorParallel:
             return kernels.linear(x, splits[0])
         return self._reduce(kernels.linear_partials(x, splits), x.dtype)
 
+    def row_input_dtype(self, splits: list[torch.Tensor | PackedWeight]) -> torch.dtype | None:
+        """The dtype `row_linear(x, splits)` should get x in (`kernels.matmul_input_dtype`): where it
+        is one plain matmul; K-splits slice x and fold float32 partials, so x keeps its dtype there."""
+        if len(splits) == 1 and self.group is None:
+            return kernels.matmul_input_dtype(splits[0])
+        return None
+
     def row_grouped_linear(self, x: torch.Tensor, splits: list, counts: list[int]) -> torch.Tensor:
         """`row_linear` for a mixture of experts' down projection (`kernels.grouped_linear`): x's rows
         sorted by expert, `counts[e]` of expert e, and each split a K-split of every expert."""

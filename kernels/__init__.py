@@ -20,7 +20,11 @@ composed of the row-wise log-softmax and elementwise ops, so it needs no entry o
 `linear_partials` (one `linear` per K-split of a tensor-parallel row-parallel weight) and
 `fold_partials` (their sum in split order). `attention` follows its plan: a Triton plan (invariant
 mode's on CUDA, or a CUDA graph's decode plan in either mode, `graph_attention_plan`) runs the
-Triton kernel.
+Triton kernel, a C plan the C attention.
+
+On the CPU the row ops and attention run as compiled C (`cpu_native.py`) in both modes wherever
+the C library builds (`native` in DISPATCH): invariant by construction, and one call where torch
+takes several to dozens of ops. `cpu_native.select("torch")` runs the torch ops instead.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Union
 
 import torch
 
-from detserve.kernels import configs, contract, quantized
+from detserve.kernels import configs, contract, cpu_native, quantized
 from detserve.kernels.contract import KV_SPLIT_SIZE, ROWS_PER_CALL
 from detserve.kernels.graph_plan import capacity_items as graph_decode_items
 from detserve.kernels.graph_plan import splits_for, table_length as graph_table_length
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
 from detserve.kernels.quantized import PackedWeight, QuantizedWeight, int4_fits, quantize
+from detserve.kernels.reference import as_dtype
 from detserve.kernels.reference import attention as torch_attention
 from detserve.kernels.reference import noise, rows
 
@@ -56,26 +61,30 @@ AttentionPlan = Union[torch_attention.InvariantPlan, torch_attention.FastPlan, "
 @dataclass(frozen=True)
 class Kernels:
     """Where one op runs: `triton` (a function of gpu.py) on a CUDA tensor in `triton_modes`, where
-    triton imports; otherwise the torch op of the mode."""
+    triton imports; `native` (a function of cpu_native.py) on a CPU tensor in both modes, where the
+    C library is enabled; otherwise the torch op of the mode."""
 
     invariant: Callable
     fast: Callable
     triton: str | None = None
     triton_modes: tuple[Mode, ...] = ("invariant",)
+    native: str | None = None
 
 
 DISPATCH: dict[str, Kernels] = {
     "linear": Kernels(rows.linear_invariant, rows.linear_fast, "linear"),
     "grouped_linear": Kernels(rows.grouped_linear_invariant, rows.grouped_linear_fast, "grouped_linear"),
-    "rms_norm": Kernels(rows.rms_norm, rows.rms_norm, "rms_norm"),
-    "add_rms_norm": Kernels(rows.add_rms_norm, rows.add_rms_norm, "add_rms_norm"),
-    "silu_mul": Kernels(rows.silu_mul, rows.silu_mul, "silu_mul"),
+    "rms_norm": Kernels(rows.rms_norm, rows.rms_norm, "rms_norm", native="rms_norm"),
+    "add_rms_norm": Kernels(rows.add_rms_norm, rows.add_rms_norm, "add_rms_norm", native="add_rms_norm"),
+    "silu_mul": Kernels(rows.silu_mul, rows.silu_mul, "silu_mul", native="silu_mul"),
     "log_softmax": Kernels(rows.log_softmax, rows.log_softmax, "log_softmax"),
-    "rope": Kernels(rows.rope, rows.rope, "rope"),
+    "rope": Kernels(rows.rope, rows.rope, "rope", native="rope"),
     "apply_token_bitmask": Kernels(rows.apply_token_bitmask, rows.apply_token_bitmask),
-    "kv_store": Kernels(torch_attention.kv_store, torch_attention.kv_store),
-    "plan_attention": Kernels(torch_attention.plan_invariant, torch_attention.plan_fast, "plan_attention"),
-    "attention": Kernels(torch_attention.attention_invariant, torch_attention.attention_fast, "attention"),
+    "kv_store": Kernels(torch_attention.kv_store, torch_attention.kv_store, native="kv_store"),
+    "plan_attention": Kernels(torch_attention.plan_invariant, torch_attention.plan_fast, "plan_attention",
+                              native="plan"),
+    "attention": Kernels(torch_attention.attention_invariant, torch_attention.attention_fast, "attention",
+                         native="attention"),
     "sample_tokens": Kernels(noise.sample_tokens, noise.sample_tokens, "sample_tokens", MODES),
     "gumbel_max": Kernels(noise.gumbel_max, noise.gumbel_max),
 }
@@ -121,14 +130,28 @@ def _kernel(op: str, on: torch.Tensor) -> Callable:
     kernels, current = DISPATCH[op], _current_mode.get()
     if kernels.triton is not None and current in kernels.triton_modes and _triton_device(on):
         return getattr(_gpu(), kernels.triton)
+    if kernels.native is not None and on.device.type == "cpu" and cpu_native.enabled():
+        return getattr(cpu_native, kernels.native)
     return kernels.invariant if current == "invariant" else kernels.fast
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ weight[N, K].T (+ bias) -> [T, N]; a packed 4/8-bit weight runs its CPU kernel in both modes."""
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, K] @ weight[N, K].T (+ bias) -> [T, N] in `out_dtype` (default x's); a packed 4/8-bit
+    weight runs its CPU kernel in both modes."""
     if isinstance(weight, PackedWeight):
-        return quantized.linear(x, weight, bias)
-    return _kernel("linear", x)(x, weight, bias)
+        return quantized.linear(x, weight, bias, out_dtype)
+    return as_dtype(_kernel("linear", x)(x, weight, bias), out_dtype or x.dtype)
+
+
+def matmul_input_dtype(weight: "torch.Tensor | PackedWeight") -> torch.dtype | None:
+    """The dtype an op feeding `linear(x, weight)` should write, where the CPU's C ops can write it
+    at no cost (bfloat16 for a packed weight's integer kernel, which reads nothing else): the cast
+    then never runs as an op of its own. None elsewhere: the producer keeps its dtype. Rounding a
+    result to the dtype the matmul reads anyway changes no bit."""
+    if isinstance(weight, PackedWeight) and cpu_native.enabled():
+        return torch.bfloat16
+    return None
 
 
 def linear_partials(x: torch.Tensor, splits: list, counts: list[int] | None = None) -> list[torch.Tensor]:
@@ -185,24 +208,42 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor | list[PackedWeight], 
     return _kernel("grouped_linear", x)(x, weights, counts)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms)."""
-    return _kernel("rms_norm", x)(x, weight, eps)
+def _run(op: str, on: torch.Tensor, out_dtype: torch.dtype | None, *args: object) -> torch.Tensor:
+    """`op`'s kernel on args, its result in `out_dtype` (default: as the kernel returns it): the C ops
+    write it directly, the others' result is cast."""
+    kernel = _kernel(op, on)
+    if out_dtype is None:
+        return kernel(*args)
+    if kernel is getattr(cpu_native, DISPATCH[op].native or "", None):
+        return kernel(*args, out_dtype=out_dtype)
+    return as_dtype(kernel(*args), out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Root-mean-square norm over the last dim; x [T, D] (or [T, H, D] for per-head q/k norms); the
+    result in `out_dtype` (default x's)."""
+    return _run("rms_norm", x, out_dtype, x, weight, eps)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) for x, residual [T, D]; fused into one pass on the GPU.
+    """(rms_norm(x + residual), x + residual) for x, residual [T, D]; fused into one pass on the GPU
+    and the CPU's C ops; the norm in `out_dtype` (default: the sum's dtype).
 
     Same bits as the two ops apart: the add rounds to the input dtype before the norm either way.
     """
-    return _kernel("add_rms_norm", x)(x, residual, weight, eps)
+    kernel = _kernel("add_rms_norm", x)
+    if kernel is cpu_native.add_rms_norm:
+        return kernel(x, residual, weight, eps, out_dtype=out_dtype)
+    normed, total = kernel(x, residual, weight, eps)
+    return as_dtype(normed, out_dtype or normed.dtype), total
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I]."""
-    return _kernel("silu_mul", x)(x)
+def silu_mul(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SwiGLU activation: silu(gate) * up for x = [gate | up], [T, 2I] -> [T, I] in `out_dtype`
+    (default x's)."""
+    return _run("silu_mul", x, out_dtype, x)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -261,8 +302,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.
 def kv_store(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write this step's K/V into the paged cache before attention reads it (both modes)."""
+    """Write this step's K/V [T, Hkv, D] into the paged cache before attention reads it (both modes)."""
     _kernel("kv_store", k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_store_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryInputs, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor, plan: AttentionPlan, scale: float,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A layer's attention: `rope` of q [T, H, D] and k [T, Hkv, D], `kv_store` of k and v, then
+    `attention` over the cache; [T, H, D] in `out_dtype` (default q's). One call of the C ops on the
+    CPU (a C plan), the three ops elsewhere: the same arithmetic either way."""
+    if isinstance(plan, cpu_native.NativePlan):
+        return cpu_native.rope_store_attention(q, k, v, rotary, k_cache, v_cache, slot_mapping, plan, scale,
+                                               out_dtype or q.dtype)
+    q, k = rope(q, k, rotary)
+    kv_store(k, v, k_cache, v_cache, slot_mapping)
+    return attention(q, k_cache, v_cache, plan, scale, out_dtype)
 
 
 def plan_attention(meta: AttentionMetadata, num_heads: int, num_kv_heads: int) -> AttentionPlan:
@@ -290,24 +347,31 @@ def graph_attention_plan(meta: AttentionMetadata, num_heads: int, num_kv_heads: 
 
 
 def attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over the paged cache as `plan` lays it out; returns [T, H, D].
-    The plan names the backend: a Triton plan (`plan_attention` in invariant mode on CUDA, or a
-    graph's `graph_attention_plan`) runs the Triton kernel in either mode; any other plan must come
-    from `plan_attention` in the current mode (a backend refuses another's plan)."""
+    """Causal attention of q [T, H, D] over the paged cache as `plan` lays it out; returns [T, H, D]
+    in `out_dtype` (default q's). The plan names the backend: a Triton plan (`plan_attention` in
+    invariant mode on CUDA, or a graph's `graph_attention_plan`) runs the Triton kernel in either
+    mode, a C plan (`plan_attention` on the CPU with the C ops) the C attention; any other plan must
+    come from `plan_attention` in the current mode (a backend refuses another's plan)."""
+    if isinstance(plan, cpu_native.NativePlan):
+        return cpu_native.attention(q, k_cache, v_cache, plan, scale, out_dtype=out_dtype)
     if _triton_device(q) and isinstance(plan, _gpu().paged_attention.Plan):
-        return _gpu().attention(q, k_cache, v_cache, plan, scale)
-    return _kernel("attention", q)(q, k_cache, v_cache, plan, scale)
+        result = _gpu().attention(q, k_cache, v_cache, plan, scale)
+    else:
+        result = _kernel("attention", q)(q, k_cache, v_cache, plan, scale)
+    return as_dtype(result, out_dtype or result.dtype)
 
 
 def config_digest() -> str:
     """The pinned kernel configuration, for the system fingerprint.
 
-    Where invariant mode can run Triton (a CUDA device and triton importable), the digest adds the
-    triton version and the tile configs pinned for the current device's arch.
+    It names the CPU's row ops (C or torch: `cpu_native.backend_digest`). Where invariant mode can
+    run Triton (a CUDA device and triton importable), the digest adds the triton version and the
+    tile configs pinned for the current device's arch.
     """
-    digest = f"torch-ref-v{contract.VERSION}:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}"
+    digest = f"torch-ref-v{contract.VERSION}:rows={ROWS_PER_CALL}:kvsplit={KV_SPLIT_SIZE}:{cpu_native.backend_digest()}"
     if _triton_available() and torch.cuda.is_available():
         import triton
 
@@ -346,11 +410,13 @@ __all__ = [
     "linear",
     "linear_partials",
     "log_softmax",
+    "matmul_input_dtype",
     "mode",
     "plan_attention",
     "quantize",
     "rms_norm",
     "rope",
+    "rope_store_attention",
     "route_experts",
     "sample_tokens",
     "silu_mul",

@@ -161,17 +161,19 @@ class PackedWeight:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
 
-def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype, with bfloat16 activations into the integer kernel.
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, K] @ W.T (+ bias) -> [T, N] in `out_dtype` (default x's), with bfloat16 activations into
+    the integer kernel (so a bfloat16 result is the kernel's own, not a cast).
 
     The casts and the bias add are elementwise, hence exact at any shape; the kernel is row-invariant.
     """
-    xb = as_dtype(x, torch.bfloat16)
+    xb = as_dtype(x, torch.bfloat16).contiguous()  # a K-split's columns are a strided view; the kernels read rows whole
     if weight.bits == 4:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, weight.data, weight.group_size, weight.scales)
     else:
         out = torch.ops.aten._weight_int8pack_mm(xb, weight.data, weight.scales)
-    out = as_dtype(out, x.dtype)
+    out = as_dtype(out, out_dtype or x.dtype)
     return out if bias is None else out + bias
 
 

@@ -98,25 +98,40 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        x: torch.Tensor,  # [T, hidden]: the previous layer's output (the embedding for the first layer)
+        residual: torch.Tensor | None,  # [T, hidden]: the residual stream before x is added (None: first layer)
         batch: ForwardBatch,
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,
         rotary: kernels.RotaryInputs,
-    ) -> torch.Tensor:
-        c = self.config
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream it adds to): the next layer adds them inside its
+        input norm (`add_rms_norm`), so a residual add is never an op of its own.
+
+        Each op writes the dtype the matmul after it reads (`matmul_input_dtype`: the C ops write
+        the integer kernels' bfloat16 themselves); a matmul's bfloat16 result reaches the residual
+        adds as it is, and they add in the residual stream's dtype."""
+        c, eps = self.config, self.config.rms_norm_eps
         num_tokens = x.shape[0]
-        h = kernels.rms_norm(x, self.input_norm, c.rms_norm_eps)
-        q, k, v = self._qkv(kernels.linear(h, self.qkv_proj, self.qkv_bias))
-        q, k = kernels.rope(q, k, rotary)
-        # Write first, then attend over the cache only: fresh and cached keys take one path.
-        kernels.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
-        attn = kernels.attention(q, k_cache, v_cache, batch.attention_plan, c.head_dim**-0.5)
-        h, x = kernels.add_rms_norm(self.tp.row_linear(attn.reshape(num_tokens, -1), self.o_proj), x,
-                                    self.post_attention_norm, c.rms_norm_eps)
+        qkv_input = kernels.matmul_input_dtype(self.qkv_proj)
+        if residual is None:
+            h, residual = kernels.rms_norm(x, self.input_norm, eps, qkv_input), x
+        else:
+            h, residual = kernels.add_rms_norm(x, residual, self.input_norm, eps, qkv_input)
+        # q/k norms and clipping read the stream's dtype; plain q, k and v reach attention as the matmul wrote them
+        qkv_dtype = residual.dtype if c.qk_norm != "none" or c.clip_qkv is not None else None
+        q, k, v = self._qkv(kernels.linear(h, self.qkv_proj, self.qkv_bias, out_dtype=qkv_dtype))
+        # Writes the K/V first, then attends over the cache only: fresh and cached keys take one path.
+        attn = kernels.rope_store_attention(q, k, v, rotary, k_cache, v_cache, batch.slot_mapping,
+                                            batch.attention_plan, c.head_dim**-0.5,
+                                            self.tp.row_input_dtype(self.o_proj) or residual.dtype)
+        mlp_input = None if self.moe is not None else kernels.matmul_input_dtype(self.gate_up_proj)
+        h, residual = kernels.add_rms_norm(self.tp.row_linear(attn.reshape(num_tokens, -1), self.o_proj), residual,
+                                           self.post_attention_norm, eps, mlp_input)
         if self.moe is not None:
-            return x + self.moe(h)
-        return x + self.tp.row_linear(kernels.silu_mul(kernels.linear(h, self.gate_up_proj)), self.down_proj)
+            return self.moe(h), residual
+        up = kernels.silu_mul(kernels.linear(h, self.gate_up_proj), self.tp.row_input_dtype(self.down_proj))
+        return self.tp.row_linear(up, self.down_proj), residual
 
     def mlp_weights(self) -> tuple[Weight, Weight]:
         """The MLP's gate|up and down weights (an MoE layer's first expert's: all are alike)."""
@@ -171,12 +186,12 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored)."""
-        x = self.embed(batch.input_ids)
+        x, residual = self.embed(batch.input_ids), None
         rotary = kernels.RotaryInputs.of(batch.positions, self.cos_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, batch, k_cache, v_cache, rotary)
-        x = x[batch.logits_indices]
-        return kernels.rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, batch, k_cache, v_cache, rotary)
+        rows = batch.logits_indices
+        return kernels.add_rms_norm(x[rows], residual[rows], self.norm, self.config.rms_norm_eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

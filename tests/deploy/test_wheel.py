@@ -47,11 +47,14 @@ def _fresh_venv(tmp_path: Path) -> Path:
 def test_the_wheel_installs_beside_hugging_faces_kernels_package_and_serves_the_default_model(tmp_path: Path) -> None:
     venv = _fresh_venv(tmp_path)
     probe = ("import json, kernels, detserve.kernels, detserve.server.app; "
-             "print(json.dumps([kernels.__file__, hasattr(kernels, 'get_kernel'), detserve.kernels.__file__]))")
-    hf_kernels, is_hf, ours = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", probe], check=True,
+             "from detserve.kernels import cpu_native; "
+             "print(json.dumps([kernels.__file__, hasattr(kernels, 'get_kernel'), detserve.kernels.__file__, "
+             "cpu_native.SOURCE.exists()]))")
+    hf_kernels, is_hf, ours, c_source = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", probe], check=True,
                                                         capture_output=True, text=True, cwd=tmp_path).stdout)
     assert is_hf and "site-packages" in hf_kernels  # Hugging Face's package, not this checkout's folder
     assert ours.startswith(str(venv)), ours  # detserve from the wheel, not from the checkout
+    assert c_source  # the CPU's C ops ship as source, compiled where they run
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETSERVE_")} | {"HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([str(venv / "bin" / "detserve"), "serve", "--port", str(port)], cwd=tmp_path, env=env,

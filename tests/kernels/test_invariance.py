@@ -11,11 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detserve import kernels
-from detserve.kernels import KV_SPLIT_SIZE
+from detserve.kernels import KV_SPLIT_SIZE, cpu_native
 from detserve.kernels.reference import attention as torch_attention
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
 SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "torch"])
+def cpu_kernels(request: pytest.FixtureRequest):
+    """Every test for both CPU backends of the facade: the C ops and the torch ops."""
+    if request.param == "native" and not cpu_native.enabled():
+        pytest.skip("the C ops do not build here (no C compiler)")
+    with cpu_native.selected(request.param):
+        yield request.param
 
 
 def _embed_row(row: torch.Tensor, batch_size: int, position: int, seed: int) -> torch.Tensor:
@@ -221,6 +230,7 @@ def test_mode_is_restored_after_an_error() -> None:
 def test_fast_attention_batches_decodes_of_any_length_beside_a_prefill_and_stays_accurate(monkeypatch) -> None:
     # A small key budget forces several decode groups; stale keys of released blocks must not leak in.
     monkeypatch.setattr(torch_attention, "FAST_DECODE_KEYS", 700)
+    monkeypatch.setattr(cpu_native, "_selected", cpu_native._Selection("torch"))  # the torch plan's groups
     cache = _cache(num_blocks=256, mode="fast")
     cache.step([("stale", *_sequence(300, seed=99), 0)])
     cache.release("stale")

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from detserve import kernels
-from detserve.kernels import configs, contract
+from detserve.kernels import configs, contract, cpu_native
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the digest adds the Triton configs where CUDA runs them")
 def test_config_digest_without_cuda_is_the_cpu_reference_digest() -> None:
-    expected = f"torch-ref-v{contract.VERSION}:rows={kernels.ROWS_PER_CALL}:kvsplit={kernels.KV_SPLIT_SIZE}"
+    expected = (f"torch-ref-v{contract.VERSION}:rows={kernels.ROWS_PER_CALL}:kvsplit={kernels.KV_SPLIT_SIZE}"
+                f":{cpu_native.backend_digest()}")
     assert kernels.config_digest() == expected
 
 

@@ -1,0 +1,320 @@
+"""The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention.
+
+Why: a batch-1 decode step of the default model spent about 7 of its 15 ms in some 1,800 small
+torch ops around the integer matmuls (2-5 us each, caches cold from the weights streamed between
+them). Here each op is one call over its rows. The C code's bits depend on a row's own inputs only
+and not on the ISA the compiler targets (see the file's header), so both kernel modes run it.
+
+The library is compiled with the system's C compiler on first use into the cache folder
+(`$DETSERVE_CACHE_DIR/native`, keyed by the source and the flags) and loaded with ctypes; no torch
+headers, so a build takes about a second. Without a compiler (or with
+`--cpu-kernels torch`) the CPU runs the torch ops of `reference/` instead, whose bits differ: the
+fingerprint names which one ran (`backend_digest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+from detserve.kernels.inputs import AttentionMetadata, RotaryInputs
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_rows.c")
+VERSION = 1
+"""The C ops' arithmetic: bump it with any change to what they compute (it is in the fingerprint)."""
+
+Backend = Literal["auto", "native", "torch"]
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm": [_P, ctypes.c_int, _I, _P, _I, _I, _F, _P, ctypes.c_int],
+    "add_rms_norm": [_P, ctypes.c_int, _I, _P, _I, _P, _I, _I, _F, _P, _P, ctypes.c_int],
+    "silu_mul": [_P, ctypes.c_int, _I, _I, _I, _P, ctypes.c_int],
+    "rope": [_P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _P],
+    "kv_store": [_P, _I, _P, ctypes.c_int, _I, _I, _I, _P, _P, _P],
+    "attention": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _I, _I, _F, _P, ctypes.c_int],
+    "rope_store_attention": [_P, _P, _P, ctypes.c_int, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _I,
+                             _P, _P, _I, _F, _P, _P, ctypes.c_int],
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The C library could not be compiled or loaded here."""
+
+
+def compile_flags() -> list[str]:
+    """Optimization and ISA flags: x86-64-v3 (AVX2) where the CPU has it. Never -ffast-math and
+    never contracted multiply-adds: the bits must not depend on these flags."""
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+    if platform.machine() in ("x86_64", "AMD64") and _has_avx2():
+        flags.append("-march=x86-64-v3")
+    return flags
+
+
+def _has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {name}" in flags for name in ("avx2", "fma", "bmi2", "f16c"))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DETSERVE_CACHE_DIR") or Path.home() / ".cache" / "detserve"
+    return Path(root) / "native"
+
+
+def build(compiler: str | None = None) -> Path:
+    """The compiled library: the cached one for this source and these flags, else built now with
+    the system's C compiler (an image may ship it prebuilt and no compiler: the bits do not depend
+    on the compiler, see cpu_rows.c); raises NativeBuildError."""
+    flags = compile_flags()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_rows-{key}.so"
+    if target.exists():
+        return target
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise NativeBuildError("no C compiler found (set $CC or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        try:
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                    text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise NativeBuildError(f"the C compiler {compiler!r} does not run: {error}") from error
+        if result.returncode != 0:
+            raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{result.stderr}")
+        os.replace(built, target)  # atomic: a concurrent build's rename wins or this one does, whole
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library (built on first use), its functions typed."""
+    lib = ctypes.CDLL(str(build()))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+@dataclass
+class _Selection:
+    backend: Backend = "auto"
+
+
+_selected = _Selection()
+
+
+def select(backend: Backend) -> None:
+    """Which CPU ops run: `native` (this module; an error where it cannot be built), `torch` (the
+    reference ops), or `auto` (native where it builds, else torch with a warning)."""
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"unknown CPU kernels {backend!r}; expected auto, native or torch")
+    _selected.backend = backend
+    if backend == "native":
+        library()
+
+
+@contextlib.contextmanager
+def selected(backend: Backend) -> Iterator[None]:
+    """`select(backend)` for the block, the previous selection restored after it (tests, benchmarks)."""
+    previous = _selected.backend
+    select(backend)
+    try:
+        yield
+    finally:
+        _selected.backend = previous
+
+
+def enabled() -> bool:
+    """Whether the CPU runs the C ops now."""
+    if _selected.backend == "torch":
+        return False
+    if _selected.backend == "native":
+        return True
+    return _available()
+
+
+@functools.cache
+def _available() -> bool:
+    try:
+        library()
+    except (NativeBuildError, OSError) as error:
+        logger.warning("CPU row ops run in torch (slower, other bits): %s", error)
+        return False
+    return True
+
+
+def backend_digest() -> str:
+    """What the CPU ops' bits depend on: the C ops' version, or the torch reference."""
+    return f"cpu-native-v{VERSION}" if enabled() else "cpu-torch"
+
+
+# The ops. Each checks what the C code assumes (dtypes, unit strides within a row) and passes raw
+# pointers; a view is read in place where its rows are contiguous inside.
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _is_bf16(t: torch.Tensor) -> int:
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the CPU row ops take float32 or bfloat16, not {t.dtype}")
+    return int(t.dtype == torch.bfloat16)
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _float_cache(cache: torch.Tensor) -> torch.Tensor:
+    if cache.dtype != torch.float32 or not cache.is_contiguous():
+        raise TypeError("the C ops read and write a contiguous float32 KV cache")
+    return cache
+
+
+def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as [T, n] rows with unit stride inside a row, and its row stride."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.stride(0)
+
+
+def _heads_of(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] with each row's heads contiguous (a view of a fused projection is, as it is)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    rows, stride = _rows_of(x)
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
+    library().rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(_float(weight)), rows.shape[0], rows.shape[1], eps,
+                       _ptr(out), _is_bf16(out))
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): x float32 or bfloat16 (a matmul's result), the sum in
+    float32 (the residual stream's dtype on the CPU)."""
+    rows, stride = _rows_of(x)
+    res, res_stride = _rows_of(_float(residual))
+    total = torch.empty(x.shape, dtype=torch.float32)
+    out = torch.empty(x.shape, dtype=out_dtype or torch.float32)
+    library().add_rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(res), res_stride, _ptr(_float(weight)),
+                           rows.shape[0], rows.shape[1], eps, _ptr(total), _ptr(out), _is_bf16(out))
+    return out, total
+
+
+def silu_mul(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    rows, stride = _rows_of(x)
+    n = x.shape[-1] // 2
+    out = torch.empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+    library().silu_mul(_ptr(rows), _is_bf16(rows), stride, rows.shape[0], n, _ptr(out), _is_bf16(out))
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, rotary: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, D] and k [T, Hkv, D] rotated, as float32."""
+    return _rope_heads(_heads_of(q), rotary), _rope_heads(_heads_of(k), rotary)
+
+
+def _rope_heads(x: torch.Tensor, rotary: RotaryInputs) -> torch.Tensor:
+    num_tokens, heads, d = x.shape
+    out = torch.empty(x.shape, dtype=torch.float32)
+    library().rope(_ptr(x), _is_bf16(x), x.stride(0), num_tokens, heads, d, _ptr(rotary.cos_cos),
+                   _ptr(rotary.minus_sin_sin), _ptr(out))
+    return out
+
+
+def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k and v [T, Hkv, D] into the float32 caches' slots (k float32, v float32 or bfloat16)."""
+    k, v = _heads_of(_float(k)), _heads_of(v)
+    library().kv_store(_ptr(k), k.stride(0), _ptr(v), _is_bf16(v), v.stride(0), k.shape[0], k.shape[1] * k.shape[2],
+                       _ptr(slot_mapping.long().contiguous()), _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)))
+
+
+@dataclass
+class NativePlan:
+    """Each query row's sequence and position, for `attention`: built once per step."""
+
+    seqs: torch.Tensor  # [T] int32: the query's row of the block tables
+    positions: torch.Tensor  # [T] int64: the query's position; it attends to keys 0..position
+    block_tables: torch.Tensor  # [B, max_blocks] int32, contiguous
+    max_keys: int  # the most keys any query attends to
+
+
+def plan(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> NativePlan:
+    """A sequence's query rows are its last tokens: positions seq_len - count .. seq_len - 1."""
+    seqs, positions = [], []
+    for b in range(meta.num_seqs):
+        count = meta.query_start_loc[b + 1] - meta.query_start_loc[b]
+        seqs += [b] * count
+        positions += range(meta.seq_lens[b] - count, meta.seq_lens[b])
+    return NativePlan(torch.tensor(seqs, dtype=torch.int32), torch.tensor(positions, dtype=torch.int64),
+                      meta.block_tables.to(torch.int32).contiguous(), max(meta.seq_lens, default=0))
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: NativePlan, scale: float,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the paged float32 cache [blocks, block_size, Hkv, D];
+    [T, H, D] in `out_dtype` (default float32)."""
+    if not isinstance(plan, NativePlan):
+        raise TypeError(f"attention was planned as {type(plan).__name__}, but the C ops read NativePlan")
+    q = _float(q).contiguous()
+    out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
+    library().attention(_ptr(q), _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1],
+                        k_cache.shape[2], q.shape[1], q.shape[2], *_plan_args(plan), q.shape[0], plan.max_keys, scale,
+                        _ptr(out), _is_bf16(out))
+    return out
+
+
+def _plan_args(plan: NativePlan) -> tuple[int, int, int, int]:
+    return _ptr(plan.block_tables), plan.block_tables.stride(0), _ptr(plan.seqs), _ptr(plan.positions)
+
+
+def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryInputs,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, plan: NativePlan,
+                         scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`rope`, `kv_store` and `attention` in one call, the same arithmetic: q [T, H, D], k and v
+    [T, Hkv, D] of one dtype (views of the fused projection are read in place); [T, H, D] in
+    `out_dtype` (default float32)."""
+    if not isinstance(plan, NativePlan):
+        raise TypeError(f"attention was planned as {type(plan).__name__}, but the C ops read NativePlan")
+    if not q.dtype == k.dtype == v.dtype:
+        q, k, v = _float(q), _float(k), _float(v)
+    q, k, v = _heads_of(q), _heads_of(k), _heads_of(v)
+    num_tokens, heads, d = q.shape
+    q_scratch = torch.empty(q.shape, dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
+    library().rope_store_attention(
+        _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
+        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping.long().contiguous()),
+        _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1], *_plan_args(plan),
+        plan.max_keys, scale, _ptr(q_scratch), _ptr(out), _is_bf16(out))
+    return out

@@ -1,0 +1,226 @@
+"""The CPU's C row ops (`kernels/cpu_native.py`): invariant by construction, close to the torch
+ops, and a build that falls back to torch cleanly where it cannot happen.
+
+Invariance is checked with torch.equal against the row computed alone, at 1 and 2 threads;
+accuracy against float64 or the torch reference with a tolerance. The attention scenarios (chunked
+prefill, company, decode after prefill, cached prefixes) run through the kernels facade for both
+CPU backends in tests/kernels/test_invariance.py; here are the C ops' own properties.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detserve import kernels
+from detserve.kernels import cpu_native
+from detserve.kernels.inputs import RotaryInputs
+from detserve.kernels.reference import rows
+from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
+
+pytestmark = pytest.mark.skipif(not cpu_native.enabled(), reason="the C ops do not build here (no C compiler)")
+SETTINGS = settings(max_examples=20, deadline=None)
+
+
+def _threads(n: int):
+    """OpenMP's thread count for the C ops: the library reads $OMP_NUM_THREADS once, so it is set
+    through omp_set_num_threads."""
+    return _omp().omp_set_num_threads(n)
+
+
+@functools.cache
+def _omp():
+    import ctypes
+
+    return ctypes.CDLL("libgomp.so.1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    yield
+    _threads(torch.get_num_threads())
+
+
+@st.composite
+def companies(draw) -> tuple[int, int, int, int]:
+    """(rows M, the row's position, OpenMP threads, seed of the other rows)."""
+    m = draw(st.integers(1, 70))
+    return m, draw(st.integers(0, m - 1)), draw(st.sampled_from([1, 2])), draw(st.integers(0, 2**31))
+
+
+def _in_company(row: torch.Tensor, company: tuple[int, int, int, int]) -> torch.Tensor:
+    m, position, threads, seed = company
+    _threads(threads)
+    batch = torch.randn((m,) + row.shape, generator=torch.Generator().manual_seed(seed)) * 3
+    batch[position] = row
+    return batch.to(row.dtype)
+
+
+def _alone(fn, row: torch.Tensor):
+    _threads(1)
+    return fn(row[None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@SETTINGS
+@given(company=companies(), dim=st.sampled_from([576, 896, 17]))
+def test_rms_norm_row_is_independent_of_its_company_and_threads(company, dim: int, dtype, out_dtype) -> None:
+    weight = torch.randn(dim)
+    row = torch.randn(dim).to(dtype)
+    fn = functools.partial(cpu_native.rms_norm, weight=weight, eps=1e-5, out_dtype=out_dtype)
+    assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
+
+
+@SETTINGS
+@given(company=companies())
+def test_add_rms_norm_row_is_independent_of_its_company_and_threads(company) -> None:
+    weight, residual, row = torch.randn(576), torch.randn(576), torch.randn(576).bfloat16()
+    _threads(1)
+    normed, total = cpu_native.add_rms_norm(row[None], residual[None], weight, 1e-5, out_dtype=torch.bfloat16)
+    batch = _in_company(row, company)
+    residuals = torch.randn(batch.shape)
+    residuals[company[1]] = residual
+    normed_in, total_in = cpu_native.add_rms_norm(batch, residuals, weight, 1e-5, out_dtype=torch.bfloat16)
+    assert torch.equal(normed[0], normed_in[company[1]]) and torch.equal(total[0], total_in[company[1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@SETTINGS
+@given(company=companies())
+def test_silu_mul_row_is_independent_of_its_company_and_threads(company, dtype) -> None:
+    row = (torch.randn(2 * 1536) * 4).to(dtype)
+    fn = functools.partial(cpu_native.silu_mul, out_dtype=torch.bfloat16)
+    assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
+
+
+def test_a_bfloat16_result_is_the_float32_result_rounded() -> None:
+    """Writing a matmul's input dtype in the op itself (`kernels.matmul_input_dtype`) changes no bit
+    against casting the float32 result, torch's way (round to nearest even, NaN kept)."""
+    g = torch.Generator().manual_seed(3)
+    x, weight, residual = torch.randn(9, 576, generator=g) * 7, torch.randn(576, generator=g), torch.randn(9, 576)
+    assert torch.equal(cpu_native.rms_norm(x, weight, 1e-5, torch.bfloat16),
+                       cpu_native.rms_norm(x, weight, 1e-5).bfloat16())
+    normed, total = cpu_native.add_rms_norm(x.bfloat16(), residual, weight, 1e-5, torch.bfloat16)
+    normed32, total32 = cpu_native.add_rms_norm(x.bfloat16(), residual, weight, 1e-5)
+    assert torch.equal(normed, normed32.bfloat16()) and torch.equal(total, total32)
+    assert torch.equal(total, x.bfloat16().float() + residual)  # the add is torch's float32 add
+    gate_up = torch.randn(9, 2 * 1536, generator=g) * 6
+    gate_up[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+    assert torch.equal(cpu_native.silu_mul(gate_up, torch.bfloat16), cpu_native.silu_mul(gate_up).bfloat16(),
+                       ) or torch.equal(cpu_native.silu_mul(gate_up, torch.bfloat16).isnan(),
+                                        cpu_native.silu_mul(gate_up).bfloat16().isnan())
+
+
+def test_ops_stay_close_to_the_torch_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(33, 576, generator=g), torch.randn(576, generator=g)
+    assert torch.allclose(cpu_native.rms_norm(x, weight, 1e-5), rows.rms_norm(x, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    gate_up = torch.randn(33, 2 * 1536, generator=g) * 5
+    assert torch.allclose(cpu_native.silu_mul(gate_up), rows.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
+
+
+def test_silu_is_accurate_over_the_whole_float_range() -> None:
+    """exp is a polynomial here: within a few ulp of float64, and finite where e^-g overflows
+    (silu of a large negative gate is about -0, not NaN)."""
+    gate = torch.cat([torch.linspace(-100, 100, 200_001), torch.tensor([-1e4, -89.0, 89.0, 1e4])])
+    out = cpu_native.silu_mul(torch.stack([gate, torch.ones_like(gate)]).reshape(1, -1))[0].double()
+    ref = torch.nn.functional.silu(gate.double())
+    assert torch.isfinite(out).all()
+    assert ((out - ref).abs() <= 2e-6 * ref.abs() + 1e-30).all()  # tiny results: e^-g stops at e^88
+
+
+def test_rope_gives_the_torch_references_bits() -> None:
+    """RoPE is multiplies and adds, in the same order as the torch op: equal to the bit."""
+    g = torch.Generator().manual_seed(2)
+    cos_sin = torch.randn(4096, 64, generator=g)
+    qkv = torch.randn(13, (9 + 2 * 3) * 64, generator=g)
+    q, k = qkv[:, :576].view(13, 9, 64), qkv[:, 576:768].view(13, 3, 64)
+    rotary = RotaryInputs.of(torch.randint(0, 4096, (13,), generator=g), cos_sin)
+    for got, want in zip(cpu_native.rope(q, k, rotary), rows.rope(q, k, rotary)):
+        assert torch.equal(got, want)
+    bf16_q = qkv.bfloat16()[:, :576].view(13, 9, 64)
+    assert torch.equal(cpu_native.rope(bf16_q, k, rotary)[0], rows.rope(bf16_q.float(), k, rotary)[0])
+
+
+def test_kv_store_writes_each_row_to_its_slot() -> None:
+    k_cache, v_cache = torch.zeros(8, 4, 3, 64), torch.zeros(8, 4, 3, 64)
+    k, v = torch.randn(5, 3, 64), torch.randn(5, 3 * 64 * 2).bfloat16()[:, : 3 * 64].view(5, 3, 64)
+    slots = torch.tensor([7, 0, 31, 12, 13])
+    cpu_native.kv_store(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 3, 64)[slots], k) and torch.equal(v_cache.view(-1, 3, 64)[slots], v.float())
+
+
+def _native_attend(q, k_cache, v_cache, meta) -> torch.Tensor:
+    with cpu_native.selected("native"):
+        plan = kernels.plan_attention(meta, q.shape[1], k_cache.shape[2])
+        assert isinstance(plan, cpu_native.NativePlan)
+        return kernels.attention(q, k_cache, v_cache, plan, scale=0.125)
+
+
+def test_attention_matches_float64_and_a_prefill_equals_its_decodes() -> None:
+    qkv = sequence(700, seed=4, num_heads=9, num_kv_heads=3, head_dim=64)
+    def cache(seed: int) -> PagedCache:
+        return PagedCache(_native_attend, num_blocks=200, num_kv_heads=3, head_dim=64, seed=seed)
+
+    whole = run_chunked(cache(0), "s", qkv, [700])
+    assert torch.allclose(whole.double(), attention_float64(*qkv, 0.125), rtol=1e-5, atol=1e-5)
+    _threads(1)
+    token_by_token = run_chunked(cache(1), "s", qkv, list(range(1, 701)), company=[("o", 33, 5)])
+    assert torch.equal(whole, token_by_token)
+
+
+def test_attention_writes_bfloat16_as_the_float32_result_rounded() -> None:
+    q, k, v = sequence(40, seed=6, num_heads=9, num_kv_heads=3, head_dim=64)
+    cache = PagedCache(_native_attend, num_blocks=8, num_kv_heads=3, head_dim=64)
+    q_all, meta = cache.store([("s", q, k, v, 0)])
+    plan = cpu_native.plan(meta, 9, 3, torch.device("cpu"))
+    out = cpu_native.attention(q_all, cache.k, cache.v, plan, 0.125)
+    assert torch.equal(cpu_native.attention(q_all, cache.k, cache.v, plan, 0.125, out_dtype=torch.bfloat16),
+                       out.bfloat16())
+
+
+def test_the_digest_names_the_backend_that_runs() -> None:
+    with cpu_native.selected("native"):
+        native = kernels.config_digest()
+    with cpu_native.selected("torch"):
+        torch_ops = kernels.config_digest()
+        assert not kernels.matmul_input_dtype(kernels.quantize(torch.randn(32, 64), 4).pack())
+    assert f"cpu-native-v{cpu_native.VERSION}" in native and "cpu-torch" in torch_ops
+
+
+def test_without_a_compiler_auto_runs_torch_and_native_is_refused(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", os.path.join(str(tmp_path), "no-such-cc"))
+    for cached in (cpu_native.library, cpu_native._available):
+        monkeypatch.setattr(cpu_native, cached.__name__, functools.cache(cached.__wrapped__))
+    with pytest.raises(cpu_native.NativeBuildError, match="does not run"):
+        cpu_native.select("native")
+    with cpu_native.selected("auto"):
+        assert not cpu_native.enabled() and kernels.config_digest().endswith("cpu-torch")
+    assert "run in torch" in caplog.text
+
+
+def test_a_failed_compile_says_why(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C")
+    monkeypatch.setattr(cpu_native, "SOURCE", broken)
+    with pytest.raises(cpu_native.NativeBuildError, match="compiling broken.c failed"):
+        cpu_native.build()
+    assert not list((tmp_path / "native").glob("*.so"))
+
+
+def test_a_build_is_cached_by_source_and_flags(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
+    first = cpu_native.build()
+    assert cpu_native.build() == first and first.parent == tmp_path / "native"
+    edited = tmp_path / "cpu_rows.c"
+    edited.write_text(cpu_native.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", edited)
+    assert cpu_native.build() != first
