@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from detserve import kernels
 from detserve.kernels import cpu_native
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import LLMEngine
@@ -48,7 +47,7 @@ def sequence_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
         step = SchedulerOutput([ScheduledRequest(request, 0, len(token_ids), True)], True, [])
         batch = engine.runner.prepare(step)
         batch.logits_indices = torch.arange(len(token_ids))
-        with kernels.mode("invariant"):
+        with engine.runner.kernel_mode("invariant"):
             return engine.runner.model.compute_logits(engine.runner.model(batch, engine.runner.kv_caches))
     finally:
         engine.block_manager.free(request)
@@ -62,21 +61,15 @@ class PromptQuality:
     num_tokens: int
 
 
-def compare(float_engine: LLMEngine, quant_engine: LLMEngine, prompt: list[int], num_tokens: int,
-            cpu_kernels: cpu_native.Backend = "auto") -> PromptQuality:
-    """One prompt's quality numbers; the quantized engine runs `cpu_kernels`, the float32 one torch's
-    (the CPU ops' selection is process-wide, hence selected around each engine's work)."""
+def compare(float_engine: LLMEngine, quant_engine: LLMEngine, prompt: list[int], num_tokens: int) -> PromptQuality:
     params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
-    with cpu_native.selected("torch"):
-        [ref] = float_engine.generate([prompt], params)
+    [ref] = float_engine.generate([prompt], params)
+    [ours] = quant_engine.generate([prompt], params)
     full = prompt + ref.output_token_ids
     rows = slice(len(prompt) - 1, len(full) - 1)  # the positions that predict each generated token
     chosen = torch.tensor(ref.output_token_ids)[:, None]
-    with cpu_native.selected("torch"):
-        lp_float = torch.log_softmax(sequence_logits(float_engine, full)[rows].double(), -1)
-    with cpu_native.selected(cpu_kernels):
-        [ours] = quant_engine.generate([prompt], params)
-        lp_quant = torch.log_softmax(sequence_logits(quant_engine, full)[rows].double(), -1)
+    lp_float = torch.log_softmax(sequence_logits(float_engine, full)[rows].double(), -1)
+    lp_quant = torch.log_softmax(sequence_logits(quant_engine, full)[rows].double(), -1)
     agreement = int((lp_quant.argmax(-1) == chosen[:, 0]).sum())
     diff = float((lp_quant.gather(1, chosen) - lp_float.gather(1, chosen)).abs().mean())
     prefix = next((i for i, (a, b) in enumerate(zip(ref.output_token_ids, ours.output_token_ids)) if a != b), num_tokens)
@@ -94,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "native", "torch"),
                         help="the quantized side's row ops and attention (default: %(default)s)")
     args = parser.parse_args(argv)
-    float_engine = LLMEngine(EngineConfig(model=args.model, quantization="none", kv_cache_tokens=4096))
+    float_engine = LLMEngine(EngineConfig(model=args.model, quantization="none", kv_cache_tokens=4096,
+                                          cpu_kernels="torch"))
     quant_engine = LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_tokens=4096,
-                                          tp_invariant_splits=args.tp_invariant_splits))
-    with cpu_native.selected(args.cpu_kernels):
+                                          tp_invariant_splits=args.tp_invariant_splits, cpu_kernels=args.cpu_kernels))
+    with quant_engine.runner.kernel_mode("invariant"):
         served = cpu_native.backend_digest()
     print(f"== {quant_engine.info.name}: {quant_engine.runner.weight_format} (S = {args.tp_invariant_splits}, {served})"
           f" vs {float_engine.runner.weight_format} (cpu-torch), {args.tokens} greedy tokens per prompt ==")
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for text in PROMPTS:
         prompt = quant_engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        r = compare(float_engine, quant_engine, prompt, args.tokens, args.cpu_kernels)
+        r = compare(float_engine, quant_engine, prompt, args.tokens)
         results.append(r)
         print(f"{text[:50]:52} {r.greedy_agreement:>4}/{r.num_tokens:<2} {r.mean_logprob_diff:10.4f} {r.common_prefix:>11}")
     total = sum(r.num_tokens for r in results)

@@ -37,11 +37,13 @@ def keep_freed_memory_for_reuse() -> bool:
     return ok
 
 
-def select_cpu_kernels(backend: cpu_native.Backend, dtype: torch.dtype) -> None:
-    """Run the CPU's row ops and attention as `backend` says (`cpu_native.select`). The C ops read
-    and write a float32 model's activations and KV cache, so a model of another dtype runs torch's."""
+def cpu_kernels_for(backend: cpu_native.Backend, dtype: torch.dtype) -> cpu_native.Backend:
+    """The CPU ops a model of `dtype` runs when `backend` is asked for (`cpu_native.selected`): the C
+    ops read and write a float32 model's activations and KV cache, so another dtype runs torch's.
+    Raises where `native` cannot be had."""
     if dtype != torch.float32:
         if backend == "native":
             raise ValueError(f"--cpu-kernels native runs float32 models, not {dtype}: use --dtype float32")
-        backend = "torch"
-    cpu_native.select(backend)
+        return "torch"
+    cpu_native.check(backend)
+    return backend

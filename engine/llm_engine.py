@@ -310,6 +310,8 @@ class LLMEngine:
     def _system_fingerprint(self, deterministic: bool) -> str:
         """What equal bits depend on, hashed; computed once, for `info`."""
         device = self.runner.device
+        with self.runner.kernel_mode("invariant"):  # the digest names the runner's CPU row ops
+            kernel_digest = kernels.config_digest()
         if device.type == "cuda":
             device_kind = torch.cuda.get_device_name(device)
         else:  # the vector ISA picks the BLAS kernels, and with them the bits
@@ -321,7 +323,7 @@ class LLMEngine:
             str(self.runner.dtype),
             device_kind,
             f"torch-{torch.__version__}",
-            kernels.config_digest() if deterministic else "fast",
+            kernel_digest if deterministic else "fast",
             self._tp_part(deterministic),
             f"threads={torch.get_num_threads()}",
         ]

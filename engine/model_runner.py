@@ -25,7 +25,7 @@ from detserve.engine.models.llama import LlamaModel, dummy_state_dict
 from detserve.engine.parallel import Layout, TensorParallel
 from detserve.engine.request import TokenLogprob
 from detserve.engine.scheduler import SchedulerOutput
-from detserve.kernels import PackedWeight
+from detserve.kernels import PackedWeight, cpu_native
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,11 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
+        # the CPU's row ops this runner's steps run (`kernel_mode`); a GPU's run none
+        self.cpu_kernels = cpu_runtime.cpu_kernels_for(config.cpu_kernels, self.dtype) if self.device.type == "cpu" \
+            else "torch"
         if self.device.type == "cpu":
             cpu_runtime.keep_freed_memory_for_reuse()
-            cpu_runtime.select_cpu_kernels(config.cpu_kernels, self.dtype)
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings
         with _default_tensor_type(self.device, self.dtype):
@@ -211,6 +213,13 @@ class ModelRunner:
                     len(graphs.graphs), time.monotonic() - started, graphs.buckets[-1])
         return graphs
 
+    @contextlib.contextmanager
+    def kernel_mode(self, mode: kernels.Mode) -> Iterator[None]:
+        """The kernel mode of a step, and this runner's CPU row ops (`cpu_native.selected`): both are
+        context-local, so engines of other selections can share a process."""
+        with kernels.mode(mode), cpu_native.selected(self.cpu_kernels):
+            yield
+
     def prepare(self, step: SchedulerOutput) -> ForwardBatch:
         """The step's forward batch (tests and benchmarks run the model on it themselves)."""
         return self._batch(*StepInputs.of(step))
@@ -235,7 +244,7 @@ class ModelRunner:
             block_size=self.block_size,
             zero_slot=self.zero_slot,
         )
-        with kernels.mode(inputs.mode):
+        with self.kernel_mode(inputs.mode):
             plan = kernels.plan_attention(attention, self.num_heads, self.num_kv_heads)
         return ForwardBatch(
             input_ids=tensor(inputs.input_ids),
@@ -254,7 +263,7 @@ class ModelRunner:
         sampling = [s.request for s in step.scheduled if s.samples]
         try:
             logits = self._forward(inputs, scored)
-            with kernels.mode(inputs.mode):
+            with self.kernel_mode(inputs.mode):
                 samples = sampler.sample(next(logits), sampling, eos_token_ids) if sampling else []
                 scores = self._score(logits, scored)
         except BaseException:
@@ -282,14 +291,14 @@ class ModelRunner:
     def _hidden(self, inputs: StepInputs, scored: list[PromptScore]) -> torch.Tensor:
         """The forward pass: final hidden states of the rows that sample, then of those scored."""
         batch = self._batch(inputs, scored)
-        with kernels.mode(inputs.mode):
+        with self.kernel_mode(inputs.mode):
             return self.model(batch, self.kv_caches)
 
     def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> Iterator[torch.Tensor | None]:
         """One float32 logits block per `logits_row_ranges` range, lazily (rank 0 samples from the
         first before the scoring blocks are computed; None on the other ranks)."""
         for start, end in inputs.logits_row_ranges():
-            with kernels.mode(inputs.mode):
+            with self.kernel_mode(inputs.mode):
                 yield self.model.compute_logits(hidden[start:end])
 
     def _score(self, logits: Iterator[torch.Tensor | None], scored: list[PromptScore]

@@ -24,7 +24,8 @@ Triton kernel, a C plan the C attention.
 
 On the CPU the row ops and attention run as compiled C (`cpu_native.py`) in both modes wherever
 the C library builds (`native` in DISPATCH): invariant by construction, and one call where torch
-takes several to dozens of ops. `cpu_native.select("torch")` runs the torch ops instead.
+takes several to dozens of ops. `cpu_native.selected("torch")` runs the torch ops instead (a model
+runner selects its engine's `--cpu-kernels` around each step).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _kernel(op: str, on: torch.Tensor) -> Callable:
     kernels, current = DISPATCH[op], _current_mode.get()
     if kernels.triton is not None and current in kernels.triton_modes and _triton_device(on):
         return getattr(_gpu(), kernels.triton)
-    if kernels.native is not None and on.device.type == "cpu" and cpu_native.enabled():
+    if kernels.native is not None and on.is_cpu and cpu_native.enabled():
         return getattr(cpu_native, kernels.native)
     return kernels.invariant if current == "invariant" else kernels.fast
 

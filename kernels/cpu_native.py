@@ -15,6 +15,7 @@ fingerprint names which one ran (`backend_digest`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -47,9 +48,9 @@ _SIGNATURES = {
     "silu_mul": [_P, ctypes.c_int, _I, _I, _I, _P, ctypes.c_int],
     "rope": [_P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _P],
     "kv_store": [_P, _I, _P, ctypes.c_int, _I, _I, _I, _P, _P, _P],
-    "attention": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _I, _I, _F, _P, ctypes.c_int],
+    "attention": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _F, _P, ctypes.c_int],
     "rope_store_attention": [_P, _P, _P, ctypes.c_int, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _I,
-                             _P, _P, _I, _F, _P, _P, ctypes.c_int],
+                             _P, _P, _I, _F, _P, ctypes.c_int],
 }
 
 
@@ -119,42 +120,37 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-@dataclass
-class _Selection:
-    backend: Backend = "auto"
+_selected: contextvars.ContextVar[Backend] = contextvars.ContextVar("detserve_cpu_kernels", default="auto")
 
 
-_selected = _Selection()
-
-
-def select(backend: Backend) -> None:
-    """Which CPU ops run: `native` (this module; an error where it cannot be built), `torch` (the
-    reference ops), or `auto` (native where it builds, else torch with a warning)."""
+def check(backend: Backend) -> None:
+    """Refuse an unknown backend, and `native` where the library cannot be built (NativeBuildError)."""
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"unknown CPU kernels {backend!r}; expected auto, native or torch")
-    _selected.backend = backend
     if backend == "native":
         library()
 
 
 @contextlib.contextmanager
 def selected(backend: Backend) -> Iterator[None]:
-    """`select(backend)` for the block, the previous selection restored after it (tests, benchmarks)."""
-    previous = _selected.backend
-    select(backend)
+    """Which CPU ops run in the block, in this context (like `kernels.mode`): `native` (this module),
+    `torch` (the reference ops), or `auto` (native where it builds, else torch with a warning; the
+    default). Each model runner selects its engine's around its own work, so engines of other
+    selections can share a process (tests do)."""
+    check(backend)
+    token = _selected.set(backend)
     try:
         yield
     finally:
-        _selected.backend = previous
+        _selected.reset(token)
 
 
 def enabled() -> bool:
     """Whether the CPU runs the C ops now."""
-    if _selected.backend == "torch":
-        return False
-    if _selected.backend == "native":
-        return True
-    return _available()
+    backend = _selected.get()
+    if backend == "auto":
+        return _available()
+    return backend == "native"
 
 
 @functools.cache
@@ -198,7 +194,7 @@ def _float_cache(cache: torch.Tensor) -> torch.Tensor:
 
 def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x as [T, n] rows with unit stride inside a row, and its row stride."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows, rows.stride(0)
@@ -261,12 +257,18 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @dataclass
 class NativePlan:
-    """Each query row's sequence and position, for `attention`: built once per step."""
+    """Each query row's sequence and position, for `attention`: built once per step, with the C
+    arguments they make (read by every layer)."""
 
     seqs: torch.Tensor  # [T] int32: the query's row of the block tables
     positions: torch.Tensor  # [T] int64: the query's position; it attends to keys 0..position
     block_tables: torch.Tensor  # [B, max_blocks] int32, contiguous
     max_keys: int  # the most keys any query attends to
+
+    def __post_init__(self) -> None:
+        # (block tables, their row stride, seqs, positions, max keys): the attention's plan arguments
+        self.args = (_ptr(self.block_tables), self.block_tables.stride(0), _ptr(self.seqs), _ptr(self.positions),
+                     self.max_keys)
 
 
 def plan(meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> NativePlan:
@@ -289,13 +291,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pla
     q = _float(q).contiguous()
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().attention(_ptr(q), _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1],
-                        k_cache.shape[2], q.shape[1], q.shape[2], *_plan_args(plan), q.shape[0], plan.max_keys, scale,
-                        _ptr(out), _is_bf16(out))
+                        k_cache.shape[2], q.shape[1], q.shape[2], q.shape[0], *plan.args, scale, _ptr(out),
+                        _is_bf16(out))
     return out
-
-
-def _plan_args(plan: NativePlan) -> tuple[int, int, int, int]:
-    return _ptr(plan.block_tables), plan.block_tables.stride(0), _ptr(plan.seqs), _ptr(plan.positions)
 
 
 def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryInputs,
@@ -303,18 +301,18 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
                          scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`rope`, `kv_store` and `attention` in one call, the same arithmetic: q [T, H, D], k and v
     [T, Hkv, D] of one dtype (views of the fused projection are read in place); [T, H, D] in
-    `out_dtype` (default float32)."""
+    `out_dtype` (default float32); `slot_mapping` int64 [T]."""
     if not isinstance(plan, NativePlan):
         raise TypeError(f"attention was planned as {type(plan).__name__}, but the C ops read NativePlan")
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
     if not q.dtype == k.dtype == v.dtype:
         q, k, v = _float(q), _float(k), _float(v)
     q, k, v = _heads_of(q), _heads_of(k), _heads_of(v)
     num_tokens, heads, d = q.shape
-    q_scratch = torch.empty(q.shape, dtype=torch.float32)
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().rope_store_attention(
         _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
-        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping.long().contiguous()),
-        _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1], *_plan_args(plan),
-        plan.max_keys, scale, _ptr(q_scratch), _ptr(out), _is_bf16(out))
+        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping), _ptr(_float_cache(k_cache)),
+        _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
     return out

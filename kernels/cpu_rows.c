@@ -323,8 +323,8 @@ static void attend_group(const float *q, int64_t group, int64_t d, const float *
  * kv_heads, d]: row t is the query at position positions[t] of sequence seqs[t], whose blocks are
  * block_tables[seqs[t]] (row stride table_stride). out [rows, heads, d], float32 or bfloat16. */
 void attention(const float *q, const float *k_cache, const float *v_cache, int64_t block_size, int64_t kv_heads,
-               int64_t heads, int64_t d, const int32_t *block_tables, int64_t table_stride, const int32_t *seqs,
-               const int64_t *positions, int64_t rows, int64_t max_keys, float scale, void *out, int out_bf16) {
+               int64_t heads, int64_t d, int64_t rows, const int32_t *block_tables, int64_t table_stride,
+               const int32_t *seqs, const int64_t *positions, int64_t max_keys, float scale, void *out, int out_bf16) {
     int64_t group = heads / kv_heads;
 #pragma omp parallel if (rows * kv_heads > 1 && rows * heads * max_keys * d > PARALLEL_WORK)
     {
@@ -345,16 +345,16 @@ void attention(const float *q, const float *k_cache, const float *v_cache, int64
 
 /* A step's attention in one call: each row's q and k rotated (RoPE), its k and v written to its
  * cache slot, then `attention` over the cache. q, k, v are rows of float32 or bfloat16 (row strides
- * given, heads contiguous within a row: views of the fused q|k|v projection); q_scratch is float32
- * [rows, heads, d] for the rotated queries. */
+ * given, heads contiguous within a row: views of the fused q|k|v projection). */
 void rope_store_attention(const void *q, const void *k, const void *v, int qkv_bf16, int64_t q_stride,
                           int64_t k_stride, int64_t v_stride, int64_t rows, int64_t heads, int64_t kv_heads,
                           int64_t d, const float *cos_cos, const float *minus_sin_sin, const int64_t *slots,
                           float *k_cache, float *v_cache, int64_t block_size, const int32_t *block_tables,
                           int64_t table_stride, const int32_t *seqs, const int64_t *positions, int64_t max_keys,
-                          float scale, float *q_scratch, void *out, int out_bf16) {
+                          float scale, void *out, int out_bf16) {
     int64_t width = kv_heads * d;
     float *row = malloc((size_t)((heads + kv_heads) * d) * sizeof(float));
+    float *q_scratch = malloc((size_t)(rows * heads * d) * sizeof(float)); /* the rotated queries */
     for (int64_t t = 0; t < rows; t++) {
         const float *cc = cos_cos + t * d, *ss = minus_sin_sin + t * d;
         load_row(row_at((void *)q, qkv_bf16, t * q_stride), qkv_bf16, heads * d, row);
@@ -364,6 +364,7 @@ void rope_store_attention(const void *q, const void *k, const void *v, int qkv_b
         load_row(row_at((void *)v, qkv_bf16, t * v_stride), qkv_bf16, width, v_cache + slots[t] * width);
     }
     free(row);
-    attention(q_scratch, k_cache, v_cache, block_size, kv_heads, heads, d, block_tables, table_stride, seqs,
-              positions, rows, max_keys, scale, out, out_bf16);
+    attention(q_scratch, k_cache, v_cache, block_size, kv_heads, heads, d, rows, block_tables, table_stride, seqs,
+              positions, max_keys, scale, out, out_bf16);
+    free(q_scratch);
 }

@@ -91,9 +91,23 @@ def test_same_bits_alone_and_under_20_runs_of_random_concurrent_load(make_engine
         assert seeded == seeded_alone, f"seeded probe diverged in run {run}"
 
 
-def test_same_bits_with_prefill_chunked_into_7_token_pieces(make_engine) -> None:
-    alone = run_alone(make_engine(enable_prefix_caching=False), GREEDY)
-    assert run_alone(make_engine(max_num_batched_tokens=7, enable_prefix_caching=False), GREEDY) == alone
+@pytest.mark.parametrize("cpu_kernels", ["auto", "torch"])
+def test_same_bits_with_prefill_chunked_into_7_token_pieces(make_engine, cpu_kernels: str) -> None:
+    alone = run_alone(make_engine(enable_prefix_caching=False, cpu_kernels=cpu_kernels), GREEDY)
+    chunked = make_engine(max_num_batched_tokens=7, enable_prefix_caching=False, cpu_kernels=cpu_kernels)
+    assert run_alone(chunked, GREEDY) == alone
+
+
+def test_engines_of_both_cpu_kernels_share_a_process_each_with_its_own_bits(make_engine) -> None:
+    """The CPU ops an engine runs are its runner's, selected around each step: an engine on the torch
+    ops beside one on the C ops changes neither's bits, and each fingerprint names its own."""
+    native = make_engine(enable_prefix_caching=False, cpu_kernels="native")
+    torch_ops = make_engine(enable_prefix_caching=False, cpu_kernels="torch")
+    first = run_alone(native, GREEDY)
+    on_torch = run_alone(torch_ops, GREEDY)
+    assert run_alone(native, GREEDY) == first and run_alone(torch_ops, GREEDY) == on_torch
+    assert first.logprobs != on_torch.logprobs  # other arithmetic: other bits
+    assert native.info.fingerprint(True) != torch_ops.info.fingerprint(True)
 
 
 @pytest.mark.slow

@@ -200,7 +200,8 @@ def test_without_a_compiler_auto_runs_torch_and_native_is_refused(tmp_path, monk
     for cached in (cpu_native.library, cpu_native._available):
         monkeypatch.setattr(cpu_native, cached.__name__, functools.cache(cached.__wrapped__))
     with pytest.raises(cpu_native.NativeBuildError, match="does not run"):
-        cpu_native.select("native")
+        with cpu_native.selected("native"):
+            pass
     with cpu_native.selected("auto"):
         assert not cpu_native.enabled() and kernels.config_digest().endswith("cpu-torch")
     assert "run in torch" in caplog.text
