@@ -152,10 +152,9 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
-        # the CPU's row ops this runner's steps run (`kernel_mode`); a GPU's run none
-        self.cpu_kernels = cpu_runtime.cpu_kernels_for(config.cpu_kernels, self.dtype) if self.device.type == "cpu" \
-            else "torch"
+        self.cpu_kernels: cpu_native.Backend = "torch"  # the CPU row ops its steps run (`kernel_mode`); a GPU's none
         if self.device.type == "cpu":
+            self.cpu_kernels = cpu_runtime.cpu_kernels_for(config.cpu_kernels, self.dtype)
             cpu_runtime.keep_freed_memory_for_reuse()
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings

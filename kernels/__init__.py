@@ -209,13 +209,18 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor | list[PackedWeight], 
     return _kernel("grouped_linear", x)(x, weights, counts)
 
 
+def _is_native(op: str, kernel: Callable) -> bool:
+    """Whether `kernel`, as `_kernel` chose it for `op`, is the C op (which writes `out_dtype` itself)."""
+    return kernel is getattr(cpu_native, DISPATCH[op].native or "", None)
+
+
 def _run(op: str, on: torch.Tensor, out_dtype: torch.dtype | None, *args: object) -> torch.Tensor:
     """`op`'s kernel on args, its result in `out_dtype` (default: as the kernel returns it): the C ops
     write it directly, the others' result is cast."""
     kernel = _kernel(op, on)
     if out_dtype is None:
         return kernel(*args)
-    if kernel is getattr(cpu_native, DISPATCH[op].native or "", None):
+    if _is_native(op, kernel):
         return kernel(*args, out_dtype=out_dtype)
     return as_dtype(kernel(*args), out_dtype)
 
@@ -235,7 +240,7 @@ def add_rms_norm(
     Same bits as the two ops apart: the add rounds to the input dtype before the norm either way.
     """
     kernel = _kernel("add_rms_norm", x)
-    if kernel is cpu_native.add_rms_norm:
+    if _is_native("add_rms_norm", kernel):
         return kernel(x, residual, weight, eps, out_dtype=out_dtype)
     normed, total = kernel(x, residual, weight, eps)
     return as_dtype(normed, out_dtype or normed.dtype), total

@@ -32,6 +32,8 @@ from typing import Iterator, Literal
 import torch
 
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs
+from detserve.kernels.reference import as_dtype
+from detserve.kernels.reference.attention import expect_plan
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +184,6 @@ def _is_bf16(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
-def _float(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
 def _float_cache(cache: torch.Tensor) -> torch.Tensor:
     if cache.dtype != torch.float32 or not cache.is_contiguous():
         raise TypeError("the C ops read and write a contiguous float32 KV cache")
@@ -208,8 +206,8 @@ def _heads_of(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     rows, stride = _rows_of(x)
     out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
-    library().rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(_float(weight)), rows.shape[0], rows.shape[1], eps,
-                       _ptr(out), _is_bf16(out))
+    library().rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(as_dtype(weight, torch.float32)), rows.shape[0],
+                       rows.shape[1], eps, _ptr(out), _is_bf16(out))
     return out
 
 
@@ -218,11 +216,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(rms_norm(x + residual), x + residual): x float32 or bfloat16 (a matmul's result), the sum in
     float32 (the residual stream's dtype on the CPU)."""
     rows, stride = _rows_of(x)
-    res, res_stride = _rows_of(_float(residual))
+    res, res_stride = _rows_of(as_dtype(residual, torch.float32))
     total = torch.empty(x.shape, dtype=torch.float32)
     out = torch.empty(x.shape, dtype=out_dtype or torch.float32)
-    library().add_rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(res), res_stride, _ptr(_float(weight)),
-                           rows.shape[0], rows.shape[1], eps, _ptr(total), _ptr(out), _is_bf16(out))
+    library().add_rms_norm(_ptr(rows), _is_bf16(rows), stride, _ptr(res), res_stride,
+                           _ptr(as_dtype(weight, torch.float32)), rows.shape[0], rows.shape[1], eps, _ptr(total),
+                           _ptr(out), _is_bf16(out))
     return out, total
 
 
@@ -250,7 +249,7 @@ def _rope_heads(x: torch.Tensor, rotary: RotaryInputs) -> torch.Tensor:
 def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k and v [T, Hkv, D] into the float32 caches' slots (k float32, v float32 or bfloat16)."""
-    k, v = _heads_of(_float(k)), _heads_of(v)
+    k, v = _heads_of(as_dtype(k, torch.float32)), _heads_of(v)
     library().kv_store(_ptr(k), k.stride(0), _ptr(v), _is_bf16(v), v.stride(0), k.shape[0], k.shape[1] * k.shape[2],
                        _ptr(slot_mapping.long().contiguous()), _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)))
 
@@ -286,9 +285,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pla
               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged float32 cache [blocks, block_size, Hkv, D];
     [T, H, D] in `out_dtype` (default float32)."""
-    if not isinstance(plan, NativePlan):
-        raise TypeError(f"attention was planned as {type(plan).__name__}, but the C ops read NativePlan")
-    q = _float(q).contiguous()
+    expect_plan(plan, NativePlan)
+    q = as_dtype(q, torch.float32).contiguous()
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().attention(_ptr(q), _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1],
                         k_cache.shape[2], q.shape[1], q.shape[2], q.shape[0], *plan.args, scale, _ptr(out),
@@ -302,12 +300,11 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     """`rope`, `kv_store` and `attention` in one call, the same arithmetic: q [T, H, D], k and v
     [T, Hkv, D] of one dtype (views of the fused projection are read in place); [T, H, D] in
     `out_dtype` (default float32); `slot_mapping` int64 [T]."""
-    if not isinstance(plan, NativePlan):
-        raise TypeError(f"attention was planned as {type(plan).__name__}, but the C ops read NativePlan")
+    expect_plan(plan, NativePlan)
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
         raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
     if not q.dtype == k.dtype == v.dtype:
-        q, k, v = _float(q), _float(k), _float(v)
+        q, k, v = as_dtype(q, torch.float32), as_dtype(k, torch.float32), as_dtype(v, torch.float32)
     q, k, v = _heads_of(q), _heads_of(k), _heads_of(v)
     num_tokens, heads, d = q.shape
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)

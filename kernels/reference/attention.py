@@ -55,7 +55,7 @@ def attention_fast(
     Decodes (one query each) share SDPA calls, a group of them per call (`_attend_decodes`);
     longer query runs take one call per sequence.
     """
-    meta = _expect(plan, FastPlan).meta
+    meta = expect_plan(plan, FastPlan).meta
     out = torch.empty_like(q)
     for b in range(meta.num_seqs):
         if meta.is_decode(b):
@@ -78,7 +78,7 @@ def attention_fast(
     return out
 
 
-def _expect(plan: object, kind: type) -> object:
+def expect_plan(plan: object, kind: type) -> object:
     """`plan`, if it is of the kind this backend reads (one planned for another mode or device is not)."""
     if not isinstance(plan, kind):
         raise TypeError(f"attention was planned as {type(plan).__name__}, but this backend reads {kind.__name__}: "
@@ -272,7 +272,7 @@ def attention_invariant(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    _expect(plan, InvariantPlan)
+    expect_plan(plan, InvariantPlan)
     dtype, q = q.dtype, as_dtype(q, torch.float32)
     if plan.decodes is not None:
         result = as_dtype(_attend_decodes_invariant(q, k_cache, v_cache, plan.decodes, scale), dtype)
