@@ -225,3 +225,32 @@ def test_a_build_is_cached_by_source_and_flags(tmp_path, monkeypatch) -> None:
     edited.write_text(cpu_native.SOURCE.read_text() + "\n/* edited */\n")
     monkeypatch.setattr(cpu_native, "SOURCE", edited)
     assert cpu_native.build() != first
+
+
+def test_what_the_c_ops_cannot_read_is_refused_by_name() -> None:
+    q, k, v = sequence(4, seed=8, num_heads=9, num_kv_heads=3, head_dim=64)
+    cache = PagedCache(_native_attend, num_blocks=4, num_kv_heads=3, head_dim=64)
+    q_all, meta = cache.store([("s", q, k, v, 0)])
+    plan = cpu_native.plan(meta, 9, 3, torch.device("cpu"))
+    slots = torch.arange(4)
+    with pytest.raises(TypeError, match="contiguous float32 KV cache"):
+        cpu_native.attention(q_all, cache.k.bfloat16(), cache.v, plan, 0.125)
+    with pytest.raises(TypeError, match="contiguous int64"):
+        cpu_native.rope_store_attention(q, k, v, RotaryInputs.of(slots, torch.randn(8, 64)), cache.k, cache.v,
+                                        slots.int(), plan, 0.125)
+    with pytest.raises(TypeError, match="this backend reads NativePlan"):
+        cpu_native.attention(q_all, cache.k, cache.v, object(), 0.125)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu_native.rms_norm(torch.ones(2, 8, dtype=torch.float16), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="unknown CPU kernels 'fast'"):
+        with cpu_native.selected("fast"):
+            pass
+
+
+def test_a_model_of_another_dtype_runs_the_torch_ops_and_refuses_native() -> None:
+    from detserve.engine.cpu_runtime import cpu_kernels_for
+
+    assert cpu_kernels_for("auto", torch.bfloat16) == "torch"
+    assert cpu_kernels_for("native", torch.float32) == "native"
+    with pytest.raises(ValueError, match="--dtype float32"):
+        cpu_kernels_for("native", torch.bfloat16)
