@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing.process
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -114,6 +115,9 @@ class TensorParallel:
         self.broken = False
         self.closing = False
         self.processes: list[multiprocessing.process.BaseProcess] = []  # workers this rank started
+        # Held while a worker is reaped: two threads waiting on one child (close() and the watcher)
+        # race in waitpid, and the loser reads ECHILD as "still running".
+        self.reaping = threading.Lock()
         self._last_message = time.monotonic()
 
     @property
@@ -226,11 +230,12 @@ class TensorParallel:
                 pass
         dist.destroy_process_group()
         self.group = None
-        for process in self.processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=10)  # reaped, so it no longer counts among the live children
+        with self.reaping:
+            for process in self.processes:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=10)  # reaped, so it no longer counts among the live children
 
     def agree_loaded(self, error: str | None) -> None:
         """Every rank says whether it loaded its shard; raises on each if any did not."""

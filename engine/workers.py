@@ -193,9 +193,10 @@ def _worker_main(config: EngineConfig, rendezvous: Rendezvous, num_threads: int)
 
 def _watch(tp: TensorParallel, processes: list[multiprocessing.process.BaseProcess]) -> None:
     """Wait for any worker to exit; unless the group is closing, that is the engine's failure."""
-    ready = multiprocessing.connection.wait([p.sentinel for p in processes])
+    ready = multiprocessing.connection.wait([p.sentinel for p in processes])  # exited; not yet reaped
     process = next(p for p in processes if p.sentinel in ready)
-    process.join()
+    with tp.reaping:  # close() may be reaping it now: one waitpid at a time
+        process.join()
     if not tp.closing:
         tp.failure = f"tensor-parallel worker {process.name} exited with status {process.exitcode}"
         logger.error("%s: the engine is dead", tp.failure)
