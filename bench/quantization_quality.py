@@ -1,8 +1,9 @@
 """How close the 4/8-bit served model stays to its float32 dequantization.
 
 For each prompt, the float32 engine (`--quantization none`: the same GGUF dequantized) generates
-64 greedy tokens. The quantized engine (`auto`: Q4_1 blocks on the int4 kernel, the Q8_0 head on
-the int8 kernel, bfloat16 activations into both) then reads that same sequence (teacher forcing),
+64 greedy tokens. The quantized engine (`auto`: Q4_1 blocks on the C 4-bit matmul with 16-bit
+activations, or torch's int4 kernel with bfloat16 activations under `--cpu-kernels torch`; the Q8_0
+head on torch's int8 kernel) then reads that same sequence (teacher forcing),
 and the table reports, per prompt: how many of its 64 greedy choices agree with float32's, the
 mean absolute difference of the chosen token's logprob, and how many tokens its own free-running
 greedy output shares with float32's before they part. The float32 side runs the torch row ops; the

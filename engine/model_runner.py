@@ -129,12 +129,14 @@ def model_facts(config: EngineConfig) -> tuple[Path, ModelConfig, int]:
 
 
 def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
-    """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32+int8` or `torch.float32`."""
+    """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32-c+int8` (`-c`: the C matmul's
+    layout) or `torch.float32`."""
     layer = model.layers[0]
     formats = []
     for weight in (layer.qkv_proj, layer.o_proj[0], *layer.mlp_weights(), model.lm_head):
         if isinstance(weight, PackedWeight):
             name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 else "")
+            name += "-c" if weight.layout == "native" else ""
         else:
             name = str(dtype)
         if name not in formats:
@@ -158,7 +160,8 @@ class ModelRunner:
             cpu_runtime.keep_freed_memory_for_reuse()
         self.quantization = config.resolved_quantization()
         tie = model_config.tie_word_embeddings
-        with _default_tensor_type(self.device, self.dtype):
+        # packs each 4-bit weight for the matmul these CPU kernels run (`QuantizedWeight.pack`)
+        with _default_tensor_type(self.device, self.dtype), cpu_native.selected(self.cpu_kernels):
             self.model = LlamaModel(model_config, max_positions=max_model_len, tp=self.tp)
             if config.load_format == "dummy":
                 state = weights.convert_state(dummy_state_dict(model_config, config.seed), self.quantization, tie)

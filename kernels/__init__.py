@@ -25,7 +25,9 @@ Triton kernel, a C plan the C attention.
 On the CPU the row ops and attention run as compiled C (`cpu_native.py`) in both modes wherever
 the C library builds (`native` in DISPATCH): invariant by construction, and one call where torch
 takes several to dozens of ops. `cpu_native.selected("torch")` runs the torch ops instead (a model
-runner selects its engine's `--cpu-kernels` around each step).
+runner selects its engine's `--cpu-kernels` around each step). With them, a 4-bit weight is packed
+for the C matmul (`PackedWeight.layout`), and a dense model runs its decoder layers as one C call
+of those same functions (`DenseLayers`, given a step's C attention plan, `NativePlan`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from detserve.kernels import configs, contract, cpu_native, quantized
 from detserve.kernels.contract import KV_SPLIT_SIZE, ROWS_PER_CALL
+from detserve.kernels.cpu_native import DenseLayer, DenseLayers, NativePlan
 from detserve.kernels.graph_plan import capacity_items as graph_decode_items
 from detserve.kernels.graph_plan import splits_for, table_length as graph_table_length
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs, cache_slots
@@ -147,10 +150,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
 
 def matmul_input_dtype(weight: "torch.Tensor | PackedWeight") -> torch.dtype | None:
     """The dtype an op feeding `linear(x, weight)` should write, where the CPU's C ops can write it
-    at no cost (bfloat16 for a packed weight's integer kernel, which reads nothing else): the cast
-    then never runs as an op of its own. None elsewhere: the producer keeps its dtype. Rounding a
-    result to the dtype the matmul reads anyway changes no bit."""
-    if isinstance(weight, PackedWeight) and cpu_native.enabled():
+    at no cost (bfloat16 for a weight of torch's integer kernels, which read nothing else): the cast
+    then never runs as an op of its own. None elsewhere (the C matmul reads float32 as it is): the
+    producer keeps its dtype. Rounding a result to the dtype the matmul reads anyway changes no bit."""
+    if isinstance(weight, PackedWeight) and weight.layout == "torch" and cpu_native.enabled():
         return torch.bfloat16
     return None
 
@@ -389,10 +392,13 @@ __all__ = [
     "DISPATCH",
     "AttentionMetadata",
     "AttentionPlan",
+    "DenseLayer",
+    "DenseLayers",
     "KV_SPLIT_SIZE",
     "Kernels",
     "MODES",
     "Mode",
+    "NativePlan",
     "PackedWeight",
     "QuantizedWeight",
     "ROWS_PER_CALL",

@@ -1,4 +1,5 @@
-"""The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention.
+"""The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention;
+its 4-bit matmul (`cpu_int4.c`); and a dense model's decoder layers as one call of those (`cpu_layers.c`).
 
 Why: a batch-1 decode step of the default model spent about 7 of its 15 ms in some 1,800 small
 torch ops around the integer matmuls (2-5 us each, caches cold from the weights streamed between
@@ -37,8 +38,8 @@ from detserve.kernels.reference.attention import expect_plan
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_rows.c")
-VERSION = 1
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.c", "cpu_int4.c", "cpu_layers.c"))
+VERSION = 2
 """The C ops' arithmetic: bump it with any change to what they compute (it is in the fingerprint)."""
 
 Backend = Literal["auto", "native", "torch"]
@@ -53,7 +54,10 @@ _SIGNATURES = {
     "attention": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _F, _P, ctypes.c_int],
     "rope_store_attention": [_P, _P, _P, ctypes.c_int, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _I,
                              _P, _P, _I, _F, _P, ctypes.c_int],
+    "int4_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
+    "dense_layers": [_P, _I, _P, _P, _I, _P, _P],
 }
+_RETURNS = {"int4_linear": ctypes.c_int, "dense_layers": ctypes.c_int}
 
 
 class NativeBuildError(RuntimeError):
@@ -91,7 +95,7 @@ def build(compiler: str | None = None) -> Path:
     the system's C compiler (an image may ship it prebuilt and no compiler: the bits do not depend
     on the compiler, see cpu_rows.c); raises NativeBuildError."""
     flags = compile_flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_rows-{key}.so"
     if target.exists():
         return target
@@ -102,12 +106,12 @@ def build(compiler: str | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         try:
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                    text=True, timeout=300)
+            result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as error:
             raise NativeBuildError(f"the C compiler {compiler!r} does not run: {error}") from error
         if result.returncode != 0:
-            raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{result.stderr}")
+            raise NativeBuildError(f"compiling {' and '.join(s.name for s in SOURCES)} failed:\n{result.stderr}")
         os.replace(built, target)  # atomic: a concurrent build's rename wins or this one does, whole
     return target
 
@@ -118,7 +122,7 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = _RETURNS.get(name)
     return lib
 
 
@@ -313,3 +317,113 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
         d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping), _ptr(_float_cache(k_cache)),
         _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
     return out
+
+
+INT4_GROUP = 32
+"""Inputs per scale of the C 4-bit matmul (GGUF's Q4_0/Q4_1 block)."""
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-bit weight [N, K] (q in 0..15, weight = scale * q + min per group of 32 inputs) in the C
+    matmul's layout (cpu_int4.c's header): the nibbles uint8 [N / 16, K / 32, 256], the scales and
+    minimums float16 [N / 16, K / 32, 2, 16]. N must be a multiple of 16, K of 32."""
+    n, k = qweight.shape
+    groups = k // INT4_GROUP
+    # [tile, half, lane, group, nibble, pair, e] -> [tile, group, half, pair, lane, e, nibble]
+    q = qweight.to(torch.uint8).reshape(n // 16, 2, 8, groups, 2, 8, 2).permute(0, 3, 1, 5, 2, 6, 4)
+    nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, groups, 256).contiguous()
+    halves = torch.stack([scales, mins]).to(torch.float16).reshape(2, n // 16, 16, groups).permute(1, 3, 0, 2)
+    return nibbles, halves.contiguous()
+
+
+def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, plain: bool = False) -> torch.Tensor:
+    """x [T, K] (float32 or bfloat16, rows read in place) times a weight packed by `pack_int4` ->
+    float32 [T, N]. `plain` runs the plain C code where AVX2 would run (the same bits: tests)."""
+    rows, stride = _rows_of(x)
+    k, n = nibbles.shape[1] * INT4_GROUP, nibbles.shape[0] * 16
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {k}")
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    if library().int4_linear(_ptr(rows), _is_bf16(rows), stride, rows.shape[0], k, _ptr(nibbles), _ptr(halves), n,
+                             _ptr(out), int(plain)):
+        raise MemoryError("the 4-bit matmul could not allocate its quantized activations")
+    return out
+
+
+class _Int4(ctypes.Structure):
+    _fields_ = [("nibbles", _P), ("scales", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_attention_norm", _P), ("qkv_bias", _P), ("qkv", _Int4), ("o", _Int4),
+                ("gate_up", _Int4), ("down", _Int4), ("k_cache", _P), ("v_cache", _P)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("intermediate", _I),
+                ("block_size", _I), ("eps", _F), ("scale", _F)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("cos_cos", _P), ("minus_sin_sin", _P), ("slots", _P), ("block_tables", _P), ("seqs", _P),
+                ("table_stride", _I), ("positions", _P), ("max_keys", _I)]
+
+
+@dataclass
+class DenseLayer:
+    """One dense decoder layer's weights as `DenseLayers` reads them: float32 norms (and q|k|v bias),
+    and the four projections packed by `pack_int4`, each as (nibbles, halves)."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    o: tuple[torch.Tensor, torch.Tensor]
+    gate_up: tuple[torch.Tensor, torch.Tensor]
+    down: tuple[torch.Tensor, torch.Tensor]
+
+
+class DenseLayers:
+    """A dense model's decoder layers as one C call a step (`cpu_layers.c`): the per-op path's C
+    functions in its order, so the same bits without the Python between them. Built once when the
+    model loads; holds its weights' pointers (and the weights, which must not move)."""
+
+    def __init__(self, layers: list[DenseLayer], heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
+        def check(t: torch.Tensor) -> int:
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError("the C decoder layers read contiguous float32 norms and biases")
+            return _ptr(t)
+
+        self.layers = layers
+        self.table = (_Layer * len(layers))()
+        for entry, layer in zip(self.table, layers):
+            entry.input_norm, entry.post_attention_norm = check(layer.input_norm), check(layer.post_attention_norm)
+            entry.qkv_bias = None if layer.qkv_bias is None else check(layer.qkv_bias)
+            for name in ("qkv", "o", "gate_up", "down"):
+                nibbles, halves = getattr(layer, name)
+                setattr(entry, name, _Int4(_ptr(nibbles), _ptr(halves)))
+        hidden, intermediate = layers[0].input_norm.shape[0], layers[0].down[0].shape[1] * INT4_GROUP
+        self.shape = _Shape(hidden, heads, kv_heads, head_dim, intermediate, 0, eps, head_dim**-0.5)
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], rotary: RotaryInputs,
+                 slot_mapping: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings x [T, hidden] float32 -> (the last layer's output, the residual stream it adds
+        to), each [T, hidden]; every layer's K/V written to its cache (float32, contiguous)."""
+        expect_plan(plan, NativePlan)
+        if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+            raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
+        if kv_caches is not self._caches:
+            for entry, (k_cache, v_cache) in zip(self.table, kv_caches, strict=True):
+                entry.k_cache, entry.v_cache = _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache))
+            self.shape.block_size = kv_caches[0][0].shape[1]
+            self._caches = kv_caches
+        x = as_dtype(x, torch.float32).contiguous().clone()
+        residual = torch.empty_like(x)
+        tables, table_stride, seqs, positions, max_keys = plan.args
+        step = _Step(_ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping), tables, seqs,
+                     table_stride, positions, max_keys)
+        if library().dense_layers(self.table, len(self.layers), ctypes.byref(self.shape), ctypes.byref(step),
+                                  x.shape[0], _ptr(x), _ptr(residual)):
+            raise MemoryError("the C decoder layers could not allocate their activations")
+        return x, residual

@@ -172,6 +172,7 @@ class LlamaModel(nn.Module):
         # set by load_weights: the embedding table (float, or quantized rows dequantized on lookup)
         self.embed_tokens: torch.Tensor | QuantizedWeight
         self.lm_head: Weight
+        self.c_layers: kernels.DenseLayers | None = None  # the decoder layers as one C call, where they can be
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden] in the model's dtype."""
@@ -185,11 +186,17 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored)."""
+        """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored).
+
+        The decoder layers run as one C call where that is what this model is (`c_layers`) and the
+        step plans the C attention; else layer by layer, op by op: the same bits either way."""
         x, residual = self.embed(batch.input_ids), None
         rotary = kernels.RotaryInputs.of(batch.positions, self.cos_sin)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, batch, k_cache, v_cache, rotary)
+        if self.c_layers is not None and isinstance(batch.attention_plan, kernels.NativePlan):
+            x, residual = self.c_layers(x, kv_caches, rotary, batch.slot_mapping, batch.attention_plan)
+        else:
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, batch, k_cache, v_cache, rotary)
         rows = batch.logits_indices
         return kernels.add_rms_norm(x[rows], residual[rows], self.norm, self.config.rms_norm_eps)[0]
 
@@ -224,6 +231,24 @@ class LlamaModel(nn.Module):
         unused = set(loader.state) - {"lm_head.weight"}  # a tied checkpoint may hold a copy
         if unused:
             raise KeyError(f"checkpoint has weights this model does not use: {sorted(unused)[:5]}")
+        self.c_layers = self._c_layers()
+
+    def _c_layers(self) -> kernels.DenseLayers | None:
+        """The decoder layers as one C call, where that call computes this model: one rank, dense
+        layers of plain attention (a q|k|v bias, but no q/k norm or clipping), and every projection
+        a single weight of the C 4-bit matmul. None: the layers run op by op."""
+        c, layers = self.config, self.layers
+        if self.tp.group is not None or c.qk_norm != "none" or c.clip_qkv is not None:
+            return None
+        if any(layer.moe is not None or len(layer.o_proj) != 1 or len(layer.down_proj) != 1 for layer in layers):
+            return None
+        weights = [[layer.qkv_proj, layer.o_proj[0], layer.gate_up_proj, layer.down_proj[0]] for layer in layers]
+        if not all(isinstance(w, PackedWeight) and w.layout == "native" for ws in weights for w in ws):
+            return None
+        return kernels.DenseLayers(
+            [kernels.DenseLayer(layer.input_norm, layer.post_attention_norm, layer.qkv_bias,
+                                *((w.data, w.scales) for w in ws)) for layer, ws in zip(layers, weights)],
+            layers[0].num_heads, layers[0].num_kv_heads, c.head_dim, c.rms_norm_eps)
 
 
 class _Loader:

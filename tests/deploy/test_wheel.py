@@ -49,7 +49,7 @@ def test_the_wheel_installs_beside_hugging_faces_kernels_package_and_serves_the_
     probe = ("import json, kernels, detserve.kernels, detserve.server.app; "
              "from detserve.kernels import cpu_native; "
              "print(json.dumps([kernels.__file__, hasattr(kernels, 'get_kernel'), detserve.kernels.__file__, "
-             "cpu_native.SOURCE.exists()]))")
+             "all(source.exists() for source in cpu_native.SOURCES)]))")
     hf_kernels, is_hf, ours, c_source = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", probe], check=True,
                                                         capture_output=True, text=True, cwd=tmp_path).stdout)
     assert is_hf and "site-packages" in hf_kernels  # Hugging Face's package, not this checkout's folder

@@ -110,6 +110,14 @@ def test_engines_of_both_cpu_kernels_share_a_process_each_with_its_own_bits(make
     assert native.info.fingerprint(True) != torch_ops.info.fingerprint(True)
 
 
+def test_the_decoder_layers_in_one_c_call_give_the_bits_of_the_layers_op_by_op(make_engine, monkeypatch) -> None:
+    engine = make_engine(enable_prefix_caching=False, cpu_kernels="native")
+    assert engine.runner.model.c_layers is not None  # the default model runs its layers as one C call
+    whole = run_alone(engine, GREEDY), run_alone(engine, SEEDED)
+    monkeypatch.setattr(engine.runner.model, "c_layers", None)
+    assert (run_alone(engine, GREEDY), run_alone(engine, SEEDED)) == whole
+
+
 @pytest.mark.slow
 def test_same_bits_when_preempted_by_a_tiny_kv_cache(make_engine) -> None:
     reference = make_engine(enable_prefix_caching=False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detserve import kernels
+from detserve.kernels import cpu_native
 from detserve.engine import weights
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import LLMEngine
@@ -76,6 +77,10 @@ def test_smollm2_64_greedy_tokens_match_transformers(make_engine, hf_model) -> N
     assert request.output_token_ids == expected
 
 
+INT4 = "int4-g32-c" if cpu_native.enabled() else "int4-g32"
+"""The 4-bit weights' format: the C matmul's layout where the C ops run (`-c`), else torch's kernel's."""
+
+
 def _tiny_hf_model(tmp_path: Path, arch: str):
     """Save a tiny random Qwen2/Qwen3 model (no tokenizer) as a Hugging Face folder."""
     import transformers
@@ -116,6 +121,30 @@ def test_qwen_variants_match_transformers(tmp_path: Path, arch: str) -> None:
         ref = hf(torch.tensor([ids])).logits[0]
     for mode in ("invariant", "fast"):
         assert relative_error(all_position_logits(engine, ids, mode, chunk=9), ref) < 1e-4
+
+
+def test_a_qwen2_model_runs_its_layers_in_one_c_call_with_the_per_op_bits(tmp_path: Path, monkeypatch) -> None:
+    """The q|k|v bias is added in the C call as torch adds it; a q/k-normed model (Qwen3) runs op by op."""
+    if not cpu_native.enabled():
+        pytest.skip("the C ops do not build here")
+    _tiny_hf_model(tmp_path / "qwen2", "qwen2")
+    engine = LLMEngine(EngineConfig(model=str(tmp_path / "qwen2"), kv_cache_tokens=1024, quantization="int4",
+                                    cpu_kernels="native"))
+    assert engine.runner.model.c_layers is not None
+    prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (5, 40, 17)]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+
+    def run() -> list:
+        return [(r.output_token_ids, r.output_logprobs) for r in engine.generate(prompts, params)]
+
+    whole = run()
+    monkeypatch.setattr(engine.runner.model, "c_layers", None)
+    assert run() == whole
+    _tiny_hf_model(tmp_path / "qwen3", "qwen3")
+    qwen3 = LLMEngine(EngineConfig(model=str(tmp_path / "qwen3"), kv_cache_tokens=1024, quantization="int4",
+                                   cpu_kernels="native"))
+    assert qwen3.runner.model.c_layers is None
 
 
 def test_dummy_weights_build_any_config_reproducibly(tmp_path: Path) -> None:
@@ -187,10 +216,10 @@ def test_gguf_blocks_read_as_integers_dequantize_to_exactly_transformers_weights
 
 
 def test_quantized_default_model_stays_close_to_its_float32_dequantization(make_engine) -> None:
-    """Within what 4-bit weights and bfloat16 activations explain; a broken dequantization (a wrong
-    zero point, swapped nibbles, q/k rows left permuted) sends the agreement towards chance."""
+    """Within what 4-bit weights and the activations' rounding explain; a broken dequantization (a
+    wrong zero point, swapped nibbles, q/k rows left permuted) sends the agreement towards chance."""
     quantized, exact = make_engine(), make_engine(quantization="none")
-    assert quantized.runner.weight_format == "int4-g32+int8" and exact.runner.weight_format == "torch.float32"
+    assert quantized.runner.weight_format == f"{INT4}+int8" and exact.runner.weight_format == "torch.float32"
     agree = total = 0
     for messages in PROMPTS:
         ids = exact.tokenizer.apply_chat_template(messages)
@@ -213,7 +242,7 @@ def test_a_float_checkpoint_is_quantized_at_load_once_and_cached(tmp_path: Path,
     config = EngineConfig(model=str(tmp_path / "model"), kv_cache_tokens=1024, quantization=quantization)
     engine = LLMEngine(config)
     # the 300-token head is no multiple of 16, so the 4-bit kernel cannot take it: it runs in 8 bits
-    assert engine.runner.weight_format == {"int8": "int8", "int4": "int4-g32+int8"}[quantization]
+    assert engine.runner.weight_format == {"int8": "int8", "int4": f"{INT4}+int8"}[quantization]
     [cached] = (tmp_path / "cache").glob(f"*-{quantization}-*")
     written = (cached / "model.safetensors").stat().st_mtime_ns
     ids = [int(t) for t in torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1))]

@@ -1,4 +1,5 @@
-"""The CPU path's ops are batch-invariant by construction: proven over the served models' shapes.
+"""The CPU path's ops are batch-invariant by construction: proven over the served models' shapes
+(torch's integer kernels and the C 4-bit matmul).
 
 Every test draws a batch size M in 1..128, a row position and a thread count (1 or 2: torch's
 pool on this machine's two cores), and compares the row computed in that company with the same
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detserve import kernels
+from detserve.kernels import cpu_native
 from detserve.kernels.reference import noise
 from detserve.kernels.quantized import QuantizedWeight, quantize_int4, quantize_int8
 
@@ -54,17 +56,24 @@ def in_company(row: torch.Tensor, company: tuple[int, int, int, int], scale: flo
 
 
 @functools.cache
-def packed(n: int, k: int, bits: int) -> kernels.PackedWeight:
+def packed(n: int, k: int, bits: int, native: bool) -> kernels.PackedWeight:
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + bits)) * 0.05
-    return (quantize_int4(weight) if bits == 4 else quantize_int8(weight)).pack()
+    return (quantize_int4(weight) if bits == 4 else quantize_int8(weight)).pack(native)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+KERNELS = [(4, False), (4, True), (8, False)]
+"""(bits, native): torch's 4-bit and 8-bit kernels, and the C 4-bit matmul (where it builds)."""
+
+
+@pytest.mark.parametrize("bits,native", KERNELS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @SETTINGS
 @given(company=companies())
-def test_quantized_linear_row_is_independent_of_batch_and_threads(n: int, k: int, bits: int, company) -> None:
-    weight = packed(n, k, bits)
+def test_quantized_linear_row_is_independent_of_batch_and_threads(n: int, k: int, bits: int, native: bool,
+                                                                   company) -> None:
+    if native and not cpu_native.enabled():
+        pytest.skip("the C ops do not build here")
+    weight = packed(n, k, bits, native)
     row = torch.randn(k, generator=torch.Generator().manual_seed(k))
     with threads(1):
         alone = kernels.linear(row[None], weight)[0]
@@ -74,12 +83,14 @@ def test_quantized_linear_row_is_independent_of_batch_and_threads(n: int, k: int
                 assert torch.equal(kernels.linear(in_company(row, company), weight)[company[1]], alone)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_linear_computes_the_dequantized_product(bits: int) -> None:
+@pytest.mark.parametrize("bits,native", KERNELS)
+def test_quantized_linear_computes_the_dequantized_product(bits: int, native: bool) -> None:
+    if native and not cpu_native.enabled():
+        pytest.skip("the C ops do not build here")
     g = torch.Generator().manual_seed(bits)
     weight, x, bias = torch.randn(192, 256, generator=g), torch.randn(7, 256, generator=g), torch.randn(192, generator=g)
     q = quantize_int4(weight) if bits == 4 else quantize_int8(weight)
-    out = kernels.linear(x, q.pack(), bias)
+    out = kernels.linear(x, q.pack(native), bias)
     ref = x.bfloat16().double() @ q.dequantize().double().T + bias.double()
     assert out.dtype == torch.float32
     assert float((out.double() - ref).abs().max() / ref.abs().max()) < 2e-2  # bfloat16 scales and output

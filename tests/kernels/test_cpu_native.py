@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from detserve import kernels
 from detserve.kernels import cpu_native
 from detserve.kernels.inputs import RotaryInputs
+from detserve.kernels.quantized import QuantizedWeight
 from detserve.kernels.reference import rows
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
@@ -97,6 +98,66 @@ def test_silu_mul_row_is_independent_of_its_company_and_threads(company, dtype) 
     row = (torch.randn(2 * 1536) * 4).to(dtype)
     fn = functools.partial(cpu_native.silu_mul, out_dtype=torch.bfloat16)
     assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
+
+
+def _gguf_like_int4(n: int, k: int, seed: int) -> QuantizedWeight:
+    """A 4-bit weight whose scales and minimums are float16 values, as a GGUF Q4_1 block stores them
+    (the C matmul's float16 copies of them are then exact)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()
+    mins = (torch.randn(n, k // 32, generator=g) * 0.05).half().float()
+    return QuantizedWeight(4, q, scales, mins + 8 * scales)
+
+
+@SETTINGS
+@given(company=companies(), shape=st.sampled_from([(960, 576), (3072, 576), (576, 1536), (32, 64)]))
+def test_the_4bit_matmul_gives_a_row_the_same_bits_alone_and_in_any_company(company, shape) -> None:
+    weight = _gguf_like_int4(*shape, seed=shape[0]).pack(native=True)
+    row = torch.randn(shape[1])
+    fn = functools.partial(cpu_native.int4_linear, nibbles=weight.data, halves=weight.scales)
+    assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 70])
+def test_the_4bit_matmuls_avx2_code_gives_the_plain_c_bits(rows: int) -> None:
+    """Whatever the CPU runs (AVX2 where it has it), the bits are the plain C code's."""
+    weight = _gguf_like_int4(96, 160, seed=rows).pack(native=True)
+    x = torch.randn(rows, 160) * 5
+    x[0, :32] = 0.0  # a group of zeros: scale 0
+    x[-1, 32:64] *= 1e6
+    assert torch.equal(cpu_native.int4_linear(x, weight.data, weight.scales),
+                       cpu_native.int4_linear(x, weight.data, weight.scales, plain=True))
+
+
+def test_the_4bit_matmul_reads_gguf_blocks_exactly_and_16bit_activations_cost_under_1e4() -> None:
+    """Against float64 of the dequantized weight: the only rounding is the activations' (groups of 32
+    to 16 bits) and the float32 sums, far below torch's int4 kernel (bfloat16 activations, scales
+    and zeros: about 3e-3 here)."""
+    quantized = _gguf_like_int4(192, 576, seed=1)
+    x = torch.randn(7, 576) * 3
+    reference = x.double() @ quantized.dequantize().double().T
+    native = cpu_native.int4_linear(x, *(lambda w: (w.data, w.scales))(quantized.pack(native=True)))
+    ours = float((native.double() - reference).norm() / reference.norm())
+    torch_kernel = kernels.linear(x, quantized.pack(native=False))
+    theirs = float((torch_kernel.double() - reference).norm() / reference.norm())
+    assert ours < 1e-4 and theirs > 10 * ours
+    assert torch.equal(cpu_native.int4_linear(x.bfloat16(), quantized.pack(native=True).data,
+                                              quantized.pack(native=True).scales),
+                       cpu_native.int4_linear(x.bfloat16().float(), quantized.pack(native=True).data,
+                                              quantized.pack(native=True).scales))
+
+
+def test_a_4bit_weight_is_packed_for_the_matmul_of_the_selected_cpu_ops() -> None:
+    quantized = _gguf_like_int4(32, 64, seed=2)
+    with cpu_native.selected("native"):
+        weight = quantized.pack()
+        assert weight.layout == "native" and weight.in_features == 64 and weight.out_features == 32
+        assert kernels.matmul_input_dtype(weight) is None  # the C matmul reads float32 as it is
+    with cpu_native.selected("torch"):
+        assert quantized.pack().layout == "torch"
+    with pytest.raises(ValueError, match="x has 63 inputs, the weight 64"):
+        cpu_native.int4_linear(torch.randn(2, 63), weight.data, weight.scales)
 
 
 def test_a_bfloat16_result_is_the_float32_result_rounded() -> None:
@@ -211,7 +272,7 @@ def test_a_failed_compile_says_why(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C")
-    monkeypatch.setattr(cpu_native, "SOURCE", broken)
+    monkeypatch.setattr(cpu_native, "SOURCES", (broken,))
     with pytest.raises(cpu_native.NativeBuildError, match="compiling broken.c failed"):
         cpu_native.build()
     assert not list((tmp_path / "native").glob("*.so"))
@@ -221,9 +282,9 @@ def test_a_build_is_cached_by_source_and_flags(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
     first = cpu_native.build()
     assert cpu_native.build() == first and first.parent == tmp_path / "native"
-    edited = tmp_path / "cpu_rows.c"
-    edited.write_text(cpu_native.SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(cpu_native, "SOURCE", edited)
+    edited = tmp_path / "cpu_int4.c"
+    edited.write_text(cpu_native.SOURCES[1].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_native, "SOURCES", (cpu_native.SOURCES[0], edited, cpu_native.SOURCES[2]))
     assert cpu_native.build() != first
 
 

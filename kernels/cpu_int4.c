@@ -1,0 +1,222 @@
+/* The CPU's 4-bit matmul in C: x [rows, k] times a 4-bit weight [n, k] in groups of 32 inputs.
+ *
+ * Why our own: torch's int4 kernel reads bfloat16 activations and rounds each group's scale and
+ * zero to bfloat16 (about 3e-3 relative error on a layer's output, measured), and with its
+ * dispatch around it costs a step more than the weights' read. Here each group of 32 activations
+ * of a row is quantized to 16-bit integers (scale = max |x| / 32767: about 2e-5 of the group's
+ * largest value), multiplied by the 4-bit weights in exact integer arithmetic, and the group's
+ * integer sum is scaled in float32. Scales and minimums are stored as float16, which holds a GGUF
+ * Q4_0/Q4_1 block's exactly, so such a weight is read as its file wrote it.
+ *
+ * Why the bits depend on nothing but a row's own inputs: a row's quantization reads that row
+ * alone; a group's dot product is an exact integer (|sum| < 2^24, so its float32 is exact too);
+ * and each output adds its groups' terms in group order, each term as
+ *     (d * dx) * isum + m * sx
+ * with IEEE multiplies and adds only (-ffp-contract=off). The AVX2 code computes 8 outputs per
+ * vector lane-wise with the same operations in the same order as the plain C code, so the result
+ * is the same on any x86-64 (tests compare the two) and at any number of rows or threads.
+ *
+ * Weight layout (`cpu_native.pack_int4` writes it): outputs in tiles of 16; per tile and group,
+ * 256 bytes ordered [half 2][pair 8][lane 8][e 2], the byte holding input 2 * pair + e of output
+ * 8 * half + lane in its low nibble and input 16 + 2 * pair + e in its high nibble; then per tile
+ * and group, 16 float16 scales d and 16 float16 minimums m (weight = d * q + m, q in 0..15).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define GROUP 32
+#define TILE 16
+#define GROUP_BYTES 256 /* a tile's 16 x 32 weights, two to a byte */
+#define ROW_BLOCK 64 /* rows a thread takes through its tiles at once (their activations stay in cache) */
+#define PARALLEL_WORK (1 << 18) /* multiply-adds a call must do before it wakes a second thread */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    float f;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else {
+        f = (float)mantissa * 5.9604644775390625e-08f; /* a subnormal: mantissa * 2^-24, exact */
+        return sign ? -f : f;
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float input_at(const void *x, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)x)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* One row's groups of 32 as 16-bit integers q, with each group's scale dx and dx * sum(q). */
+static void quantize_row(const void *x, int bf16, int64_t k, int16_t *q, float *dx, float *sx) {
+    for (int64_t g = 0; g < k / GROUP; g++) {
+        float v[GROUP], amax = 0.0f;
+        for (int i = 0; i < GROUP; i++) {
+            v[i] = input_at(x, bf16, g * GROUP + i);
+            float a = fabsf(v[i]);
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / 32767.0f, inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        int32_t total = 0;
+        for (int i = 0; i < GROUP; i++) {
+            int32_t value = (int32_t)lrintf(v[i] * inverse); /* nearest, ties to even */
+            q[g * GROUP + i] = (int16_t)value;
+            total += value;
+        }
+        dx[g] = scale;
+        sx[g] = scale * (float)total;
+    }
+}
+
+typedef struct {
+    const int16_t *q; /* [rows, k] */
+    const float *dx, *sx; /* [rows, groups] */
+    int64_t k, groups;
+} Activations;
+
+/* Rows r0..r1-1 of one tile: out[r][0..15], in plain C. */
+static void tile_plain(const uint8_t *w, const uint16_t *s, const Activations *a, int64_t r0, int64_t r1, float *out,
+                       int64_t out_stride) {
+    for (int64_t r = r0; r < r1; r++) {
+        float acc[TILE] = {0};
+        const int16_t *q = a->q + r * a->k;
+        for (int64_t g = 0; g < a->groups; g++) {
+            const uint8_t *wg = w + g * GROUP_BYTES;
+            float dx = a->dx[r * a->groups + g], sx = a->sx[r * a->groups + g];
+            for (int n = 0; n < TILE; n++) {
+                int32_t isum = 0;
+                for (int pair = 0; pair < 8; pair++) {
+                    for (int e = 0; e < 2; e++) {
+                        uint8_t byte = wg[(n / 8) * 128 + pair * 16 + (n % 8) * 2 + e];
+                        isum += (int32_t)(byte & 0x0f) * q[g * GROUP + 2 * pair + e];
+                        isum += (int32_t)(byte >> 4) * q[g * GROUP + 16 + 2 * pair + e];
+                    }
+                }
+                float d = half_to_float(s[g * 32 + n]), m = half_to_float(s[g * 32 + 16 + n]);
+                float term = (d * dx) * (float)isum;
+                term = term + m * sx;
+                acc[n] = acc[n] + term;
+            }
+        }
+        memcpy(out + r * out_stride, acc, sizeof acc);
+    }
+}
+
+#if defined(__x86_64__)
+/* Activations x[0] and x[1] in each 32-bit lane. */
+__attribute__((target("avx2"))) static inline __m256i broadcast_pair(const int16_t *x) {
+    int32_t pair;
+    memcpy(&pair, x, sizeof pair);
+    return _mm256_set1_epi32(pair);
+}
+
+/* The same as tile_plain, 8 outputs a vector: each group's 16 weight vectors are unpacked once
+ * and used by 4 rows; (w, x) pairs multiply-add into 32-bit lanes exactly (|w * x| < 2^19). */
+__attribute__((target("avx2,f16c"))) static void tile_avx2(const uint8_t *w, const uint16_t *s, const Activations *a,
+                                                          int64_t r0, int64_t r1, float *out, int64_t out_stride) {
+    const __m256i low_nibble = _mm256_set1_epi16(0x0f);
+    for (int64_t first = r0; first < r1; first += 4) {
+        int count = r1 - first < 4 ? (int)(r1 - first) : 4;
+        __m256 acc[4][2];
+        for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < a->groups; g++) {
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *wg = w + g * GROUP_BYTES + half * 128;
+                __m256i weights[16];
+                for (int pair = 0; pair < 8; pair++) {
+                    __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * pair)));
+                    weights[pair] = _mm256_and_si256(bytes, low_nibble);
+                    weights[8 + pair] = _mm256_srli_epi16(bytes, 4);
+                }
+                __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + 8 * half)));
+                __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + 16 + 8 * half)));
+                for (int j = 0; j < count; j++) {
+                    int64_t r = first + j;
+                    const int16_t *x = a->q + r * a->k + g * GROUP;
+                    __m256i even = _mm256_madd_epi16(weights[0], broadcast_pair(x));
+                    __m256i odd = _mm256_madd_epi16(weights[1], broadcast_pair(x + 2));
+                    for (int p = 2; p < 16; p += 2) {
+                        even = _mm256_add_epi32(even, _mm256_madd_epi16(weights[p], broadcast_pair(x + 2 * p)));
+                        odd = _mm256_add_epi32(odd, _mm256_madd_epi16(weights[p + 1], broadcast_pair(x + 2 * p + 2)));
+                    }
+                    __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                    __m256 dx = _mm256_set1_ps(a->dx[r * a->groups + g]), sx = _mm256_set1_ps(a->sx[r * a->groups + g]);
+                    __m256 term = _mm256_mul_ps(_mm256_mul_ps(d, dx), isum);
+                    term = _mm256_add_ps(term, _mm256_mul_ps(m, sx));
+                    acc[j][half] = _mm256_add_ps(acc[j][half], term);
+                }
+            }
+        }
+        for (int j = 0; j < count; j++) {
+            _mm256_storeu_ps(out + (first + j) * out_stride, acc[j][0]);
+            _mm256_storeu_ps(out + (first + j) * out_stride + 8, acc[j][1]);
+        }
+    }
+}
+
+static int has_avx2(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+typedef void (*TileFn)(const uint8_t *, const uint16_t *, const Activations *, int64_t, int64_t, float *, int64_t);
+
+/* `plain` != 0 runs the plain C code even where AVX2 is there (tests compare the two). */
+static TileFn tile_function(int plain) {
+#if defined(__x86_64__)
+    if (!plain && has_avx2()) return tile_avx2;
+#endif
+    (void)plain;
+    return tile_plain;
+}
+
+/* x [rows, k] (float32, or bfloat16 if x_bf16; rows x_stride elements apart) times the packed weight
+ * [n, k] -> out float32 [rows, n]. k a multiple of 32, n of 16. Returns 0, or -1 if out of memory. */
+int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
+                const uint16_t *scales, int64_t n, float *out, int plain) {
+    int64_t groups = k / GROUP, tiles = n / TILE;
+    int16_t *q = malloc((size_t)(rows * k) * sizeof *q);
+    float *dx = malloc((size_t)(rows * groups) * sizeof *dx), *sx = malloc((size_t)(rows * groups) * sizeof *sx);
+    if (!q || !dx || !sx) {
+        free(q), free(dx), free(sx);
+        return -1;
+    }
+    int element = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (rows * k >= GROUP * 64)
+    for (int64_t r = 0; r < rows; r++)
+        quantize_row((const char *)x + r * x_stride * element, x_bf16, k, q + r * k, dx + r * groups, sx + r * groups);
+    Activations a = {q, dx, sx, k, groups};
+    TileFn tile = tile_function(plain);
+#pragma omp parallel if (rows * n * k >= PARALLEL_WORK)
+    {
+#ifdef _OPENMP
+        int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+        int thread = 0, threads = 1;
+#endif
+        int64_t t0 = tiles * thread / threads, t1 = tiles * (thread + 1) / threads;
+        for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+            int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+            for (int64_t t = t0; t < t1; t++)
+                tile(weights + t * groups * GROUP_BYTES, scales + t * groups * 32, &a, r0, r1, out + t * TILE, n);
+        }
+    }
+    free(q), free(dx), free(sx);
+    return 0;
+}

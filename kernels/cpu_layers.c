@@ -1,0 +1,103 @@
+/* A dense Llama-family model's decoder layers in one call: the CPU's decode step without Python.
+ *
+ * Why: with every op of a layer in C, what was left of a batch-1 step outside the matmuls was the
+ * Python between them, about 10 us a call and 12 calls a layer (measured). Here the same C functions
+ * run in the same order on the same float32 buffers as the per-op path (`engine/models/llama.py`
+ * with the C ops), so the bits are those of that path (a test compares them); this file adds no
+ * arithmetic of its own beyond a bias add, elementwise as torch does it.
+ *
+ * Per layer, for rows x [rows, hidden] and the residual stream:
+ *   h = rms_norm(x) and residual = x (the first layer), else h = rms_norm(x + residual), residual += x
+ *   qkv = h @ Wqkv (+ bias); attn = attention(rope(q), rope(k) and v into the cache)
+ *   h = rms_norm(attn @ Wo + residual), residual += attn @ Wo
+ *   x = silu_mul(h @ Wgate_up) @ Wdown
+ * leaving x and residual for the model's final norm.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* cpu_rows.c and cpu_int4.c */
+void rms_norm(const void *x, int x_bf16, int64_t x_stride, const float *weight, int64_t rows, int64_t n, float eps,
+              void *out, int out_bf16);
+void add_rms_norm(const void *x, int x_bf16, int64_t x_stride, const float *residual, int64_t residual_stride,
+                  const float *weight, int64_t rows, int64_t n, float eps, float *total, void *out, int out_bf16);
+void silu_mul(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t n, void *out, int out_bf16);
+void rope_store_attention(const void *q, const void *k, const void *v, int qkv_bf16, int64_t q_stride,
+                          int64_t k_stride, int64_t v_stride, int64_t rows, int64_t heads, int64_t kv_heads,
+                          int64_t d, const float *cos_cos, const float *minus_sin_sin, const int64_t *slots,
+                          float *k_cache, float *v_cache, int64_t block_size, const int32_t *block_tables,
+                          int64_t table_stride, const int32_t *seqs, const int64_t *positions, int64_t max_keys,
+                          float scale, void *out, int out_bf16);
+int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
+                const uint16_t *scales, int64_t n, float *out, int plain);
+
+typedef struct {
+    const uint8_t *nibbles;
+    const uint16_t *scales;
+} Int4Weight; /* packed by cpu_native.pack_int4 */
+
+typedef struct {
+    const float *input_norm, *post_attention_norm; /* [hidden] */
+    const float *qkv_bias; /* [heads * d + 2 * kv_heads * d], or NULL */
+    Int4Weight qkv, o, gate_up, down;
+    float *k_cache, *v_cache; /* [blocks, block_size, kv_heads, d] */
+} Layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
+    float eps, scale;
+} Shape;
+
+typedef struct {
+    const float *cos_cos, *minus_sin_sin; /* [rows, d] */
+    const int64_t *slots; /* [rows]: each row's cache slot */
+    const int32_t *block_tables, *seqs; /* the attention plan (cpu_native.NativePlan) */
+    int64_t table_stride;
+    const int64_t *positions;
+    int64_t max_keys;
+} Step;
+
+static void add_bias(float *rows_out, int64_t rows, int64_t n, const float *bias) {
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t j = 0; j < n; j++) rows_out[t * n + j] = rows_out[t * n + j] + bias[j];
+}
+
+/* x [rows, hidden]: the embeddings in, the last layer's output out; residual [rows, hidden] out.
+ * Returns 0, or -1 if out of memory. */
+int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const Step *step, int64_t rows, float *x,
+                 float *residual) {
+    int64_t q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim, qkv_size = q_size + 2 * kv_size;
+    float *h = malloc((size_t)(rows * s->hidden) * sizeof(float));
+    float *qkv = malloc((size_t)(rows * qkv_size) * sizeof(float));
+    float *attn = malloc((size_t)(rows * q_size) * sizeof(float));
+    float *gate_up = malloc((size_t)(rows * 2 * s->intermediate) * sizeof(float));
+    float *act = malloc((size_t)(rows * s->intermediate) * sizeof(float));
+    int status = h && qkv && attn && gate_up && act ? 0 : -1;
+    for (int64_t i = 0; i < num_layers && status == 0; i++) {
+        const Layer *l = &layers[i];
+        if (i == 0) {
+            memcpy(residual, x, (size_t)(rows * s->hidden) * sizeof(float));
+            rms_norm(x, 0, s->hidden, l->input_norm, rows, s->hidden, s->eps, h, 0);
+        } else {
+            add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, residual, h, 0);
+        }
+        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, 0);
+        if (l->qkv_bias) add_bias(qkv, rows, qkv_size, l->qkv_bias);
+        rope_store_attention(qkv, qkv + q_size, qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows,
+                             s->heads, s->kv_heads, s->head_dim, step->cos_cos, step->minus_sin_sin, step->slots,
+                             l->k_cache, l->v_cache, s->block_size, step->block_tables, step->table_stride,
+                             step->seqs, step->positions, step->max_keys, s->scale, attn, 0);
+        status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, 0);
+        add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps, residual,
+                     h, 0);
+        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
+                              2 * s->intermediate, gate_up, 0);
+        silu_mul(gate_up, 0, 2 * s->intermediate, rows, s->intermediate, act, 0);
+        status |= int4_linear(act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales,
+                              s->hidden, x, 0);
+    }
+    free(h), free(qkv), free(attn), free(gate_up), free(act);
+    return status;
+}
