@@ -129,14 +129,15 @@ def model_facts(config: EngineConfig) -> tuple[Path, ModelConfig, int]:
 
 
 def _weight_format(model: LlamaModel, dtype: torch.dtype) -> str:
-    """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32-c+int8` (`-c`: the C matmul's
-    layout) or `torch.float32`."""
+    """What the matmuls read, for logs and the fingerprint: e.g. `int4-g32-c+int8-g32-c` (`-c`: the C
+    matmuls' layout), `int4-g32+int8` (torch's kernels) or `torch.float32`."""
     layer = model.layers[0]
     formats = []
     for weight in (layer.qkv_proj, layer.o_proj[0], *layer.mlp_weights(), model.lm_head):
         if isinstance(weight, PackedWeight):
-            name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 else "")
-            name += "-c" if weight.layout == "native" else ""
+            native = weight.layout == "native"
+            name = f"int{weight.bits}" + (f"-g{weight.group_size}" if weight.bits == 4 or native else "")
+            name += "-c" if native else ""
         else:
             name = str(dtype)
         if name not in formats:

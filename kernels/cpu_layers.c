@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* cpu_rows.c and cpu_int4.c */
+/* cpu_rows.c and cpu_matmul.c */
 void rms_norm(const void *x, int x_bf16, int64_t x_stride, const float *weight, int64_t rows, int64_t n, float eps,
               void *out, int out_bf16);
 void add_rms_norm(const void *x, int x_bf16, int64_t x_stride, const float *residual, int64_t residual_stride,

@@ -1,5 +1,6 @@
 """The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention;
-its 4-bit matmul (`cpu_int4.c`); and a dense model's decoder layers as one call of those (`cpu_layers.c`).
+its 4-bit and 8-bit matmuls (`cpu_matmul.c`); and a dense model's decoder layers as one call of those
+(`cpu_layers.c`).
 
 Why: a batch-1 decode step of the default model spent about 7 of its 15 ms in some 1,800 small
 torch ops around the integer matmuls (2-5 us each, caches cold from the weights streamed between
@@ -38,8 +39,8 @@ from detserve.kernels.reference.attention import expect_plan
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.c", "cpu_int4.c", "cpu_layers.c"))
-VERSION = 2
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.c", "cpu_matmul.c", "cpu_layers.c"))
+VERSION = 3
 """The C ops' arithmetic: bump it with any change to what they compute (it is in the fingerprint)."""
 
 Backend = Literal["auto", "native", "torch"]
@@ -55,9 +56,10 @@ _SIGNATURES = {
     "rope_store_attention": [_P, _P, _P, ctypes.c_int, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _I,
                              _P, _P, _I, _F, _P, ctypes.c_int],
     "int4_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
+    "int8_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "dense_layers": [_P, _I, _P, _P, _I, _P, _P],
 }
-_RETURNS = {"int4_linear": ctypes.c_int, "dense_layers": ctypes.c_int}
+_RETURNS = {"int4_linear": ctypes.c_int, "int8_linear": ctypes.c_int, "dense_layers": ctypes.c_int}
 
 
 class NativeBuildError(RuntimeError):
@@ -319,16 +321,21 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     return out
 
 
-INT4_GROUP = 32
-"""Inputs per scale of the C 4-bit matmul (GGUF's Q4_0/Q4_1 block)."""
+GROUP = 32
+"""Inputs per scale of the C matmuls (GGUF's Q4_0/Q4_1/Q8_0 block)."""
+
+
+def fits(shape: tuple[int, int]) -> bool:
+    """Whether the C matmuls take an [N, K] weight: outputs in tiles of 16, inputs in groups of 32."""
+    return shape[0] % 16 == 0 and shape[1] % GROUP == 0
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 4-bit weight [N, K] (q in 0..15, weight = scale * q + min per group of 32 inputs) in the C
-    matmul's layout (cpu_int4.c's header): the nibbles uint8 [N / 16, K / 32, 256], the scales and
-    minimums float16 [N / 16, K / 32, 2, 16]. N must be a multiple of 16, K of 32."""
+    matmul's layout (cpu_matmul.c's header): the nibbles uint8 [N / 16, K / 32, 256], the scales and
+    minimums float16 [N / 16, K / 32, 2, 16]. The shape must `fit`."""
     n, k = qweight.shape
-    groups = k // INT4_GROUP
+    groups = k // GROUP
     # [tile, half, lane, group, nibble, pair, e] -> [tile, group, half, pair, lane, e, nibble]
     q = qweight.to(torch.uint8).reshape(n // 16, 2, 8, groups, 2, 8, 2).permute(0, 3, 1, 5, 2, 6, 4)
     nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, groups, 256).contiguous()
@@ -336,17 +343,37 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -
     return nibbles, halves.contiguous()
 
 
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit weight [N, K] (weight = scale * q per group of 32 inputs: GGUF's Q8_0) in the C
+    matmul's layout: int8 [N / 16, K / 32, 512], the scales float16 [N / 16, K / 32, 16]."""
+    n, k = qweight.shape
+    groups = k // GROUP
+    # [tile, half, lane, group, pair, e] -> [tile, group, half, pair, lane, e]
+    q = qweight.to(torch.int8).reshape(n // 16, 2, 8, groups, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    halves = scales.to(torch.float16).reshape(n // 16, 16, groups).permute(0, 2, 1)
+    return q.reshape(n // 16, groups, 512).contiguous(), halves.contiguous()
+
+
 def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, plain: bool = False) -> torch.Tensor:
     """x [T, K] (float32 or bfloat16, rows read in place) times a weight packed by `pack_int4` ->
     float32 [T, N]. `plain` runs the plain C code where AVX2 would run (the same bits: tests)."""
+    return _matmul("int4_linear", x, nibbles, halves, plain)
+
+
+def int8_linear(x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, plain: bool = False) -> torch.Tensor:
+    """`int4_linear` for a weight packed by `pack_int8`."""
+    return _matmul("int8_linear", x, data, halves, plain)
+
+
+def _matmul(kernel: str, x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, plain: bool) -> torch.Tensor:
     rows, stride = _rows_of(x)
-    k, n = nibbles.shape[1] * INT4_GROUP, nibbles.shape[0] * 16
+    k, n = data.shape[1] * GROUP, data.shape[0] * 16
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {k}")
     out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
-    if library().int4_linear(_ptr(rows), _is_bf16(rows), stride, rows.shape[0], k, _ptr(nibbles), _ptr(halves), n,
-                             _ptr(out), int(plain)):
-        raise MemoryError("the 4-bit matmul could not allocate its quantized activations")
+    if getattr(library(), kernel)(_ptr(rows), _is_bf16(rows), stride, rows.shape[0], k, _ptr(data), _ptr(halves), n,
+                                  _ptr(out), int(plain)):
+        raise MemoryError("the C matmul could not allocate its quantized activations")
     return out
 
 
@@ -402,7 +429,7 @@ class DenseLayers:
             for name in ("qkv", "o", "gate_up", "down"):
                 nibbles, halves = getattr(layer, name)
                 setattr(entry, name, _Int4(_ptr(nibbles), _ptr(halves)))
-        hidden, intermediate = layers[0].input_norm.shape[0], layers[0].down[0].shape[1] * INT4_GROUP
+        hidden, intermediate = layers[0].input_norm.shape[0], layers[0].down[0].shape[1] * GROUP
         self.shape = _Shape(hidden, heads, kv_heads, head_dim, intermediate, 0, eps, head_dim**-0.5)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 

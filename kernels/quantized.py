@@ -9,9 +9,9 @@ and the same bits at 1 or 2 threads (tests/kernels/test_cpu_invariance.py proves
 supported models' weight shapes), so they serve both kernel modes: no fixed-shape padding.
 Their float16/float32-activation paths are slow scalar code, hence bfloat16 activations.
 
-Where the CPU's C ops run (`cpu_native`), a 4-bit weight in groups of 32 is packed for the C
-matmul instead (`cpu_int4.c`): 16-bit activations and float16 scales, about 5x more accurate than
-torch's kernel and faster on the machines measured; it is row-invariant the same way.
+Where the CPU's C ops run (`cpu_native`), a weight in groups of 32 (4-bit, or a GGUF's Q8_0) is
+packed for the C matmuls instead (`cpu_matmul.c`): 16-bit activations and float16 scales, about
+5x more accurate than torch's kernels and faster on the machines measured; row-invariant the same way.
 
 `QuantizedWeight` is the portable form (what a checkpoint or the disk cache holds); `pack()`
 turns it into the layout the running CPU's kernel reads.
@@ -100,15 +100,23 @@ class QuantizedWeight:
         qweight = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
         return QuantizedWeight(4, qweight, scales, tensors[f"{name}.zeros"], qweight.shape[1] // scales.shape[1])
 
-    def kernel_form(self) -> "QuantizedWeight":
+    def kernel_form(self, native: bool | None = None) -> "QuantizedWeight":
         """This weight as a CPU kernel takes it: shapes the 4-bit kernel does not take (e.g. a
         vocabulary that is no multiple of 16), and 8-bit weights with several scales per row, are
-        requantized to 8 bits with one scale per row (what the 8-bit kernel reads). A sharded model
-        takes this form of the whole weight before slicing it, so every shard size reads the same
-        integers and scales."""
-        if self.bits == 8:
-            return self if self.group_size == self.shape[1] else quantize_int8(self.dequantize())
-        return self if int4_fits(self.shape, self.group_size) else quantize_int8(self.dequantize())
+        requantized to 8 bits with one scale per row (what torch's 8-bit kernel reads); if `native`
+        (default: where the C ops run now) an 8-bit weight in groups of 32 (GGUF's Q8_0) that the C
+        matmul takes stays as it is. A sharded model takes this form of the whole weight before
+        slicing it, so every shard size reads the same integers and scales."""
+        if native is None:
+            native = cpu_native.enabled()
+        if self.bits == 4:
+            return self if int4_fits(self.shape, self.group_size) else quantize_int8(self.dequantize())
+        if self.group_size == self.shape[1] or (native and self._fits_c_matmul()):
+            return self
+        return quantize_int8(self.dequantize())
+
+    def _fits_c_matmul(self) -> bool:
+        return self.group_size == cpu_native.GROUP and cpu_native.fits(self.shape)
 
     def outputs(self, start: int, end: int) -> "QuantizedWeight":
         """Output rows start..end-1 (a column-parallel shard); rows past N are zeros (padding)."""
@@ -123,28 +131,29 @@ class QuantizedWeight:
     def inputs(self, start: int, end: int) -> "QuantizedWeight":
         """Inputs start..end-1 of every row (one K-split of a row-parallel matmul), on group
         boundaries; an 8-bit weight's one scale per row stays that row's scale."""
-        if self.bits == 8:
-            if self.group_size != self.shape[1]:
-                raise ValueError("slice the kernel form of an 8-bit weight: one scale per row")
+        if self.bits == 8 and self.group_size == self.shape[1]:
             return QuantizedWeight(8, self.qweight[:, start:end], self.scales, None, end - start)
         g = self.group_size
         if start % g or end % g:
-            raise ValueError(f"inputs {start}..{end} cut a 4-bit group of {g}")
-        return QuantizedWeight(4, self.qweight[:, start:end], self.scales[:, start // g : end // g],
-                               self.zeros[:, start // g : end // g], g)
+            raise ValueError(f"inputs {start}..{end} cut a {self.bits}-bit group of {g}")
+        zeros = None if self.zeros is None else self.zeros[:, start // g : end // g]
+        return QuantizedWeight(self.bits, self.qweight[:, start:end], self.scales[:, start // g : end // g], zeros, g)
 
     def pack(self, native: bool | None = None) -> "PackedWeight":
-        """The layout this CPU's kernel reads, of `kernel_form`: a 4-bit weight in groups of 32 packed
-        for the C matmul if `native` (default: where the C ops run now, `cpu_native.enabled`), else
-        for torch's kernels (the int4 packing is the kernel's own)."""
-        form = self.kernel_form()
-        if form is not self:
-            return form.pack(native)
+        """The layout this CPU's kernel reads, of `kernel_form`: a weight in groups of 32 packed for
+        the C matmuls if `native` (default: where the C ops run now, `cpu_native.enabled`), else for
+        torch's kernels (the int4 packing is the kernel's own)."""
         if native is None:
             native = cpu_native.enabled()
-        if native and self.bits == 4 and self.group_size == cpu_native.INT4_GROUP:
-            nibbles, halves = cpu_native.pack_int4(self.qweight, self.scales, self.zeros - _INT4_OFFSET * self.scales)
-            return PackedWeight(4, nibbles, halves, self.group_size, self.shape[0], "native")
+        form = self.kernel_form(native)
+        if form is not self:
+            return form.pack(native)
+        if native and self._fits_c_matmul():
+            if self.bits == 4:
+                data, halves = cpu_native.pack_int4(self.qweight, self.scales, self.zeros - _INT4_OFFSET * self.scales)
+            else:
+                data, halves = cpu_native.pack_int8(self.qweight, self.scales)
+            return PackedWeight(self.bits, data, halves, self.group_size, self.shape[0], "native")
         if self.bits == 8:
             # A fresh copy, not a view: a safetensors file's tensors sit at any offset of one buffer,
             # and the 8-bit kernel crashed (SIGSEGV) reading a weight at an unaligned one.
@@ -160,11 +169,12 @@ class PackedWeight:
     """A quantized weight in the running CPU kernel's layout; `linear` multiplies by it."""
 
     bits: int
-    data: torch.Tensor  # 4-bit: the int4pack layout, or the C matmul's nibbles; 8-bit: int8 [N, K]
-    scales: torch.Tensor  # 4-bit: [K / group, N, 2] bfloat16 scales and zeros, or the C matmul's; 8-bit: [N] bfloat16
-    group_size: int  # 4-bit: inputs per group; 8-bit: K
+    data: torch.Tensor  # torch's 4-bit: the int4pack layout; torch's 8-bit: int8 [N, K]; native: the C matmul's
+    scales: torch.Tensor  # torch's 4-bit: [K / group, N, 2] bfloat16 scales and zeros; 8-bit: [N] bfloat16
+    group_size: int  # inputs per group (torch's 8-bit: K)
     out_features: int
-    layout: Literal["torch", "native"] = "torch"  # whose kernel reads it: torch's, or the C matmul (4-bit)
+    layout: Literal["torch", "native"] = "torch"  # whose kernel reads it: torch's, or the C matmuls'
+
 
     @property
     def in_features(self) -> int:
@@ -186,7 +196,8 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,
     The casts and the bias add are elementwise, hence exact at any shape; the kernels are row-invariant.
     """
     if weight.layout == "native":
-        out = as_dtype(cpu_native.int4_linear(x, weight.data, weight.scales), out_dtype or x.dtype)
+        kernel = cpu_native.int4_linear if weight.bits == 4 else cpu_native.int8_linear
+        out = as_dtype(kernel(x, weight.data, weight.scales), out_dtype or x.dtype)
         return out if bias is None else out + bias
     xb = as_dtype(x, torch.bfloat16).contiguous()  # a K-split's columns are a strided view; the kernels read rows whole
     if weight.bits == 4:

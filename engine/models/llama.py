@@ -236,14 +236,14 @@ class LlamaModel(nn.Module):
     def _c_layers(self) -> kernels.DenseLayers | None:
         """The decoder layers as one C call, where that call computes this model: one rank, dense
         layers of plain attention (a q|k|v bias, but no q/k norm or clipping), and every projection
-        a single weight of the C 4-bit matmul. None: the layers run op by op."""
+        a single 4-bit weight of the C matmul. None: the layers run op by op."""
         c, layers = self.config, self.layers
         if self.tp.group is not None or c.qk_norm != "none" or c.clip_qkv is not None:
             return None
         if any(layer.moe is not None or len(layer.o_proj) != 1 or len(layer.down_proj) != 1 for layer in layers):
             return None
         weights = [[layer.qkv_proj, layer.o_proj[0], layer.gate_up_proj, layer.down_proj[0]] for layer in layers]
-        if not all(isinstance(w, PackedWeight) and w.layout == "native" for ws in weights for w in ws):
+        if not all(isinstance(w, PackedWeight) and w.layout == "native" and w.bits == 4 for ws in weights for w in ws):
             return None
         return kernels.DenseLayers(
             [kernels.DenseLayer(layer.input_norm, layer.post_attention_norm, layer.qkv_bias,

@@ -148,6 +148,56 @@ def test_the_4bit_matmul_reads_gguf_blocks_exactly_and_16bit_activations_cost_un
                                               quantized.pack(native=True).scales))
 
 
+def _q8_0(n: int, k: int, seed: int) -> QuantizedWeight:
+    """An 8-bit weight with a float16 scale per 32 inputs, as GGUF's Q8_0 stores it."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return QuantizedWeight(8, q, (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half().float(), None, 32)
+
+
+@SETTINGS
+@given(company=companies(), shape=st.sampled_from([(49152, 576), (960, 576), (32, 64)]))
+def test_the_8bit_matmul_gives_a_row_the_same_bits_alone_and_in_any_company(company, shape) -> None:
+    weight = _packed_q8_0(*shape)
+    row = torch.randn(shape[1])
+    fn = functools.partial(cpu_native.int8_linear, data=weight.data, halves=weight.scales)
+    assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
+
+
+@functools.cache
+def _packed_q8_0(n: int, k: int):
+    return _q8_0(n, k, seed=n).pack(native=True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 70])
+def test_the_8bit_matmuls_avx2_code_gives_the_plain_c_bits_and_reads_q8_0_exactly(rows: int) -> None:
+    """Against float64 of the Q8_0 weight the only rounding is the activations' and the float32
+    sums (torch's 8-bit kernel, one bfloat16 scale per row and bfloat16 activations: about 7e-3)."""
+    quantized = _q8_0(96, 160, seed=rows)
+    weight = quantized.pack(native=True)
+    x = torch.randn(rows, 160) * 5
+    x[0, :32] = 0.0
+    out = cpu_native.int8_linear(x, weight.data, weight.scales)
+    assert torch.equal(out, cpu_native.int8_linear(x, weight.data, weight.scales, plain=True))
+    reference = x.double() @ quantized.dequantize().double().T
+    assert float((out.double() - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_a_q8_0_weight_keeps_its_groups_for_the_c_matmul_and_splits_on_them() -> None:
+    quantized = _q8_0(32, 128, seed=5)
+    with cpu_native.selected("native"):
+        assert quantized.kernel_form() is quantized and quantized.pack().layout == "native"
+        left, right = quantized.inputs(0, 64).pack(), quantized.inputs(64, 128).pack()
+        x = torch.randn(3, 128)
+        assert torch.allclose(kernels.linear(x[:, :64], left) + kernels.linear(x[:, 64:], right),
+                              kernels.linear(x, quantized.pack()), rtol=1e-4, atol=1e-4)
+    with cpu_native.selected("torch"):
+        form = quantized.kernel_form()
+        assert form.group_size == 128 and form.pack().layout == "torch"  # one scale per row, torch's kernel
+    with pytest.raises(ValueError, match="cut a 8-bit group of 32"):
+        quantized.inputs(0, 48)
+
+
 def test_a_4bit_weight_is_packed_for_the_matmul_of_the_selected_cpu_ops() -> None:
     quantized = _gguf_like_int4(32, 64, seed=2)
     with cpu_native.selected("native"):
@@ -282,7 +332,7 @@ def test_a_build_is_cached_by_source_and_flags(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path))
     first = cpu_native.build()
     assert cpu_native.build() == first and first.parent == tmp_path / "native"
-    edited = tmp_path / "cpu_int4.c"
+    edited = tmp_path / "cpu_matmul.c"
     edited.write_text(cpu_native.SOURCES[1].read_text() + "\n/* edited */\n")
     monkeypatch.setattr(cpu_native, "SOURCES", (cpu_native.SOURCES[0], edited, cpu_native.SOURCES[2]))
     assert cpu_native.build() != first

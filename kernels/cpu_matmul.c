@@ -1,25 +1,31 @@
-/* The CPU's 4-bit matmul in C: x [rows, k] times a 4-bit weight [n, k] in groups of 32 inputs.
+/* The CPU's integer-weight matmuls in C: x [rows, k] times a 4-bit or 8-bit weight [n, k] in groups
+ * of 32 inputs.
  *
  * Why our own: torch's int4 kernel reads bfloat16 activations and rounds each group's scale and
- * zero to bfloat16 (about 3e-3 relative error on a layer's output, measured), and with its
- * dispatch around it costs a step more than the weights' read. Here each group of 32 activations
- * of a row is quantized to 16-bit integers (scale = max |x| / 32767: about 2e-5 of the group's
- * largest value), multiplied by the 4-bit weights in exact integer arithmetic, and the group's
- * integer sum is scaled in float32. Scales and minimums are stored as float16, which holds a GGUF
- * Q4_0/Q4_1 block's exactly, so such a weight is read as its file wrote it.
+ * zero to bfloat16 (about 3e-3 relative error on a layer's output, measured), its int8 kernel takes
+ * one scale per row (a GGUF Q8_0 tensor's 32-input scales are requantized away), and with their
+ * dispatch around them they cost a step more than reading the weights. Here each group of 32
+ * activations of a row is quantized to 16-bit integers (scale = max |x| / 32767: about 2e-5 of the
+ * group's largest value), multiplied by the integer weights in exact integer arithmetic, and the
+ * group's integer sum is scaled in float32. Scales (and the 4-bit minimums) are stored as float16,
+ * which holds a GGUF Q4_0/Q4_1/Q8_0 block's exactly, so such a weight is read as its file wrote it.
  *
  * Why the bits depend on nothing but a row's own inputs: a row's quantization reads that row
- * alone; a group's dot product is an exact integer (|sum| < 2^24, so its float32 is exact too);
- * and each output adds its groups' terms in group order, each term as
- *     (d * dx) * isum + m * sx
+ * alone; a group's dot product is an exact 32-bit integer (converted to float32 with round to
+ * nearest even, in plain C and vector code alike); and each output adds its groups' terms in group
+ * order, each term as
+ *     (d * dx) * isum + m * sx       (4-bit: weight = d * q + m, q in 0..15)
+ *     (d * dx) * isum                (8-bit: weight = d * q, q in -127..127)
  * with IEEE multiplies and adds only (-ffp-contract=off). The AVX2 code computes 8 outputs per
  * vector lane-wise with the same operations in the same order as the plain C code, so the result
  * is the same on any x86-64 (tests compare the two) and at any number of rows or threads.
  *
- * Weight layout (`cpu_native.pack_int4` writes it): outputs in tiles of 16; per tile and group,
- * 256 bytes ordered [half 2][pair 8][lane 8][e 2], the byte holding input 2 * pair + e of output
- * 8 * half + lane in its low nibble and input 16 + 2 * pair + e in its high nibble; then per tile
- * and group, 16 float16 scales d and 16 float16 minimums m (weight = d * q + m, q in 0..15).
+ * Weight layouts (`cpu_native.pack_int4` / `pack_int8` write them): outputs in tiles of 16; per tile
+ * and group of 32 inputs, for the 4-bit weights 256 bytes ordered [half 2][pair 8][lane 8][e 2], the
+ * byte holding input 2 * pair + e of output 8 * half + lane in its low nibble and input
+ * 16 + 2 * pair + e in its high nibble, then 16 float16 scales d and 16 float16 minimums m; for the
+ * 8-bit weights 512 bytes ordered [half 2][pair 16][lane 8][e 2] (input 2 * pair + e of output
+ * 8 * half + lane), then 16 float16 scales d.
  */
 
 #include <math.h>
@@ -36,7 +42,8 @@
 
 #define GROUP 32
 #define TILE 16
-#define GROUP_BYTES 256 /* a tile's 16 x 32 weights, two to a byte */
+#define INT4_BYTES 256 /* a tile's 16 x 32 4-bit weights, two to a byte */
+#define INT8_BYTES 512
 #define ROW_BLOCK 64 /* rows a thread takes through its tiles at once (their activations stay in cache) */
 #define PARALLEL_WORK (1 << 18) /* multiply-adds a call must do before it wakes a second thread */
 
@@ -90,14 +97,14 @@ typedef struct {
     int64_t k, groups;
 } Activations;
 
-/* Rows r0..r1-1 of one tile: out[r][0..15], in plain C. */
-static void tile_plain(const uint8_t *w, const uint16_t *s, const Activations *a, int64_t r0, int64_t r1, float *out,
+/* Rows r0..r1-1 of one 4-bit tile: out[r][0..15], in plain C. */
+static void int4_tile_plain(const uint8_t *w, const uint16_t *s, const Activations *a, int64_t r0, int64_t r1, float *out,
                        int64_t out_stride) {
     for (int64_t r = r0; r < r1; r++) {
         float acc[TILE] = {0};
         const int16_t *q = a->q + r * a->k;
         for (int64_t g = 0; g < a->groups; g++) {
-            const uint8_t *wg = w + g * GROUP_BYTES;
+            const uint8_t *wg = w + g * INT4_BYTES;
             float dx = a->dx[r * a->groups + g], sx = a->sx[r * a->groups + g];
             for (int n = 0; n < TILE; n++) {
                 int32_t isum = 0;
@@ -118,6 +125,28 @@ static void tile_plain(const uint8_t *w, const uint16_t *s, const Activations *a
     }
 }
 
+/* Rows r0..r1-1 of one 8-bit tile: out[r][0..15], in plain C. */
+static void int8_tile_plain(const uint8_t *w, const uint16_t *s, const Activations *a, int64_t r0, int64_t r1,
+                            float *out, int64_t out_stride) {
+    for (int64_t r = r0; r < r1; r++) {
+        float acc[TILE] = {0};
+        const int16_t *q = a->q + r * a->k;
+        for (int64_t g = 0; g < a->groups; g++) {
+            const int8_t *wg = (const int8_t *)w + g * INT8_BYTES;
+            float dx = a->dx[r * a->groups + g];
+            for (int n = 0; n < TILE; n++) {
+                int32_t isum = 0;
+                for (int pair = 0; pair < 16; pair++)
+                    for (int e = 0; e < 2; e++)
+                        isum += (int32_t)wg[(n / 8) * 256 + pair * 16 + (n % 8) * 2 + e] * q[g * GROUP + 2 * pair + e];
+                float term = (half_to_float(s[g * 16 + n]) * dx) * (float)isum;
+                acc[n] = acc[n] + term;
+            }
+        }
+        memcpy(out + r * out_stride, acc, sizeof acc);
+    }
+}
+
 #if defined(__x86_64__)
 /* Activations x[0] and x[1] in each 32-bit lane. */
 __attribute__((target("avx2"))) static inline __m256i broadcast_pair(const int16_t *x) {
@@ -126,9 +155,9 @@ __attribute__((target("avx2"))) static inline __m256i broadcast_pair(const int16
     return _mm256_set1_epi32(pair);
 }
 
-/* The same as tile_plain, 8 outputs a vector: each group's 16 weight vectors are unpacked once
+/* The same as int4_tile_plain, 8 outputs a vector: each group's 16 weight vectors are unpacked once
  * and used by 4 rows; (w, x) pairs multiply-add into 32-bit lanes exactly (|w * x| < 2^19). */
-__attribute__((target("avx2,f16c"))) static void tile_avx2(const uint8_t *w, const uint16_t *s, const Activations *a,
+__attribute__((target("avx2,f16c"))) static void int4_tile_avx2(const uint8_t *w, const uint16_t *s, const Activations *a,
                                                           int64_t r0, int64_t r1, float *out, int64_t out_stride) {
     const __m256i low_nibble = _mm256_set1_epi16(0x0f);
     for (int64_t first = r0; first < r1; first += 4) {
@@ -137,7 +166,7 @@ __attribute__((target("avx2,f16c"))) static void tile_avx2(const uint8_t *w, con
         for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
         for (int64_t g = 0; g < a->groups; g++) {
             for (int half = 0; half < 2; half++) {
-                const uint8_t *wg = w + g * GROUP_BYTES + half * 128;
+                const uint8_t *wg = w + g * INT4_BYTES + half * 128;
                 __m256i weights[16];
                 for (int pair = 0; pair < 8; pair++) {
                     __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * pair)));
@@ -170,6 +199,44 @@ __attribute__((target("avx2,f16c"))) static void tile_avx2(const uint8_t *w, con
     }
 }
 
+/* The same as int8_tile_plain, 8 outputs a vector, each group's 16 pairs of inputs sign-extended
+ * once for 4 rows; |sum| < 2^28, exact in 32 bits. */
+__attribute__((target("avx2,f16c"))) static void int8_tile_avx2(const uint8_t *w, const uint16_t *s,
+                                                               const Activations *a, int64_t r0, int64_t r1,
+                                                               float *out, int64_t out_stride) {
+    for (int64_t first = r0; first < r1; first += 4) {
+        int count = r1 - first < 4 ? (int)(r1 - first) : 4;
+        __m256 acc[4][2];
+        for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < a->groups; g++) {
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *wg = w + g * INT8_BYTES + half * 256;
+                __m256i weights[16];
+                for (int pair = 0; pair < 16; pair++)
+                    weights[pair] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * pair)));
+                __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 16 + 8 * half)));
+                for (int j = 0; j < count; j++) {
+                    int64_t r = first + j;
+                    const int16_t *x = a->q + r * a->k + g * GROUP;
+                    __m256i even = _mm256_madd_epi16(weights[0], broadcast_pair(x));
+                    __m256i odd = _mm256_madd_epi16(weights[1], broadcast_pair(x + 2));
+                    for (int p = 2; p < 16; p += 2) {
+                        even = _mm256_add_epi32(even, _mm256_madd_epi16(weights[p], broadcast_pair(x + 2 * p)));
+                        odd = _mm256_add_epi32(odd, _mm256_madd_epi16(weights[p + 1], broadcast_pair(x + 2 * p + 2)));
+                    }
+                    __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                    __m256 dx = _mm256_set1_ps(a->dx[r * a->groups + g]);
+                    acc[j][half] = _mm256_add_ps(acc[j][half], _mm256_mul_ps(_mm256_mul_ps(d, dx), isum));
+                }
+            }
+        }
+        for (int j = 0; j < count; j++) {
+            _mm256_storeu_ps(out + (first + j) * out_stride, acc[j][0]);
+            _mm256_storeu_ps(out + (first + j) * out_stride + 8, acc[j][1]);
+        }
+    }
+}
+
 static int has_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
@@ -177,19 +244,17 @@ static int has_avx2(void) {
 
 typedef void (*TileFn)(const uint8_t *, const uint16_t *, const Activations *, int64_t, int64_t, float *, int64_t);
 
-/* `plain` != 0 runs the plain C code even where AVX2 is there (tests compare the two). */
-static TileFn tile_function(int plain) {
-#if defined(__x86_64__)
-    if (!plain && has_avx2()) return tile_avx2;
-#endif
-    (void)plain;
-    return tile_plain;
-}
+/* A weight's tiles: their bytes and float16 scales a group, and the code that multiplies one. */
+typedef struct {
+    int64_t bytes, scales;
+    TileFn plain, avx2;
+} Format;
 
-/* x [rows, k] (float32, or bfloat16 if x_bf16; rows x_stride elements apart) times the packed weight
- * [n, k] -> out float32 [rows, n]. k a multiple of 32, n of 16. Returns 0, or -1 if out of memory. */
-int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
-                const uint16_t *scales, int64_t n, float *out, int plain) {
+/* x [rows, k] (float32, or bfloat16 if x_bf16; rows x_stride elements apart) times a weight [n, k]
+ * of `format` -> out float32 [rows, n]; k a multiple of 32, n of 16. `plain` != 0 runs the plain C
+ * code even where AVX2 is there (tests compare the two). Returns 0, or -1 if out of memory. */
+static int matmul(const Format *format, const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k,
+                  const uint8_t *weights, const uint16_t *scales, int64_t n, float *out, int plain) {
     int64_t groups = k / GROUP, tiles = n / TILE;
     int16_t *q = malloc((size_t)(rows * k) * sizeof *q);
     float *dx = malloc((size_t)(rows * groups) * sizeof *dx), *sx = malloc((size_t)(rows * groups) * sizeof *sx);
@@ -202,7 +267,10 @@ int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64
     for (int64_t r = 0; r < rows; r++)
         quantize_row((const char *)x + r * x_stride * element, x_bf16, k, q + r * k, dx + r * groups, sx + r * groups);
     Activations a = {q, dx, sx, k, groups};
-    TileFn tile = tile_function(plain);
+    TileFn tile = format->plain;
+#if defined(__x86_64__)
+    if (!plain && has_avx2()) tile = format->avx2;
+#endif
 #pragma omp parallel if (rows * n * k >= PARALLEL_WORK)
     {
 #ifdef _OPENMP
@@ -214,9 +282,28 @@ int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64
         for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
             int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
             for (int64_t t = t0; t < t1; t++)
-                tile(weights + t * groups * GROUP_BYTES, scales + t * groups * 32, &a, r0, r1, out + t * TILE, n);
+                tile(weights + t * groups * format->bytes, scales + t * groups * format->scales, &a, r0, r1,
+                     out + t * TILE, n);
         }
     }
     free(q), free(dx), free(sx);
     return 0;
+}
+
+#if defined(__x86_64__)
+static const Format INT4 = {INT4_BYTES, 32, int4_tile_plain, int4_tile_avx2};
+static const Format INT8 = {INT8_BYTES, 16, int8_tile_plain, int8_tile_avx2};
+#else
+static const Format INT4 = {INT4_BYTES, 32, int4_tile_plain, int4_tile_plain};
+static const Format INT8 = {INT8_BYTES, 16, int8_tile_plain, int8_tile_plain};
+#endif
+
+int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
+                const uint16_t *scales, int64_t n, float *out, int plain) {
+    return matmul(&INT4, x, x_bf16, x_stride, rows, k, weights, scales, n, out, plain);
+}
+
+int int8_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
+                const uint16_t *scales, int64_t n, float *out, int plain) {
+    return matmul(&INT8, x, x_bf16, x_stride, rows, k, weights, scales, n, out, plain);
 }
