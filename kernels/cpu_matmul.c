@@ -155,8 +155,30 @@ __attribute__((target("avx2"))) static inline __m256i broadcast_pair(const int16
     return _mm256_set1_epi32(pair);
 }
 
+/* A group's 8 integer sums, as float32: sum over the 16 input pairs p of weights[p] (8 lanes of
+ * (even, odd) 16-bit weights) times the pair x[2p], x[2p + 1]. Exact in 32 bits (|sum| < 2^28), and
+ * converted with round to nearest even, as the plain C code's (float)isum. */
+__attribute__((target("avx2"))) static inline __m256 group_dot(const __m256i weights[16], const int16_t *x) {
+    __m256i even = _mm256_madd_epi16(weights[0], broadcast_pair(x));
+    __m256i odd = _mm256_madd_epi16(weights[1], broadcast_pair(x + 2));
+    for (int p = 2; p < 16; p += 2) {
+        even = _mm256_add_epi32(even, _mm256_madd_epi16(weights[p], broadcast_pair(x + 2 * p)));
+        odd = _mm256_add_epi32(odd, _mm256_madd_epi16(weights[p + 1], broadcast_pair(x + 2 * p + 2)));
+    }
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+}
+
+/* Up to 4 rows' 16 outputs from their accumulators (two vectors of 8 each). */
+__attribute__((target("avx2"))) static inline void store_rows(__m256 acc[4][2], int count, float *out,
+                                                              int64_t out_stride) {
+    for (int j = 0; j < count; j++) {
+        _mm256_storeu_ps(out + j * out_stride, acc[j][0]);
+        _mm256_storeu_ps(out + j * out_stride + 8, acc[j][1]);
+    }
+}
+
 /* The same as int4_tile_plain, 8 outputs a vector: each group's 16 weight vectors are unpacked once
- * and used by 4 rows; (w, x) pairs multiply-add into 32-bit lanes exactly (|w * x| < 2^19). */
+ * and used by 4 rows (`group_dot`). */
 __attribute__((target("avx2,f16c"))) static void int4_tile_avx2(const uint8_t *w, const uint16_t *s, const Activations *a,
                                                           int64_t r0, int64_t r1, float *out, int64_t out_stride) {
     const __m256i low_nibble = _mm256_set1_epi16(0x0f);
@@ -177,14 +199,7 @@ __attribute__((target("avx2,f16c"))) static void int4_tile_avx2(const uint8_t *w
                 __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + 16 + 8 * half)));
                 for (int j = 0; j < count; j++) {
                     int64_t r = first + j;
-                    const int16_t *x = a->q + r * a->k + g * GROUP;
-                    __m256i even = _mm256_madd_epi16(weights[0], broadcast_pair(x));
-                    __m256i odd = _mm256_madd_epi16(weights[1], broadcast_pair(x + 2));
-                    for (int p = 2; p < 16; p += 2) {
-                        even = _mm256_add_epi32(even, _mm256_madd_epi16(weights[p], broadcast_pair(x + 2 * p)));
-                        odd = _mm256_add_epi32(odd, _mm256_madd_epi16(weights[p + 1], broadcast_pair(x + 2 * p + 2)));
-                    }
-                    __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                    __m256 isum = group_dot(weights, a->q + r * a->k + g * GROUP);
                     __m256 dx = _mm256_set1_ps(a->dx[r * a->groups + g]), sx = _mm256_set1_ps(a->sx[r * a->groups + g]);
                     __m256 term = _mm256_mul_ps(_mm256_mul_ps(d, dx), isum);
                     term = _mm256_add_ps(term, _mm256_mul_ps(m, sx));
@@ -192,15 +207,12 @@ __attribute__((target("avx2,f16c"))) static void int4_tile_avx2(const uint8_t *w
                 }
             }
         }
-        for (int j = 0; j < count; j++) {
-            _mm256_storeu_ps(out + (first + j) * out_stride, acc[j][0]);
-            _mm256_storeu_ps(out + (first + j) * out_stride + 8, acc[j][1]);
-        }
+        store_rows(acc, count, out + first * out_stride, out_stride);
     }
 }
 
 /* The same as int8_tile_plain, 8 outputs a vector, each group's 16 pairs of inputs sign-extended
- * once for 4 rows; |sum| < 2^28, exact in 32 bits. */
+ * once for 4 rows (`group_dot`). */
 __attribute__((target("avx2,f16c"))) static void int8_tile_avx2(const uint8_t *w, const uint16_t *s,
                                                                const Activations *a, int64_t r0, int64_t r1,
                                                                float *out, int64_t out_stride) {
@@ -217,23 +229,13 @@ __attribute__((target("avx2,f16c"))) static void int8_tile_avx2(const uint8_t *w
                 __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 16 + 8 * half)));
                 for (int j = 0; j < count; j++) {
                     int64_t r = first + j;
-                    const int16_t *x = a->q + r * a->k + g * GROUP;
-                    __m256i even = _mm256_madd_epi16(weights[0], broadcast_pair(x));
-                    __m256i odd = _mm256_madd_epi16(weights[1], broadcast_pair(x + 2));
-                    for (int p = 2; p < 16; p += 2) {
-                        even = _mm256_add_epi32(even, _mm256_madd_epi16(weights[p], broadcast_pair(x + 2 * p)));
-                        odd = _mm256_add_epi32(odd, _mm256_madd_epi16(weights[p + 1], broadcast_pair(x + 2 * p + 2)));
-                    }
-                    __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                    __m256 isum = group_dot(weights, a->q + r * a->k + g * GROUP);
                     __m256 dx = _mm256_set1_ps(a->dx[r * a->groups + g]);
                     acc[j][half] = _mm256_add_ps(acc[j][half], _mm256_mul_ps(_mm256_mul_ps(d, dx), isum));
                 }
             }
         }
-        for (int j = 0; j < count; j++) {
-            _mm256_storeu_ps(out + (first + j) * out_stride, acc[j][0]);
-            _mm256_storeu_ps(out + (first + j) * out_stride + 8, acc[j][1]);
-        }
+        store_rows(acc, count, out + first * out_stride, out_stride);
     }
 }
 

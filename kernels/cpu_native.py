@@ -190,6 +190,13 @@ def _is_bf16(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
+def _slots(slot_mapping: torch.Tensor) -> int:
+    """The cache slots' pointer, for a contiguous int64 tensor (what the fused C ops read)."""
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
+    return _ptr(slot_mapping)
+
+
 def _float_cache(cache: torch.Tensor) -> torch.Tensor:
     if cache.dtype != torch.float32 or not cache.is_contiguous():
         raise TypeError("the C ops read and write a contiguous float32 KV cache")
@@ -307,8 +314,6 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     [T, Hkv, D] of one dtype (views of the fused projection are read in place); [T, H, D] in
     `out_dtype` (default float32); `slot_mapping` int64 [T]."""
     expect_plan(plan, NativePlan)
-    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
-        raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
     if not q.dtype == k.dtype == v.dtype:
         q, k, v = as_dtype(q, torch.float32), as_dtype(k, torch.float32), as_dtype(v, torch.float32)
     q, k, v = _heads_of(q), _heads_of(k), _heads_of(v)
@@ -316,7 +321,7 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().rope_store_attention(
         _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
-        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping), _ptr(_float_cache(k_cache)),
+        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _slots(slot_mapping), _ptr(_float_cache(k_cache)),
         _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
     return out
 
@@ -438,8 +443,6 @@ class DenseLayers:
         """Embeddings x [T, hidden] float32 -> (the last layer's output, the residual stream it adds
         to), each [T, hidden]; every layer's K/V written to its cache (float32, contiguous)."""
         expect_plan(plan, NativePlan)
-        if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
-            raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
         if kv_caches is not self._caches:
             for entry, (k_cache, v_cache) in zip(self.table, kv_caches, strict=True):
                 entry.k_cache, entry.v_cache = _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache))
@@ -448,7 +451,7 @@ class DenseLayers:
         x = as_dtype(x, torch.float32).contiguous().clone()
         residual = torch.empty_like(x)
         tables, table_stride, seqs, positions, max_keys = plan.args
-        step = _Step(_ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _ptr(slot_mapping), tables, seqs,
+        step = _Step(_ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _slots(slot_mapping), tables, seqs,
                      table_stride, positions, max_keys)
         if library().dense_layers(self.table, len(self.layers), ctypes.byref(self.shape), ctypes.byref(step),
                                   x.shape[0], _ptr(x), _ptr(residual)):

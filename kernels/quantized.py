@@ -175,7 +175,6 @@ class PackedWeight:
     out_features: int
     layout: Literal["torch", "native"] = "torch"  # whose kernel reads it: torch's, or the C matmuls'
 
-
     @property
     def in_features(self) -> int:
         if self.layout == "native":
