@@ -97,6 +97,16 @@ class StepInputs:
             self.logits_indices + list(range(rows, rows + pads)), list(self.scored_rows),
         )
 
+    def cache_slots(self, block_size: int) -> list[int]:
+        """Each token's KV cache slot (block * block_size + offset), from its sequence's block table:
+        a host loop over the step's tokens, cheaper than the torch ops that would gather it (a
+        decode step has a few tokens; a prefill's loop is small beside its forward pass)."""
+        slots = []
+        for b, table in enumerate(self.block_tables):
+            for p in self.positions[self.query_start_loc[b] : self.query_start_loc[b + 1]]:
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        return slots
+
     def logits_row_ranges(self) -> list[tuple[int, int]]:
         """The LM-head calls of the step, as ranges of its hidden rows: the sampling rows in one
         call, then the scored rows SCORE_ROWS at a time (every rank makes the same calls)."""
@@ -237,9 +247,6 @@ class ModelRunner:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         block_tables = tensor(tables, torch.int32)
-        token_positions = tensor(inputs.positions)
-        token_seqs = torch.repeat_interleave(torch.arange(len(inputs.seq_lens), device=self.device),
-                                             tensor(inputs.num_new_tokens))
         attention = kernels.AttentionMetadata(
             query_start_loc=inputs.query_start_loc,
             seq_lens=inputs.seq_lens,
@@ -251,8 +258,8 @@ class ModelRunner:
             plan = kernels.plan_attention(attention, self.num_heads, self.num_kv_heads)
         return ForwardBatch(
             input_ids=tensor(inputs.input_ids),
-            positions=token_positions,
-            slot_mapping=kernels.cache_slots(block_tables, token_seqs, token_positions, self.block_size),
+            positions=tensor(inputs.positions),
+            slot_mapping=tensor(inputs.cache_slots(self.block_size)),
             attention=attention,
             attention_plan=plan,
             logits_indices=tensor(inputs.logits_indices + inputs.scored_rows),

@@ -124,7 +124,7 @@ def sample(
     on_device = [i for i, host in enumerate(needs_host) if not host]
     if on_device:
         picked = kernels.sample_tokens(
-            logits[torch.tensor(on_device, device=device)],
+            logits if len(on_device) == len(requests) else logits[torch.tensor(on_device, device=device)],
             torch.tensor([requests[i].params.temperature for i in on_device], dtype=torch.float64, device=device),
             torch.tensor([requests[i].seed for i in on_device], dtype=torch.int64, device=device),
             torch.tensor([requests[i].num_tokens for i in on_device], dtype=torch.int64, device=device),

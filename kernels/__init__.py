@@ -89,7 +89,7 @@ DISPATCH: dict[str, Kernels] = {
                               native="plan"),
     "attention": Kernels(torch_attention.attention_invariant, torch_attention.attention_fast, "attention",
                          native="attention"),
-    "sample_tokens": Kernels(noise.sample_tokens, noise.sample_tokens, "sample_tokens", MODES),
+    "sample_tokens": Kernels(noise.sample_tokens, noise.sample_tokens, "sample_tokens", MODES, native="sample_tokens"),
     "gumbel_max": Kernels(noise.gumbel_max, noise.gumbel_max),
 }
 

@@ -31,7 +31,8 @@ void rope_store_attention(const void *q, const void *k, const void *v, int qkv_b
                           int64_t table_stride, const int32_t *seqs, const int64_t *positions, int64_t max_keys,
                           float scale, void *out, int out_bf16);
 int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
-                const uint16_t *scales, int64_t n, float *out, int plain);
+                const uint16_t *scales, int64_t n, float *out, int max_isa);
+int matmul_isa(void);
 
 typedef struct {
     const uint8_t *nibbles;
@@ -74,7 +75,7 @@ int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const 
     float *attn = malloc((size_t)(rows * q_size) * sizeof(float));
     float *gate_up = malloc((size_t)(rows * 2 * s->intermediate) * sizeof(float));
     float *act = malloc((size_t)(rows * s->intermediate) * sizeof(float));
-    int status = h && qkv && attn && gate_up && act ? 0 : -1;
+    int status = h && qkv && attn && gate_up && act ? 0 : -1, isa = matmul_isa();
     for (int64_t i = 0; i < num_layers && status == 0; i++) {
         const Layer *l = &layers[i];
         if (i == 0) {
@@ -83,20 +84,20 @@ int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const 
         } else {
             add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, residual, h, 0);
         }
-        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, 0);
+        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, isa);
         if (l->qkv_bias) add_bias(qkv, rows, qkv_size, l->qkv_bias);
         rope_store_attention(qkv, qkv + q_size, qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows,
                              s->heads, s->kv_heads, s->head_dim, step->cos_cos, step->minus_sin_sin, step->slots,
                              l->k_cache, l->v_cache, s->block_size, step->block_tables, step->table_stride,
                              step->seqs, step->positions, step->max_keys, s->scale, attn, 0);
-        status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, 0);
+        status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, isa);
         add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps, residual,
                      h, 0);
         status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
-                              2 * s->intermediate, gate_up, 0);
+                              2 * s->intermediate, gate_up, isa);
         silu_mul(gate_up, 0, 2 * s->intermediate, rows, s->intermediate, act, 0);
         status |= int4_linear(act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales,
-                              s->hidden, x, 0);
+                              s->hidden, x, isa);
     }
     free(h), free(qkv), free(attn), free(gate_up), free(act);
     return status;

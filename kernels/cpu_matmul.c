@@ -16,16 +16,18 @@
  * order, each term as
  *     (d * dx) * isum + m * sx       (4-bit: weight = d * q + m, q in 0..15)
  *     (d * dx) * isum                (8-bit: weight = d * q, q in -127..127)
- * with IEEE multiplies and adds only (-ffp-contract=off). The AVX2 code computes 8 outputs per
- * vector lane-wise with the same operations in the same order as the plain C code, so the result
- * is the same on any x86-64 (tests compare the two) and at any number of rows or threads.
+ * with IEEE multiplies and adds only (-ffp-contract=off). The vector code (AVX2: 8 outputs a
+ * vector; AVX-512 with VNNI: a tile's 16) computes lane-wise with the same float operations in the
+ * same order as the plain C code, and its integer sums are exact in any order, so the result is
+ * the same on any x86-64 (tests compare each with the plain C code) and at any number of rows or
+ * threads.
  *
  * Weight layouts (`cpu_native.pack_int4` / `pack_int8` write them): outputs in tiles of 16; per tile
- * and group of 32 inputs, for the 4-bit weights 256 bytes ordered [half 2][pair 8][lane 8][e 2], the
- * byte holding input 2 * pair + e of output 8 * half + lane in its low nibble and input
- * 16 + 2 * pair + e in its high nibble, then 16 float16 scales d and 16 float16 minimums m; for the
- * 8-bit weights 512 bytes ordered [half 2][pair 16][lane 8][e 2] (input 2 * pair + e of output
- * 8 * half + lane), then 16 float16 scales d.
+ * and group of 32 inputs, for the 4-bit weights 256 bytes ordered [pair 8][output 16][e 2], the
+ * byte holding input 2 * pair + e in its low nibble and input 16 + 2 * pair + e in its high nibble,
+ * then 16 float16 scales d and 16 float16 minimums m; for the 8-bit weights 512 bytes ordered
+ * [pair 16][output 16][e 2] (input 2 * pair + e), then 16 float16 scales d. A pair's 32 bytes are
+ * one AVX-512 load, or two AVX2 loads of 8 outputs each.
  */
 
 #include <math.h>
@@ -110,7 +112,7 @@ static void int4_tile_plain(const uint8_t *w, const uint16_t *s, const Activatio
                 int32_t isum = 0;
                 for (int pair = 0; pair < 8; pair++) {
                     for (int e = 0; e < 2; e++) {
-                        uint8_t byte = wg[(n / 8) * 128 + pair * 16 + (n % 8) * 2 + e];
+                        uint8_t byte = wg[pair * 32 + n * 2 + e];
                         isum += (int32_t)(byte & 0x0f) * q[g * GROUP + 2 * pair + e];
                         isum += (int32_t)(byte >> 4) * q[g * GROUP + 16 + 2 * pair + e];
                     }
@@ -138,7 +140,7 @@ static void int8_tile_plain(const uint8_t *w, const uint16_t *s, const Activatio
                 int32_t isum = 0;
                 for (int pair = 0; pair < 16; pair++)
                     for (int e = 0; e < 2; e++)
-                        isum += (int32_t)wg[(n / 8) * 256 + pair * 16 + (n % 8) * 2 + e] * q[g * GROUP + 2 * pair + e];
+                        isum += (int32_t)wg[pair * 32 + n * 2 + e] * q[g * GROUP + 2 * pair + e];
                 float term = (half_to_float(s[g * 16 + n]) * dx) * (float)isum;
                 acc[n] = acc[n] + term;
             }
@@ -188,10 +190,10 @@ __attribute__((target("avx2,f16c"))) static void int4_tile_avx2(const uint8_t *w
         for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
         for (int64_t g = 0; g < a->groups; g++) {
             for (int half = 0; half < 2; half++) {
-                const uint8_t *wg = w + g * INT4_BYTES + half * 128;
+                const uint8_t *wg = w + g * INT4_BYTES + half * 16;
                 __m256i weights[16];
                 for (int pair = 0; pair < 8; pair++) {
-                    __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * pair)));
+                    __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + 32 * pair)));
                     weights[pair] = _mm256_and_si256(bytes, low_nibble);
                     weights[8 + pair] = _mm256_srli_epi16(bytes, 4);
                 }
@@ -222,10 +224,10 @@ __attribute__((target("avx2,f16c"))) static void int8_tile_avx2(const uint8_t *w
         for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
         for (int64_t g = 0; g < a->groups; g++) {
             for (int half = 0; half < 2; half++) {
-                const uint8_t *wg = w + g * INT8_BYTES + half * 256;
+                const uint8_t *wg = w + g * INT8_BYTES + half * 16;
                 __m256i weights[16];
                 for (int pair = 0; pair < 16; pair++)
-                    weights[pair] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * pair)));
+                    weights[pair] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 32 * pair)));
                 __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 16 + 8 * half)));
                 for (int j = 0; j < count; j++) {
                     int64_t r = first + j;
@@ -239,24 +241,102 @@ __attribute__((target("avx2,f16c"))) static void int8_tile_avx2(const uint8_t *w
     }
 }
 
-static int has_avx2(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#define AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,f16c"
+
+/* `group_dot` for a whole tile: 16 outputs a vector, each pair's multiply and add one VNNI
+ * instruction (vpdpwssd: exact, non-saturating 32-bit sums). */
+__attribute__((target(AVX512))) static inline __m512 group_dot16(const __m512i weights[16], const int16_t *x) {
+    int32_t pairs[16];
+    memcpy(pairs, x, sizeof pairs);
+    __m512i even = _mm512_dpwssd_epi32(_mm512_setzero_si512(), weights[0], _mm512_set1_epi32(pairs[0]));
+    __m512i odd = _mm512_dpwssd_epi32(_mm512_setzero_si512(), weights[1], _mm512_set1_epi32(pairs[1]));
+    for (int p = 2; p < 16; p += 2) {
+        even = _mm512_dpwssd_epi32(even, weights[p], _mm512_set1_epi32(pairs[p]));
+        odd = _mm512_dpwssd_epi32(odd, weights[p + 1], _mm512_set1_epi32(pairs[p + 1]));
+    }
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
 }
+
+/* The same as int4_tile_plain, a tile's 16 outputs a vector, each group's weights unpacked once
+ * for 4 rows. */
+__attribute__((target(AVX512))) static void int4_tile_avx512(const uint8_t *w, const uint16_t *s, const Activations *a,
+                                                            int64_t r0, int64_t r1, float *out, int64_t out_stride) {
+    const __m512i low_nibble = _mm512_set1_epi16(0x0f);
+    for (int64_t first = r0; first < r1; first += 4) {
+        int count = r1 - first < 4 ? (int)(r1 - first) : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < a->groups; g++) {
+            const uint8_t *wg = w + g * INT4_BYTES;
+            __m512i weights[16];
+            for (int pair = 0; pair < 8; pair++) {
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wg + 32 * pair)));
+                weights[pair] = _mm512_and_si512(bytes, low_nibble);
+                weights[8 + pair] = _mm512_srli_epi16(bytes, 4);
+            }
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32)));
+            __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32 + 16)));
+            for (int j = 0; j < count; j++) {
+                int64_t r = first + j;
+                __m512 isum = group_dot16(weights, a->q + r * a->k + g * GROUP);
+                __m512 dx = _mm512_set1_ps(a->dx[r * a->groups + g]), sx = _mm512_set1_ps(a->sx[r * a->groups + g]);
+                __m512 term = _mm512_mul_ps(_mm512_mul_ps(d, dx), isum);
+                term = _mm512_add_ps(term, _mm512_mul_ps(m, sx));
+                acc[j] = _mm512_add_ps(acc[j], term);
+            }
+        }
+        for (int j = 0; j < count; j++) _mm512_storeu_ps(out + (first + j) * out_stride, acc[j]);
+    }
+}
+
+/* The same as int8_tile_plain, a tile's 16 outputs a vector. */
+__attribute__((target(AVX512))) static void int8_tile_avx512(const uint8_t *w, const uint16_t *s, const Activations *a,
+                                                            int64_t r0, int64_t r1, float *out, int64_t out_stride) {
+    for (int64_t first = r0; first < r1; first += 4) {
+        int count = r1 - first < 4 ? (int)(r1 - first) : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < a->groups; g++) {
+            const uint8_t *wg = w + g * INT8_BYTES;
+            __m512i weights[16];
+            for (int pair = 0; pair < 16; pair++)
+                weights[pair] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + 32 * pair)));
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 16)));
+            for (int j = 0; j < count; j++) {
+                int64_t r = first + j;
+                __m512 isum = group_dot16(weights, a->q + r * a->k + g * GROUP);
+                __m512 dx = _mm512_set1_ps(a->dx[r * a->groups + g]);
+                acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(_mm512_mul_ps(d, dx), isum));
+            }
+        }
+        for (int j = 0; j < count; j++) _mm512_storeu_ps(out + (first + j) * out_stride, acc[j]);
+    }
+}
+
+/* The widest code this CPU runs: 0 plain C, 1 AVX2, 2 AVX-512 with VNNI. */
+int matmul_isa(void) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
+}
+#else
+int matmul_isa(void) { return 0; }
 #endif
 
 typedef void (*TileFn)(const uint8_t *, const uint16_t *, const Activations *, int64_t, int64_t, float *, int64_t);
 
-/* A weight's tiles: their bytes and float16 scales a group, and the code that multiplies one. */
+/* A weight's tiles: their bytes and float16 scales a group, and the code that multiplies one, by
+ * `matmul_isa` level. */
 typedef struct {
     int64_t bytes, scales;
-    TileFn plain, avx2;
+    TileFn tile[3];
 } Format;
 
 /* x [rows, k] (float32, or bfloat16 if x_bf16; rows x_stride elements apart) times a weight [n, k]
- * of `format` -> out float32 [rows, n]; k a multiple of 32, n of 16. `plain` != 0 runs the plain C
- * code even where AVX2 is there (tests compare the two). Returns 0, or -1 if out of memory. */
+ * of `format` -> out float32 [rows, n]; k a multiple of 32, n of 16. The code is the widest this
+ * CPU runs up to `max_isa` (tests run each level: the same bits). Returns 0, or -1 if out of
+ * memory. */
 static int matmul(const Format *format, const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k,
-                  const uint8_t *weights, const uint16_t *scales, int64_t n, float *out, int plain) {
+                  const uint8_t *weights, const uint16_t *scales, int64_t n, float *out, int max_isa) {
     int64_t groups = k / GROUP, tiles = n / TILE;
     int16_t *q = malloc((size_t)(rows * k) * sizeof *q);
     float *dx = malloc((size_t)(rows * groups) * sizeof *dx), *sx = malloc((size_t)(rows * groups) * sizeof *sx);
@@ -269,10 +349,8 @@ static int matmul(const Format *format, const void *x, int x_bf16, int64_t x_str
     for (int64_t r = 0; r < rows; r++)
         quantize_row((const char *)x + r * x_stride * element, x_bf16, k, q + r * k, dx + r * groups, sx + r * groups);
     Activations a = {q, dx, sx, k, groups};
-    TileFn tile = format->plain;
-#if defined(__x86_64__)
-    if (!plain && has_avx2()) tile = format->avx2;
-#endif
+    int isa = matmul_isa();
+    TileFn tile = format->tile[isa < max_isa ? isa : max_isa];
 #pragma omp parallel if (rows * n * k >= PARALLEL_WORK)
     {
 #ifdef _OPENMP
@@ -293,19 +371,19 @@ static int matmul(const Format *format, const void *x, int x_bf16, int64_t x_str
 }
 
 #if defined(__x86_64__)
-static const Format INT4 = {INT4_BYTES, 32, int4_tile_plain, int4_tile_avx2};
-static const Format INT8 = {INT8_BYTES, 16, int8_tile_plain, int8_tile_avx2};
+static const Format INT4 = {INT4_BYTES, 32, {int4_tile_plain, int4_tile_avx2, int4_tile_avx512}};
+static const Format INT8 = {INT8_BYTES, 16, {int8_tile_plain, int8_tile_avx2, int8_tile_avx512}};
 #else
-static const Format INT4 = {INT4_BYTES, 32, int4_tile_plain, int4_tile_plain};
-static const Format INT8 = {INT8_BYTES, 16, int8_tile_plain, int8_tile_plain};
+static const Format INT4 = {INT4_BYTES, 32, {int4_tile_plain}};
+static const Format INT8 = {INT8_BYTES, 16, {int8_tile_plain}};
 #endif
 
 int int4_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
-                const uint16_t *scales, int64_t n, float *out, int plain) {
-    return matmul(&INT4, x, x_bf16, x_stride, rows, k, weights, scales, n, out, plain);
+                const uint16_t *scales, int64_t n, float *out, int max_isa) {
+    return matmul(&INT4, x, x_bf16, x_stride, rows, k, weights, scales, n, out, max_isa);
 }
 
 int int8_linear(const void *x, int x_bf16, int64_t x_stride, int64_t rows, int64_t k, const uint8_t *weights,
-                const uint16_t *scales, int64_t n, float *out, int plain) {
-    return matmul(&INT8, x, x_bf16, x_stride, rows, k, weights, scales, n, out, plain);
+                const uint16_t *scales, int64_t n, float *out, int max_isa) {
+    return matmul(&INT8, x, x_bf16, x_stride, rows, k, weights, scales, n, out, max_isa);
 }

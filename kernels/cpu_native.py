@@ -34,7 +34,7 @@ from typing import Iterator, Literal
 import torch
 
 from detserve.kernels.inputs import AttentionMetadata, RotaryInputs
-from detserve.kernels.reference import as_dtype
+from detserve.kernels.reference import as_dtype, noise
 from detserve.kernels.reference.attention import expect_plan
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,13 @@ _SIGNATURES = {
     "int4_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "int8_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "dense_layers": [_P, _I, _P, _P, _I, _P, _P],
+    "matmul_isa": [],
+    "argmax_rows": [_P, _I, _I, _P],
 }
-_RETURNS = {"int4_linear": ctypes.c_int, "int8_linear": ctypes.c_int, "dense_layers": ctypes.c_int}
+_RETURNS = {"int4_linear": ctypes.c_int, "int8_linear": ctypes.c_int, "dense_layers": ctypes.c_int,
+            "matmul_isa": ctypes.c_int}
+MATMUL_ISAS = ("plain", "avx2", "avx512")
+"""The C matmuls' code paths, narrowest first (`matmul_isa` levels 0, 1, 2): all give the same bits."""
 
 
 class NativeBuildError(RuntimeError):
@@ -326,6 +331,19 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     return out
 
 
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """`noise.sample_tokens` with the greedy rows' argmax in C (`argmax_rows`: the same tokens, a
+    tenth of torch's time); the seeded rows are drawn by `noise.sample_tokens` itself."""
+    logits = as_dtype(logits, torch.float32).contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    library().argmax_rows(_ptr(logits), logits.shape[0], logits.shape[1], _ptr(tokens))
+    sampled = (temperatures != 0).nonzero()[:, 0]
+    if len(sampled):
+        tokens[sampled] = noise.sample_tokens(logits[sampled], temperatures[sampled], seeds[sampled], positions[sampled])
+    return tokens
+
+
 GROUP = 32
 """Inputs per scale of the C matmuls (GGUF's Q4_0/Q4_1/Q8_0 block)."""
 
@@ -341,8 +359,8 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -
     minimums float16 [N / 16, K / 32, 2, 16]. The shape must `fit`."""
     n, k = qweight.shape
     groups = k // GROUP
-    # [tile, half, lane, group, nibble, pair, e] -> [tile, group, half, pair, lane, e, nibble]
-    q = qweight.to(torch.uint8).reshape(n // 16, 2, 8, groups, 2, 8, 2).permute(0, 3, 1, 5, 2, 6, 4)
+    # [tile, output, group, nibble, pair, e] -> [tile, group, pair, output, e, nibble]
+    q = qweight.to(torch.uint8).reshape(n // 16, 16, groups, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)
     nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, groups, 256).contiguous()
     halves = torch.stack([scales, mins]).to(torch.float16).reshape(2, n // 16, 16, groups).permute(1, 3, 0, 2)
     return nibbles, halves.contiguous()
@@ -353,31 +371,37 @@ def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor
     matmul's layout: int8 [N / 16, K / 32, 512], the scales float16 [N / 16, K / 32, 16]."""
     n, k = qweight.shape
     groups = k // GROUP
-    # [tile, half, lane, group, pair, e] -> [tile, group, half, pair, lane, e]
-    q = qweight.to(torch.int8).reshape(n // 16, 2, 8, groups, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    # [tile, output, group, pair, e] -> [tile, group, pair, output, e]
+    q = qweight.to(torch.int8).reshape(n // 16, 16, groups, 16, 2).permute(0, 2, 3, 1, 4)
     halves = scales.to(torch.float16).reshape(n // 16, 16, groups).permute(0, 2, 1)
     return q.reshape(n // 16, groups, 512).contiguous(), halves.contiguous()
 
 
-def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, plain: bool = False) -> torch.Tensor:
+def matmul_isas() -> tuple[str, ...]:
+    """The C matmuls' code paths this CPU runs (`MATMUL_ISAS` up to its widest)."""
+    return MATMUL_ISAS[: library().matmul_isa() + 1]
+
+
+def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, isa: str = "avx512") -> torch.Tensor:
     """x [T, K] (float32 or bfloat16, rows read in place) times a weight packed by `pack_int4` ->
-    float32 [T, N]. `plain` runs the plain C code where AVX2 would run (the same bits: tests)."""
-    return _matmul("int4_linear", x, nibbles, halves, plain)
+    float32 [T, N]. `isa` caps the code path (`MATMUL_ISAS`; the widest the CPU runs up to it): the
+    same bits whichever runs (tests)."""
+    return _matmul("int4_linear", x, nibbles, halves, isa)
 
 
-def int8_linear(x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, plain: bool = False) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, isa: str = "avx512") -> torch.Tensor:
     """`int4_linear` for a weight packed by `pack_int8`."""
-    return _matmul("int8_linear", x, data, halves, plain)
+    return _matmul("int8_linear", x, data, halves, isa)
 
 
-def _matmul(kernel: str, x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, plain: bool) -> torch.Tensor:
+def _matmul(kernel: str, x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, isa: str) -> torch.Tensor:
     rows, stride = _rows_of(x)
     k, n = data.shape[1] * GROUP, data.shape[0] * 16
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {k}")
     out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
     if getattr(library(), kernel)(_ptr(rows), _is_bf16(rows), stride, rows.shape[0], k, _ptr(data), _ptr(halves), n,
-                                  _ptr(out), int(plain)):
+                                  _ptr(out), MATMUL_ISAS.index(isa)):
         raise MemoryError("the C matmul could not allocate its quantized activations")
     return out
 

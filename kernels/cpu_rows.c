@@ -368,3 +368,59 @@ void rope_store_attention(const void *q, const void *k, const void *v, int qkv_b
               positions, max_keys, scale, out, out_bf16);
     free(q_scratch);
 }
+
+/* The first index of the largest of x[0..n-1], a NaN counting as larger than any number (as
+ * torch.argmax): a vector pass for the largest value (or whether there is a NaN), then a vector scan
+ * for its first occurrence, SCAN elements a test. Exact, so a greedy token is the same whatever
+ * computes it (torch's argmax takes 50-200 us over a 49k vocabulary here, this a few). */
+#define SCAN 64
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+static inline int matches(float value, float m, int nan) {
+    return nan ? value != value : value == m;
+}
+
+static int64_t argmax_row(const float *x, int64_t n) {
+    vec8 top = {0};
+    ivec8 nan8 = {0};
+    int64_t i = 0;
+    if (n >= 8) {
+        top = load8(x);
+        for (; i + 8 <= n; i += 8) {
+            vec8 v = load8(x + i);
+            ivec8 greater = v > top;
+            top = (vec8)(((ivec8)v & greater) | ((ivec8)top & ~greater));
+            nan8 |= v != v;
+        }
+    }
+    float m = n >= 8 ? top[0] : x[0];
+    int nan = 0;
+    for (int j = 0; j < 8 && n >= 8; j++) {
+        m = top[j] > m ? top[j] : m;
+        nan |= nan8[j] != 0;
+    }
+    for (; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+        nan |= x[i] != x[i];
+    }
+    vec8 target = {m, m, m, m, m, m, m, m};
+    int64_t start = 0;
+    for (; start + SCAN <= n; start += SCAN) {
+        ivec8 hit = {0};
+        for (int j = 0; j < SCAN; j += 8) {
+            vec8 v = load8(x + start + j);
+            hit |= nan ? v != v : v == target;
+        }
+        int any = 0;
+        for (int j = 0; j < 8; j++) any |= hit[j] != 0;
+        if (any) break;
+    }
+    for (i = start; i < n; i++)
+        if (matches(x[i], m, nan)) return i;
+    return 0;
+}
+
+/* out[r] = argmax_row of row r of x [rows, n] (float32, rows n apart). */
+void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
+}

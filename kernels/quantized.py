@@ -63,12 +63,14 @@ class QuantizedWeight:
                                None if self.zeros is None else self.zeros[ids], self.group_size).dequantize()
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weight [N, K] these integers stand for (tests and the float path)."""
-        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        """The float32 weight [N, K] these integers stand for (tests, the float path, embedding rows):
+        each group's integers times its scale (plus its zero), broadcast over the group."""
+        n, k = self.shape
+        q = self.qweight.float().view(n, k // self.group_size, self.group_size)
+        scales = self.scales.float()[:, :, None]
         if self.bits == 8:
-            return self.qweight.float() * scales
-        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
-        return (self.qweight.float() - _INT4_OFFSET) * scales + zeros
+            return (q * scales).view(n, k)
+        return ((q - _INT4_OFFSET) * scales + self.zeros.float()[:, :, None]).view(n, k)
 
     @staticmethod
     def cat(parts: list["QuantizedWeight"]) -> "QuantizedWeight":

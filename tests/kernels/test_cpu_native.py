@@ -21,7 +21,7 @@ from detserve import kernels
 from detserve.kernels import cpu_native
 from detserve.kernels.inputs import RotaryInputs
 from detserve.kernels.quantized import QuantizedWeight
-from detserve.kernels.reference import rows
+from detserve.kernels.reference import noise, rows
 from tests.kernels.paged import PagedCache, attention_float64, run_chunked, sequence
 
 pytestmark = pytest.mark.skipif(not cpu_native.enabled(), reason="the C ops do not build here (no C compiler)")
@@ -119,15 +119,21 @@ def test_the_4bit_matmul_gives_a_row_the_same_bits_alone_and_in_any_company(comp
     assert torch.equal(_alone(fn, row)[0], fn(_in_company(row, company))[company[1]])
 
 
+def _vector_isas() -> list:
+    """Each vector code path of the C matmuls, skipped where this CPU lacks it."""
+    return [pytest.param(isa, marks=pytest.mark.skipif(isa not in cpu_native.matmul_isas(), reason=f"no {isa} here"))
+            for isa in cpu_native.MATMUL_ISAS[1:]]
+
+
+@pytest.mark.parametrize("isa", _vector_isas())
 @pytest.mark.parametrize("rows", [1, 3, 4, 70])
-def test_the_4bit_matmuls_avx2_code_gives_the_plain_c_bits(rows: int) -> None:
-    """Whatever the CPU runs (AVX2 where it has it), the bits are the plain C code's."""
+def test_the_4bit_matmuls_vector_code_gives_the_plain_c_bits(rows: int, isa: str) -> None:
     weight = _gguf_like_int4(96, 160, seed=rows).pack(native=True)
     x = torch.randn(rows, 160) * 5
     x[0, :32] = 0.0  # a group of zeros: scale 0
     x[-1, 32:64] *= 1e6
-    assert torch.equal(cpu_native.int4_linear(x, weight.data, weight.scales),
-                       cpu_native.int4_linear(x, weight.data, weight.scales, plain=True))
+    assert torch.equal(cpu_native.int4_linear(x, weight.data, weight.scales, isa=isa),
+                       cpu_native.int4_linear(x, weight.data, weight.scales, isa="plain"))
 
 
 def test_the_4bit_matmul_reads_gguf_blocks_exactly_and_16bit_activations_cost_under_1e4() -> None:
@@ -169,16 +175,17 @@ def _packed_q8_0(n: int, k: int):
     return _q8_0(n, k, seed=n).pack(native=True)
 
 
+@pytest.mark.parametrize("isa", _vector_isas())
 @pytest.mark.parametrize("rows", [1, 3, 4, 70])
-def test_the_8bit_matmuls_avx2_code_gives_the_plain_c_bits_and_reads_q8_0_exactly(rows: int) -> None:
+def test_the_8bit_matmuls_vector_code_gives_the_plain_c_bits_and_reads_q8_0_exactly(rows: int, isa: str) -> None:
     """Against float64 of the Q8_0 weight the only rounding is the activations' and the float32
     sums (torch's 8-bit kernel, one bfloat16 scale per row and bfloat16 activations: about 7e-3)."""
     quantized = _q8_0(96, 160, seed=rows)
     weight = quantized.pack(native=True)
     x = torch.randn(rows, 160) * 5
     x[0, :32] = 0.0
-    out = cpu_native.int8_linear(x, weight.data, weight.scales)
-    assert torch.equal(out, cpu_native.int8_linear(x, weight.data, weight.scales, plain=True))
+    out = cpu_native.int8_linear(x, weight.data, weight.scales, isa=isa)
+    assert torch.equal(out, cpu_native.int8_linear(x, weight.data, weight.scales, isa="plain"))
     reference = x.double() @ quantized.dequantize().double().T
     assert float((out.double() - reference).norm() / reference.norm()) < 1e-4
 
@@ -365,3 +372,25 @@ def test_a_model_of_another_dtype_runs_the_torch_ops_and_refuses_native() -> Non
     assert cpu_kernels_for("native", torch.float32) == "native"
     with pytest.raises(ValueError, match="--dtype float32"):
         cpu_kernels_for("native", torch.bfloat16)
+
+
+@pytest.mark.parametrize("vocab", [1, 17, 49152])
+def test_the_c_argmax_picks_torchs_token_ties_and_nans_included(vocab: int) -> None:
+    logits = torch.randn(6, vocab)
+    logits[1] = float("-inf")  # a row a grammar masked entirely
+    logits[2, vocab // 2 :] = logits[2].max()  # a tie: the first index wins
+    logits[3, vocab - 1] = float("inf")
+    logits[4, -1] = float("nan")  # a NaN counts as the largest
+    logits[5, vocab // 3] = float("nan")
+    logits[5, -1] = float("nan")
+    zeros = torch.zeros(6, dtype=torch.int64)
+    tokens = cpu_native.sample_tokens(logits, zeros.double(), zeros, zeros)
+    assert tokens.tolist() == torch.argmax(logits, dim=-1).tolist()
+
+
+def test_the_c_sampler_draws_the_seeded_rows_as_the_torch_one() -> None:
+    logits = torch.randn(5, 1000)
+    temperatures = torch.tensor([0.0, 0.7, 0.0, 1.3, 1.0], dtype=torch.float64)
+    seeds, positions = torch.arange(5) * 11, torch.arange(5) + 3
+    assert torch.equal(cpu_native.sample_tokens(logits, temperatures, seeds, positions),
+                       noise.sample_tokens(logits, temperatures, seeds, positions))
