@@ -81,7 +81,7 @@ DISPATCH: dict[str, Kernels] = {
     "rms_norm": Kernels(rows.rms_norm, rows.rms_norm, "rms_norm", native="rms_norm"),
     "add_rms_norm": Kernels(rows.add_rms_norm, rows.add_rms_norm, "add_rms_norm", native="add_rms_norm"),
     "silu_mul": Kernels(rows.silu_mul, rows.silu_mul, "silu_mul", native="silu_mul"),
-    "log_softmax": Kernels(rows.log_softmax, rows.log_softmax, "log_softmax"),
+    "log_softmax": Kernels(rows.log_softmax, rows.log_softmax, "log_softmax", native="log_softmax"),
     "rope": Kernels(rows.rope, rows.rope, "rope", native="rope"),
     "apply_token_bitmask": Kernels(rows.apply_token_bitmask, rows.apply_token_bitmask),
     "kv_store": Kernels(torch_attention.kv_store, torch_attention.kv_store, native="kv_store"),

@@ -40,7 +40,7 @@ from detserve.kernels.reference.attention import expect_plan
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.c", "cpu_matmul.c", "cpu_layers.c"))
-VERSION = 3
+VERSION = 4
 """The C ops' arithmetic: bump it with any change to what they compute (it is in the fingerprint)."""
 
 Backend = Literal["auto", "native", "torch"]
@@ -60,6 +60,7 @@ _SIGNATURES = {
     "dense_layers": [_P, _I, _P, _P, _I, _P, _P],
     "matmul_isa": [],
     "argmax_rows": [_P, _I, _I, _P],
+    "log_softmax": [_P, _I, _I, _P],
 }
 _RETURNS = {"int4_linear": ctypes.c_int, "int8_linear": ctypes.c_int, "dense_layers": ctypes.c_int,
             "matmul_isa": ctypes.c_int}
@@ -328,6 +329,15 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
         _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
         d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _slots(slot_mapping), _ptr(_float_cache(k_cache)),
         _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
+    return out
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of each row of logits [R, V] -> float32 [R, V], the same bits on any CPU (torch's
+    sums in an order its vector width picks: see `log_softmax` in cpu_rows.c)."""
+    logits = as_dtype(logits, torch.float32).contiguous()
+    out = torch.empty_like(logits)
+    library().log_softmax(_ptr(logits), logits.shape[0], logits.shape[-1], _ptr(out))
     return out
 
 

@@ -380,7 +380,8 @@ static inline int matches(float value, float m, int nan) {
     return nan ? value != value : value == m;
 }
 
-static int64_t argmax_row(const float *x, int64_t n) {
+/* The largest of x[0..n-1] (exact in any order), and whether any is a NaN (which it skips). */
+static float max_of(const float *x, int64_t n, int *nan) {
     vec8 top = {0};
     ivec8 nan8 = {0};
     int64_t i = 0;
@@ -394,15 +395,21 @@ static int64_t argmax_row(const float *x, int64_t n) {
         }
     }
     float m = n >= 8 ? top[0] : x[0];
-    int nan = 0;
+    *nan = 0;
     for (int j = 0; j < 8 && n >= 8; j++) {
         m = top[j] > m ? top[j] : m;
-        nan |= nan8[j] != 0;
+        *nan |= nan8[j] != 0;
     }
     for (; i < n; i++) {
         m = x[i] > m ? x[i] : m;
-        nan |= x[i] != x[i];
+        *nan |= x[i] != x[i];
     }
+    return m;
+}
+
+static int64_t argmax_row(const float *x, int64_t n) {
+    int nan;
+    float m = max_of(x, n, &nan);
     vec8 target = {m, m, m, m, m, m, m, m};
     int64_t start = 0;
     for (; start + SCAN <= n; start += SCAN) {
@@ -415,7 +422,7 @@ static int64_t argmax_row(const float *x, int64_t n) {
         for (int j = 0; j < 8; j++) any |= hit[j] != 0;
         if (any) break;
     }
-    for (i = start; i < n; i++)
+    for (int64_t i = start; i < n; i++)
         if (matches(x[i], m, nan)) return i;
     return 0;
 }
@@ -423,4 +430,78 @@ static int64_t argmax_row(const float *x, int64_t n) {
 /* out[r] = argmax_row of row r of x [rows, n] (float32, rows n apart). */
 void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
+}
+
+/* exp_poly of eight lanes, lane by lane the same operations (so the same bits). */
+static inline vec8 select8(ivec8 mask, vec8 a, vec8 b) {
+    return (vec8)(((ivec8)a & mask) | ((ivec8)b & ~mask));
+}
+
+static inline vec8 exp_poly8(vec8 x) {
+    const vec8 high = {88, 88, 88, 88, 88, 88, 88, 88}, low = -high + 1.0f, zero = {0};
+    vec8 xc = select8(x > high, high, x);
+    xc = select8(xc < low, low, xc);
+    vec8 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vec8 r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec8 p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vec8 y = (p * r) * r + r + 1.0f;
+    vec8 scale = (vec8)((__builtin_convertvector(n, ivec8) + 127) << 23);
+    return select8(x < low, zero, y * scale);
+}
+
+/* ln x for x > 0 from IEEE operations (Cephes' logf: within about 1 ulp): frexpf splits off the
+ * exponent exactly, a polynomial does the rest; libm's logf may differ by CPU (glibc picks an FMA
+ * build where the CPU has FMA). */
+static float log_poly(float x) {
+    int e;
+    float m = frexpf(x, &e); /* x = m * 2^e, m in [0.5, 1) */
+    if (m < 0.707106781186547524f) {
+        e -= 1;
+        m = m + m - 1.0f;
+    } else {
+        m = m - 1.0f;
+    }
+    float z = m * m, y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    float fe = (float)e;
+    y = y + fe * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return (m + y) + fe * 0.693359375f;
+}
+
+/* out = (x - m) - ln(sum of e^(x - m)) over a row of n, m its largest: the sum in LANES partial sums
+ * (`sum`), so a row's bits depend on its own values and length alone, on any CPU. (torch's CPU
+ * log-softmax picks its vector width, hence its summation order, by the CPU: AVX2 and AVX-512
+ * machines reported different logprob bits for the same tokens, measured.) */
+static void log_softmax_row(const float *x, int64_t n, float *out) {
+    int nan;
+    float m = max_of(x, n, &nan);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        vec8 e = exp_poly8(load8(x + i) - m);
+        memcpy(out + i, &e, sizeof e);
+    }
+    for (; i < n; i++) out[i] = exp_poly(x[i] - m);
+    float log_total = log_poly(sum(out, n));
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] - m) - log_total;
+}
+
+/* log_softmax_row of each row of x [rows, n] (float32, rows n apart) -> out [rows, n]. */
+void log_softmax(const float *x, int64_t rows, int64_t n, float *out) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n > PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) log_softmax_row(x + r * n, n, out + r * n);
 }

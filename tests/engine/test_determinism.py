@@ -7,8 +7,12 @@ chunked prefill, preemption under a tiny KV cache, and prefix-cache hits.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +120,29 @@ def test_the_decoder_layers_in_one_c_call_give_the_bits_of_the_layers_op_by_op(m
     whole = run_alone(engine, GREEDY), run_alone(engine, SEEDED)
     monkeypatch.setattr(engine.runner.model, "c_layers", None)
     assert (run_alone(engine, GREEDY), run_alone(engine, SEEDED)) == whole
+
+
+_PROBE_IN_A_SUBPROCESS = """
+from detserve.engine.config import EngineConfig
+from detserve.engine.llm_engine import LLMEngine
+from tests.engine.test_determinism import GREEDY, SEEDED, run_alone
+engine = LLMEngine(EngineConfig(enable_prefix_caching=False, cpu_kernels="native"))
+print(repr((run_alone(engine, GREEDY), run_alone(engine, SEEDED))))
+"""
+
+
+def test_the_c_paths_bits_do_not_depend_on_torchs_vector_width(make_engine) -> None:
+    """torch picks its CPU kernels' vector width (AVX-512, AVX2, none) by the CPU, and with it the
+    order its reductions sum in: its log-softmax gave an AVX2 and an AVX-512 machine different
+    logprob bits (measured). The C path does every reduction itself, so the same tokens and logprob
+    bits whatever width torch runs at (`ATEN_CPU_CAPABILITY=default`: no vectors): a CPU fleet of
+    mixed machines agrees."""
+    engine = make_engine(enable_prefix_caching=False, cpu_kernels="native")
+    here = repr((run_alone(engine, GREEDY), run_alone(engine, SEEDED)))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    scalar = subprocess.run([sys.executable, "-c", _PROBE_IN_A_SUBPROCESS], env=env, capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert scalar.stdout.strip() == here
 
 
 @pytest.mark.slow

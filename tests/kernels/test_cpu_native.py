@@ -394,3 +394,17 @@ def test_the_c_sampler_draws_the_seeded_rows_as_the_torch_one() -> None:
     seeds, positions = torch.arange(5) * 11, torch.arange(5) + 3
     assert torch.equal(cpu_native.sample_tokens(logits, temperatures, seeds, positions),
                        noise.sample_tokens(logits, temperatures, seeds, positions))
+
+
+def test_the_c_log_softmax_is_row_invariant_and_as_close_to_float64_as_torchs() -> None:
+    logits = torch.randn(6, 4099) * 6  # not a multiple of the vector width: a tail
+    logits[1, 10:] = float("-inf")  # a grammar's masked tokens stay -inf
+    logits[2, 0] = 95.0  # past exp's clamp, still the row's max
+    ours = cpu_native.log_softmax(logits)
+    for r in range(6):
+        assert torch.equal(cpu_native.log_softmax(logits[r : r + 1])[0], ours[r])
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(ours))
+    theirs = (torch.log_softmax(logits, dim=-1).double() - reference)[finite].abs().max()
+    assert (ours.double() - reference)[finite].abs().max() <= 2 * theirs
