@@ -1,6 +1,7 @@
-"""The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention;
-its 4-bit and 8-bit matmuls (`cpu_matmul.c`); and a dense model's decoder layers as one call of those
-(`cpu_layers.c`).
+"""The CPU's row ops as compiled C (`cpu_rows.c`): RMSNorm, SiLU-mul, RoPE and paged attention, and
+the logits' greedy argmax and log-softmax; its 4-bit and 8-bit matmuls (`cpu_matmul.c`: plain C,
+AVX2 or AVX-512 code by the CPU, the same bits); and a dense model's decoder layers as one call of
+those (`cpu_layers.c`).
 
 Why: a batch-1 decode step of the default model spent about 7 of its 15 ms in some 1,800 small
 torch ops around the integer matmuls (2-5 us each, caches cold from the weights streamed between

@@ -1,4 +1,5 @@
-/* The CPU's row ops in C: RMSNorm, SiLU-mul, RoPE and attention over the paged KV cache.
+/* The CPU's row ops in C: RMSNorm, SiLU-mul, RoPE and attention over the paged KV cache; and over
+ * the logits, the greedy argmax and the log-softmax of logprobs.
  *
  * Why C: a decode step of a small model on a CPU is mostly host time, about 1,800 dispatched torch
  * ops of 2-5 us each (measured). One call per op here, each a loop over rows.
