@@ -393,14 +393,14 @@ def matmul_isas() -> tuple[str, ...]:
     return MATMUL_ISAS[: library().matmul_isa() + 1]
 
 
-def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, isa: str = "avx512") -> torch.Tensor:
+def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, halves: torch.Tensor, isa: str = MATMUL_ISAS[-1]) -> torch.Tensor:
     """x [T, K] (float32 or bfloat16, rows read in place) times a weight packed by `pack_int4` ->
     float32 [T, N]. `isa` caps the code path (`MATMUL_ISAS`; the widest the CPU runs up to it): the
     same bits whichever runs (tests)."""
     return _matmul("int4_linear", x, nibbles, halves, isa)
 
 
-def int8_linear(x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, isa: str = "avx512") -> torch.Tensor:
+def int8_linear(x: torch.Tensor, data: torch.Tensor, halves: torch.Tensor, isa: str = MATMUL_ISAS[-1]) -> torch.Tensor:
     """`int4_linear` for a weight packed by `pack_int8`."""
     return _matmul("int8_linear", x, data, halves, isa)
 

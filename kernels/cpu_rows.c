@@ -383,21 +383,18 @@ static inline int matches(float value, float m, int nan) {
 
 /* The largest of x[0..n-1] (exact in any order), and whether any is a NaN (which it skips). */
 static float max_of(const float *x, int64_t n, int *nan) {
-    vec8 top = {0};
+    vec8 top = {x[0], x[0], x[0], x[0], x[0], x[0], x[0], x[0]};
     ivec8 nan8 = {0};
     int64_t i = 0;
-    if (n >= 8) {
-        top = load8(x);
-        for (; i + 8 <= n; i += 8) {
-            vec8 v = load8(x + i);
-            ivec8 greater = v > top;
-            top = (vec8)(((ivec8)v & greater) | ((ivec8)top & ~greater));
-            nan8 |= v != v;
-        }
+    for (; i + 8 <= n; i += 8) {
+        vec8 v = load8(x + i);
+        ivec8 greater = v > top;
+        top = (vec8)(((ivec8)v & greater) | ((ivec8)top & ~greater));
+        nan8 |= v != v;
     }
-    float m = n >= 8 ? top[0] : x[0];
+    float m = top[0];
     *nan = 0;
-    for (int j = 0; j < 8 && n >= 8; j++) {
+    for (int j = 0; j < 8; j++) {
         m = top[j] > m ? top[j] : m;
         *nan |= nan8[j] != 0;
     }
@@ -431,29 +428,6 @@ static int64_t argmax_row(const float *x, int64_t n) {
 /* out[r] = argmax_row of row r of x [rows, n] (float32, rows n apart). */
 void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
-}
-
-/* exp_poly of eight lanes, lane by lane the same operations (so the same bits). */
-static inline vec8 select8(ivec8 mask, vec8 a, vec8 b) {
-    return (vec8)(((ivec8)a & mask) | ((ivec8)b & ~mask));
-}
-
-static inline vec8 exp_poly8(vec8 x) {
-    const vec8 high = {88, 88, 88, 88, 88, 88, 88, 88}, low = -high + 1.0f, zero = {0};
-    vec8 xc = select8(x > high, high, x);
-    xc = select8(xc < low, low, xc);
-    vec8 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    vec8 r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vec8 p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vec8 y = (p * r) * r + r + 1.0f;
-    vec8 scale = (vec8)((__builtin_convertvector(n, ivec8) + 127) << 23);
-    return select8(x < low, zero, y * scale);
 }
 
 /* ln x for x > 0 from IEEE operations (Cephes' logf: within about 1 ulp): frexpf splits off the
@@ -491,12 +465,7 @@ static float log_poly(float x) {
 static void log_softmax_row(const float *x, int64_t n, float *out) {
     int nan;
     float m = max_of(x, n, &nan);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        vec8 e = exp_poly8(load8(x + i) - m);
-        memcpy(out + i, &e, sizeof e);
-    }
-    for (; i < n; i++) out[i] = exp_poly(x[i] - m);
+    for (int64_t i = 0; i < n; i++) out[i] = exp_poly(x[i] - m);
     float log_total = log_poly(sum(out, n));
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] - m) - log_total;
 }
