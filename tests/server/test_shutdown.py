@@ -99,7 +99,9 @@ def health_once_draining(server: ServerProcess, timeout: float = 120.0) -> httpx
 def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_path, processes):
     server = start_server(tmp_path, "--drain-timeout", "300")
     processes.append(server)
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+    # long enough to be still in flight while the checks below run (24 tokens drained in about 0.15 s
+    # on a 6 ms step, and the server was gone before /live was asked)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 256, "temperature": 0,
             "ignore_eos": True, "stream": True}
     stream = StreamInBackground(server.url, body)
     server.process.send_signal(signal.SIGTERM)
@@ -116,7 +118,7 @@ def test_sigterm_finishes_in_flight_streams_refuses_new_work_and_exits_0(tmp_pat
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     assert sum(len(e["choices"][0]["text"]) > 0 for e in events[:-1]) > 1
     [line] = [line for line in server.log_lines() if line["request_id"] == events[0]["id"]]
-    assert line["status"] == 200 and line["completion_tokens"] == 24
+    assert line["status"] == 200 and line["completion_tokens"] == 256
     assert "draining 1 in-flight" in server.stderr.read_text()
 
 
