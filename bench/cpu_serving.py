@@ -21,7 +21,6 @@ a dependency.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import shutil
@@ -38,7 +37,7 @@ from typing import Callable
 import httpx2
 
 from detserve.server.bench import serve
-from detserve.server.bench.common import build_payload, free_port, launched
+from detserve.server.bench.common import build_payload, free_port, launched, run_client
 from detserve.engine.config import EngineConfig
 from detserve.engine.llm_engine import LLMEngine
 from detserve.engine.request import SamplingParams
@@ -71,8 +70,8 @@ def client_args(base_url: str, concurrency: int, requests_per_slot: int, determi
 def measure_server(args: argparse.Namespace) -> float:
     """Output tokens per second of one closed-loop run (a warm-up request first, untimed)."""
     warm = argparse.Namespace(**{**vars(args), "num_prompts": 1, "max_concurrency": 1, "output_len": 8})
-    asyncio.run(serve.benchmark(warm, serve.load_workload(warm)))
-    report = asyncio.run(serve.benchmark(args, serve.load_workload(args)))
+    run_client(serve.benchmark(warm, serve.load_workload(warm)))
+    report = run_client(serve.benchmark(args, serve.load_workload(args)))
     if report.metrics.failed:
         raise RuntimeError(f"{report.metrics.failed} requests failed: {report.results[0].error}")
     return report.metrics.output_throughput

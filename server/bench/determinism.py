@@ -35,6 +35,7 @@ from detserve.server.bench.common import (
     format_report,
     make_client,
     random_prompt,
+    run_client,
     sample_length,
     send_request,
 )
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(audit(args))
+        report = run_client(audit(args))
     except (httpx2.HTTPError, RuntimeError, ValueError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from detserve.server.bench.common import (
     make_client,
     percentile_label,
     random_prompt,
+    run_client,
     sample_length,
     send_request,
     summarize,
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(benchmark(args, load_workload(args)))
+        report = run_client(benchmark(args, load_workload(args)))
     except (httpx2.HTTPError, RuntimeError, ValueError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

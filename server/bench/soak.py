@@ -46,6 +46,7 @@ from detserve.server.bench.common import (
     launched,
     make_client,
     random_prompt,
+    run_client,
     send_request,
 )
 
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         with _launched(args) if args.launch else contextlib.nullcontext():
-            figures = asyncio.run(soak(args))
+            figures = run_client(soak(args))
     except (httpx2.HTTPError, RuntimeError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
