@@ -199,11 +199,12 @@ async def benchmark(args: argparse.Namespace, items: list[WorkItem]) -> ServeRep
             return result
 
         with tqdm(total=len(items), file=sys.stderr, disable=args.disable_tqdm, unit="req") as bar:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             tasks = [asyncio.create_task(one(item, bar)) async for item in arrivals(items, args.request_rate, random.Random(args.seed))]
             results = list(await asyncio.gather(*tasks))
-            duration = time.perf_counter() - started
-    return ServeReport(args, model, items, results, compute_metrics(items, results, duration, args.percentiles))
+            duration, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return ServeReport(args, model, items, results,
+                       compute_metrics(items, results, duration, client_cpu, args.percentiles))
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -236,10 +237,12 @@ class ServeMetrics:
     tpot: Summary
     itl: Summary
     e2el: Summary
+    client_cpu_per_output_token_ms: float  # this process's CPU over the run: on the server's machine it is the server's loss
 
 
 def compute_metrics(
-    items: Sequence[WorkItem], results: Sequence[RequestResult], duration: float, percentiles: Sequence[float]
+    items: Sequence[WorkItem], results: Sequence[RequestResult], duration: float, client_cpu: float,
+    percentiles: Sequence[float],
 ) -> ServeMetrics:
     """Token totals and latency stats count completed requests only, as vLLM's calculate_metrics does."""
     done = [(item, r) for item, r in zip(items, results) if r.ok]
@@ -263,6 +266,7 @@ def compute_metrics(
         tpot=ms(tpots),
         itl=ms([gap for _, r in done for gap in r.itl]),
         e2el=ms([r.latency for _, r in done]),
+        client_cpu_per_output_token_ms=client_cpu * 1000 / total_output if total_output else 0.0,
     )
 
 
@@ -292,6 +296,7 @@ class ServeReport:
             "request_throughput": m.request_throughput,
             "output_throughput": m.output_throughput,
             "total_token_throughput": m.total_token_throughput,
+            "client_cpu_per_output_token_ms": m.client_cpu_per_output_token_ms,
             "input_lens": [input_len(item, r) for item, r in zip(self.items, self.results)],
             "output_lens": [r.output_tokens if r.ok else 0 for r in self.results],
             "ttfts": [r.ttft for r in self.results],
@@ -320,6 +325,7 @@ class ServeReport:
             ("Request throughput (req/s)", m.request_throughput),
             ("Output token throughput (tok/s)", m.output_throughput),
             ("Total Token throughput (tok/s)", m.total_token_throughput),
+            ("Client CPU per output token (ms)", m.client_cpu_per_output_token_ms),
         ]
         for name in self._selected():
             short, title = METRICS[name]

@@ -38,6 +38,7 @@ def test_streamed_requests_report_vllm_metrics(fake, capsys, endpoint):
     assert report["request_throughput"] == pytest.approx(4 / report["duration"])
     assert report["output_throughput"] == pytest.approx(20 / report["duration"])
     assert report["total_token_throughput"] == pytest.approx(52 / report["duration"])
+    assert report["client_cpu_per_output_token_ms"] > 0
     for metric in ("ttft", "tpot", "itl", "e2el"):
         assert {f"{s}_{metric}_ms" for s in ("mean", "median", "std", "p50", "p90", "p99")} <= report.keys()
     assert report["mean_tpot_ms"] >= 8  # 10 ms between tokens, by the fake's clock

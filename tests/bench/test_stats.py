@@ -132,8 +132,9 @@ def test_metrics_count_completed_requests_only():
         RequestResult(completion_tokens=3, ttft=0.3, itl=[0.4, 0.4], latency=1.1),  # no prompt usage: the estimate
         RequestResult(error="HTTP 500: boom", ttft=5.0, latency=9.0),
     ]
-    m = compute_metrics(items, results, duration=2.0, percentiles=[50])
+    m = compute_metrics(items, results, duration=2.0, client_cpu=0.014, percentiles=[50])
     assert (m.completed, m.failed) == (2, 1)
+    assert m.client_cpu_per_output_token_ms == pytest.approx(2.0)  # per token of the completed requests
     assert (m.total_input_tokens, m.total_output_tokens) == (32, 7)
     assert m.request_throughput == 1.0
     assert m.output_throughput == 3.5
