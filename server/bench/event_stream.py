@@ -97,13 +97,8 @@ class StreamedResponse:
             yield pending.rstrip(b"\r").decode()
 
     async def read(self) -> bytes:
-        """The whole body (an error's, say)."""
+        """The whole body (an error's, say), or what is left of it."""
         return b"".join([data async for data in self._chunks()])
-
-    async def finish(self) -> None:
-        """Read what is left (an SSE stream's end after its `[DONE]`), so the connection can be reused."""
-        async for _ in self._chunks():
-            pass
 
 
 class EventStreams:
@@ -132,7 +127,7 @@ class EventStreams:
             connection, response = await self._send(request)
             try:
                 yield response
-                await response.finish()
+                await response.read()  # what is left (an SSE stream's end after `[DONE]`): then it is reusable
             finally:
                 if response.reusable:
                     self._idle.append(connection)

@@ -24,6 +24,7 @@ class CannedServer:
     content: bytes
     piece: int = 1 << 16
     close_after: bool = False
+    delay: float = 0.0  # seconds between reading a request and answering it
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
 
@@ -35,6 +36,7 @@ class CannedServer:
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:"))
                 self.requests.append(head + await reader.readexactly(length))
+                await asyncio.sleep(self.delay)
                 writer.write(f"HTTP/1.1 {self.status} X\r\ntransfer-encoding: chunked\r\n\r\n".encode())
                 for i in range(0, len(self.content), self.piece):
                     part = self.content[i : i + self.piece]
@@ -48,10 +50,10 @@ class CannedServer:
 
 
 @contextlib.asynccontextmanager
-async def client_of(server: CannedServer, api_key: str | None = None) -> AsyncIterator[BenchClient]:
+async def client_of(server: CannedServer, api_key: str | None = None, timeout: float = 5) -> AsyncIterator[BenchClient]:
     listening = await asyncio.start_server(server.answer, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
-    async with listening, BenchClient(f"http://127.0.0.1:{port}/v1", api_key, 5) as client:
+    async with listening, BenchClient(f"http://127.0.0.1:{port}/v1", api_key, timeout) as client:
         yield client
 
 
@@ -110,6 +112,21 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced():
         await asyncio.sleep(0)
     assert [r.error for r in results] == [""] * 3
     assert server.connections == 3
+
+
+async def test_concurrent_streams_each_get_their_own_connection_and_reuse_them():
+    server = CannedServer(200, CHAT_STREAM, piece=16, delay=0.01)
+    async with client_of(server) as client:
+        for _ in range(2):
+            results = await asyncio.gather(*(send_request(client, "chat", chat_request()) for _ in range(8)))
+            assert [(r.error, r.text, r.digest) for r in results] == [("", "Hello!", "abc")] * 8
+    assert server.connections == 8  # the second wave of 8 ran on the first wave's connections
+
+
+async def test_a_server_that_does_not_answer_in_time_fails_the_request_not_the_client():
+    async with client_of(CannedServer(200, CHAT_STREAM, delay=5), timeout=0.2) as client:
+        late = await send_request(client, "chat", chat_request())
+    assert "TimeoutError" in late.error
 
 
 async def test_a_completions_stream_without_usage_counts_output_chunks():
