@@ -4,14 +4,18 @@
  * Python between them, about 10 us a call and 12 calls a layer (measured). Here the same C functions
  * run in the same order on the same float32 buffers as the per-op path (`engine/models/llama.py`
  * with the C ops), so the bits are those of that path (a test compares them); this file adds no
- * arithmetic of its own beyond a bias add, elementwise as torch does it.
+ * arithmetic of its own beyond a bias add, elementwise as torch does it, and a sign flip.
  *
  * Per layer, for rows x [rows, hidden] and the residual stream:
  *   h = rms_norm(x) and residual = x (the first layer), else h = rms_norm(x + residual), residual += x
  *   qkv = h @ Wqkv (+ bias); attn = attention(rope(q), rope(k) and v into the cache)
  *   h = rms_norm(attn @ Wo + residual), residual += attn @ Wo
  *   x = silu_mul(h @ Wgate_up) @ Wdown
- * leaving x and residual for the model's final norm.
+ * and last the model's final norm, out = rms_norm(x + residual), of the rows that give logits.
+ * The step's rotation rows are gathered here from the model's cos | sin table (copies and a
+ * negation, as `RotaryInputs.of` gathers them), and the final norm reads the rows that give logits
+ * in place: the dozen torch ops Python ran around the call (5-10 us each on a Zen 1 core, caches
+ * cold from the weights) are gone from the step.
  */
 
 #include <stdint.h>
@@ -52,7 +56,8 @@ typedef struct {
 } Shape;
 
 typedef struct {
-    const float *cos_cos, *minus_sin_sin; /* [rows, d] */
+    const float *cos_sin; /* [max_positions, d]: each position's cos | sin halves */
+    const int64_t *rope_positions; /* [rows]: each row's token position */
     const int64_t *slots; /* [rows]: each row's cache slot */
     const int32_t *block_tables, *seqs; /* the attention plan (cpu_native.NativePlan) */
     int64_t table_stride;
@@ -65,40 +70,70 @@ static void add_bias(float *rows_out, int64_t rows, int64_t n, const float *bias
         for (int64_t j = 0; j < n; j++) rows_out[t * n + j] = rows_out[t * n + j] + bias[j];
 }
 
-/* x [rows, hidden]: the embeddings in, the last layer's output out; residual [rows, hidden] out.
- * Returns 0, or -1 if out of memory. */
-int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const Step *step, int64_t rows, float *x,
-                 float *residual) {
+/* Each row's (cos | cos) and (-sin | sin) [rows, d], from its position's row of the cos | sin table. */
+static void rotation_rows(const float *cos_sin, const int64_t *positions, int64_t rows, int64_t d, float *cos_cos,
+                          float *minus_sin_sin) {
+    int64_t half = d / 2;
+    for (int64_t t = 0; t < rows; t++) {
+        const float *cos = cos_sin + positions[t] * d, *sin = cos + half;
+        float *cc = cos_cos + t * d, *ss = minus_sin_sin + t * d;
+        for (int64_t i = 0; i < half; i++) {
+            cc[i] = cc[half + i] = cos[i];
+            ss[i] = -sin[i];
+            ss[half + i] = sin[i];
+        }
+    }
+}
+
+static void decoder_layer(const Layer *l, int first, const Shape *s, const Step *step, int64_t rows, float *x,
+                          float *residual, float *h, float *qkv, float *attn, float *gate_up, float *act,
+                          const float *cos_cos, const float *minus_sin_sin, int isa, int *status) {
     int64_t q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim, qkv_size = q_size + 2 * kv_size;
+    if (first) {
+        memcpy(residual, x, (size_t)(rows * s->hidden) * sizeof(float));
+        rms_norm(x, 0, s->hidden, l->input_norm, rows, s->hidden, s->eps, h, 0);
+    } else {
+        add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, residual, h, 0);
+    }
+    *status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, isa);
+    if (l->qkv_bias) add_bias(qkv, rows, qkv_size, l->qkv_bias);
+    rope_store_attention(qkv, qkv + q_size, qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows, s->heads,
+                         s->kv_heads, s->head_dim, cos_cos, minus_sin_sin, step->slots, l->k_cache, l->v_cache,
+                         s->block_size, step->block_tables, step->table_stride, step->seqs, step->positions,
+                         step->max_keys, s->scale, attn, 0);
+    *status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, isa);
+    add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps, residual, h,
+                 0);
+    *status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
+                           2 * s->intermediate, gate_up, isa);
+    silu_mul(gate_up, 0, 2 * s->intermediate, rows, s->intermediate, act, 0);
+    *status |= int4_linear(act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales, s->hidden,
+                           x, isa);
+}
+
+/* x [rows, hidden]: the embeddings in, overwritten. out [num_out, hidden]: the final norm of rows
+ * out_rows (each computed alone: the same bits as with the others). Returns 0, or -1 if out of
+ * memory. */
+int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const Step *step, int64_t rows, float *x,
+                 const float *final_norm, const int64_t *out_rows, int64_t num_out, float *out) {
+    int64_t q_size = s->heads * s->head_dim, qkv_size = q_size + 2 * s->kv_heads * s->head_dim, d = s->head_dim;
+    float *residual = malloc((size_t)(rows * s->hidden) * sizeof(float));
     float *h = malloc((size_t)(rows * s->hidden) * sizeof(float));
     float *qkv = malloc((size_t)(rows * qkv_size) * sizeof(float));
     float *attn = malloc((size_t)(rows * q_size) * sizeof(float));
     float *gate_up = malloc((size_t)(rows * 2 * s->intermediate) * sizeof(float));
     float *act = malloc((size_t)(rows * s->intermediate) * sizeof(float));
-    int status = h && qkv && attn && gate_up && act ? 0 : -1, isa = matmul_isa();
-    for (int64_t i = 0; i < num_layers && status == 0; i++) {
-        const Layer *l = &layers[i];
-        if (i == 0) {
-            memcpy(residual, x, (size_t)(rows * s->hidden) * sizeof(float));
-            rms_norm(x, 0, s->hidden, l->input_norm, rows, s->hidden, s->eps, h, 0);
-        } else {
-            add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, residual, h, 0);
-        }
-        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, isa);
-        if (l->qkv_bias) add_bias(qkv, rows, qkv_size, l->qkv_bias);
-        rope_store_attention(qkv, qkv + q_size, qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows,
-                             s->heads, s->kv_heads, s->head_dim, step->cos_cos, step->minus_sin_sin, step->slots,
-                             l->k_cache, l->v_cache, s->block_size, step->block_tables, step->table_stride,
-                             step->seqs, step->positions, step->max_keys, s->scale, attn, 0);
-        status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, isa);
-        add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps, residual,
-                     h, 0);
-        status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
-                              2 * s->intermediate, gate_up, isa);
-        silu_mul(gate_up, 0, 2 * s->intermediate, rows, s->intermediate, act, 0);
-        status |= int4_linear(act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales,
-                              s->hidden, x, isa);
+    float *rotation = malloc((size_t)(2 * rows * d) * sizeof(float));
+    int status = residual && h && qkv && attn && gate_up && act && rotation ? 0 : -1, isa = matmul_isa();
+    if (status == 0) rotation_rows(step->cos_sin, step->rope_positions, rows, d, rotation, rotation + rows * d);
+    for (int64_t i = 0; i < num_layers && status == 0; i++)
+        decoder_layer(&layers[i], i == 0, s, step, rows, x, residual, h, qkv, attn, gate_up, act, rotation,
+                      rotation + rows * d, isa, &status);
+    for (int64_t j = 0; j < num_out && status == 0; j++) {
+        int64_t r = out_rows[j];
+        add_rms_norm(x + r * s->hidden, 0, s->hidden, residual + r * s->hidden, s->hidden, final_norm, 1, s->hidden,
+                     s->eps, h, out + j * s->hidden, 0);
     }
-    free(h), free(qkv), free(attn), free(gate_up), free(act);
+    free(residual), free(h), free(qkv), free(attn), free(gate_up), free(act), free(rotation);
     return status;
 }

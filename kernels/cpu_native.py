@@ -58,7 +58,7 @@ _SIGNATURES = {
                              _P, _P, _I, _F, _P, ctypes.c_int],
     "int4_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "int8_linear": [_P, ctypes.c_int, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int],
-    "dense_layers": [_P, _I, _P, _P, _I, _P, _P],
+    "dense_layers": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _P],
     "matmul_isa": [],
     "argmax_rows": [_P, _I, _I, _P],
     "log_softmax": [_P, _I, _I, _P],
@@ -197,11 +197,11 @@ def _is_bf16(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
-def _slots(slot_mapping: torch.Tensor) -> int:
-    """The cache slots' pointer, for a contiguous int64 tensor (what the fused C ops read)."""
-    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
-        raise TypeError("the C ops take the cache slots as a contiguous int64 tensor")
-    return _ptr(slot_mapping)
+def _int64s(t: torch.Tensor, what: str = "the cache slots") -> int:
+    """The pointer of a contiguous int64 tensor (cache slots, positions, rows: what the fused C ops read)."""
+    if t.dtype != torch.int64 or not t.is_contiguous():
+        raise TypeError(f"the C ops take {what} as a contiguous int64 tensor")
+    return _ptr(t)
 
 
 def _float_cache(cache: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,7 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().rope_store_attention(
         _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
-        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _slots(slot_mapping), _ptr(_float_cache(k_cache)),
+        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _int64s(slot_mapping), _ptr(_float_cache(k_cache)),
         _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
     return out
 
@@ -349,8 +349,8 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     logits = as_dtype(logits, torch.float32).contiguous()
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     library().argmax_rows(_ptr(logits), logits.shape[0], logits.shape[1], _ptr(tokens))
-    sampled = (temperatures != 0).nonzero()[:, 0]
-    if len(sampled):
+    if temperatures.any():  # one op where every row is greedy (a step's ops cost 5-10 us each on a CPU)
+        sampled = temperatures.nonzero()[:, 0]
         tokens[sampled] = noise.sample_tokens(logits[sampled], temperatures[sampled], seeds[sampled], positions[sampled])
     return tokens
 
@@ -432,7 +432,7 @@ class _Shape(ctypes.Structure):
 
 
 class _Step(ctypes.Structure):
-    _fields_ = [("cos_cos", _P), ("minus_sin_sin", _P), ("slots", _P), ("block_tables", _P), ("seqs", _P),
+    _fields_ = [("cos_sin", _P), ("rope_positions", _P), ("slots", _P), ("block_tables", _P), ("seqs", _P),
                 ("table_stride", _I), ("positions", _P), ("max_keys", _I)]
 
 
@@ -451,17 +451,20 @@ class DenseLayer:
 
 
 class DenseLayers:
-    """A dense model's decoder layers as one C call a step (`cpu_layers.c`): the per-op path's C
-    functions in its order, so the same bits without the Python between them. Built once when the
-    model loads; holds its weights' pointers (and the weights, which must not move)."""
+    """A dense model's decoder layers and final norm as one C call a step (`cpu_layers.c`): the
+    per-op path's C functions in its order, so the same bits without the Python between them. Built
+    once when the model loads; holds its weights' pointers (and the weights, which must not move)."""
 
-    def __init__(self, layers: list[DenseLayer], heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
+    def __init__(self, layers: list[DenseLayer], heads: int, kv_heads: int, head_dim: int, eps: float,
+                 final_norm: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        """`final_norm` [hidden] float32; `cos_sin` [max_positions, head_dim] float32, each
+        position's cos | sin halves (the model's rotary table)."""
         def check(t: torch.Tensor) -> int:
             if t.dtype != torch.float32 or not t.is_contiguous():
-                raise TypeError("the C decoder layers read contiguous float32 norms and biases")
+                raise TypeError("the C decoder layers read contiguous float32 norms, biases and rotary tables")
             return _ptr(t)
 
-        self.layers = layers
+        self.layers, self.final_norm, self.cos_sin = layers, final_norm, cos_sin
         self.table = (_Layer * len(layers))()
         for entry, layer in zip(self.table, layers):
             entry.input_norm, entry.post_attention_norm = check(layer.input_norm), check(layer.post_attention_norm)
@@ -469,26 +472,29 @@ class DenseLayers:
             for name in ("qkv", "o", "gate_up", "down"):
                 nibbles, halves = getattr(layer, name)
                 setattr(entry, name, _Int4(_ptr(nibbles), _ptr(halves)))
+        self._final_norm, self._cos_sin = check(final_norm), check(cos_sin)
         hidden, intermediate = layers[0].input_norm.shape[0], layers[0].down[0].shape[1] * GROUP
         self.shape = _Shape(hidden, heads, kv_heads, head_dim, intermediate, 0, eps, head_dim**-0.5)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def __call__(self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], rotary: RotaryInputs,
-                 slot_mapping: torch.Tensor, plan: NativePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings x [T, hidden] float32 -> (the last layer's output, the residual stream it adds
-        to), each [T, hidden]; every layer's K/V written to its cache (float32, contiguous)."""
+    def __call__(self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
+                 slot_mapping: torch.Tensor, plan: NativePlan, out_rows: torch.Tensor) -> torch.Tensor:
+        """Embeddings x [T, hidden] and each token's position [T] -> the final norm of rows
+        `out_rows` (int64 [S]) of the last layer's output plus the residual stream, [S, hidden]
+        float32; every layer's K/V written to its cache (float32, contiguous)."""
         expect_plan(plan, NativePlan)
         if kv_caches is not self._caches:
             for entry, (k_cache, v_cache) in zip(self.table, kv_caches, strict=True):
                 entry.k_cache, entry.v_cache = _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache))
             self.shape.block_size = kv_caches[0][0].shape[1]
             self._caches = kv_caches
-        x = as_dtype(x, torch.float32).contiguous().clone()
-        residual = torch.empty_like(x)
-        tables, table_stride, seqs, positions, max_keys = plan.args
-        step = _Step(_ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _slots(slot_mapping), tables, seqs,
-                     table_stride, positions, max_keys)
+        x = as_dtype(x, torch.float32).contiguous().clone()  # overwritten by the call
+        out = torch.empty((out_rows.shape[0], x.shape[1]), dtype=torch.float32)
+        tables, table_stride, seqs, plan_positions, max_keys = plan.args
+        step = _Step(self._cos_sin, _int64s(positions, "positions"), _int64s(slot_mapping), tables, seqs, table_stride,
+                     plan_positions, max_keys)
         if library().dense_layers(self.table, len(self.layers), ctypes.byref(self.shape), ctypes.byref(step),
-                                  x.shape[0], _ptr(x), _ptr(residual)):
+                                  x.shape[0], _ptr(x), self._final_norm, _int64s(out_rows, "rows"), out_rows.shape[0],
+                                  _ptr(out)):
             raise MemoryError("the C decoder layers could not allocate their activations")
-        return x, residual
+        return out

@@ -119,19 +119,27 @@ static inline float dot(const float *x, const float *y, int64_t n) {
 }
 
 /* `dot` of x with eight rows y[0..7] at once: the same partial sums and the same pairwise fold,
- * done for the eight together by a transposing network (lane k of the result is dot(x, y[k])). */
-static inline vec8 dot8(const float *x, const float *const *y, int64_t n) {
+ * done for the eight together by a transposing network (lane k of the result is dot(x, y[k])). The
+ * rows' partial sums advance together, four rows at a time, so that the adds of different rows
+ * overlap instead of each row's short chain waiting on its own previous add (a head is 64 wide:
+ * four adds a chain). */
+static inline __attribute__((always_inline)) vec8 dot8(const float *x, const float *const *y, int64_t n) {
     vec8 a[8];
-    for (int k = 0; k < 8; k++) {
-        vec8 low = {0}, high = {0};
+    for (int k0 = 0; k0 < 8; k0 += 4) {
+        vec8 low[4] = {{0}}, high[4] = {{0}};
         int64_t i = 0;
         for (; i + LANES <= n; i += LANES) {
-            low += load8(x + i) * load8(y[k] + i);
-            high += load8(x + i + 8) * load8(y[k] + i + 8);
+            vec8 x_low = load8(x + i), x_high = load8(x + i + 8);
+            for (int k = 0; k < 4; k++) {
+                low[k] += x_low * load8(y[k0 + k] + i);
+                high[k] += x_high * load8(y[k0 + k] + i + 8);
+            }
         }
-        float tail[LANES] = {0};
-        for (int j = 0; i + j < n; j++) tail[j] = x[i + j] * y[k][i + j];
-        a[k] = (low + load8(tail)) + (high + load8(tail + 8)); /* lanes j and j + 8 */
+        for (int k = 0; k < 4; k++) {
+            float tail[LANES] = {0};
+            for (int j = 0; i + j < n; j++) tail[j] = x[i + j] * y[k0 + k][i + j];
+            a[k0 + k] = (low[k] + load8(tail)) + (high[k] + load8(tail + 8)); /* lanes j and j + 8 */
+        }
     }
     vec8 b[4], c[2];
     for (int k = 0; k < 4; k++) /* lanes j and j + 4: keys 2k, 2k + 1 in halves */
@@ -272,18 +280,39 @@ static void weigh_values(const float *scores, int64_t count, int64_t heads, cons
     }
 }
 
+/* Ask the memory for one key's rows of a KV head (its key and its value) before they are read.
+ * A decode step's keys and values come from memory, not cache (every layer's weights pass between
+ * two reads of them), and a head's rows lie kv_heads * d apart: read only as they are needed, they
+ * stall the attention (a batch-1 call took about twice as long with its cache flushed as warm, on
+ * a Zen 1 core). The key PREFETCH_KEYS ahead of the one read is asked for, a key at a time (a
+ * burst of a block's rows at once did not help). A prefetch changes no result. */
+#define PREFETCH_KEYS 16
+static inline void prefetch_key(const float *k_row, const float *v_row, int64_t d) {
+    for (int64_t byte = 0; byte < d * (int64_t)sizeof(float); byte += 64) {
+        __builtin_prefetch((const char *)k_row + byte);
+        __builtin_prefetch((const char *)v_row + byte);
+    }
+}
+
 /* One query row's heads of one KV head: G query heads q [G, d] against keys 0..count-1, whose
  * blocks are `table`; scores [G, count] is scratch, out [G, d]. */
-static void attend_group(const float *q, int64_t group, int64_t d, const float *k_cache, const float *v_cache,
-                         const int32_t *table, int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t count,
-                         float scale, float *scores, float *out) {
+static inline __attribute__((always_inline)) void attend_group_of(
+    const float *q, int64_t group, int64_t d, const float *k_cache, const float *v_cache, const int32_t *table,
+    int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t count, float scale, float *scores, float *out) {
     int64_t key_stride = kv_heads * d;
     const float *keys[8];
+    /* a key's block and place in it (no division a key): the next one read, and the one asked for */
+    int64_t block = 0, offset = 0, ahead_block = PREFETCH_KEYS / block_size, ahead_offset = PREFETCH_KEYS % block_size;
     for (int64_t i0 = 0; i0 < count; i0 += 8) {
         int64_t batch = count - i0 < 8 ? count - i0 : 8;
         for (int64_t k = 0; k < batch; k++) {
-            int64_t i = i0 + k, slot = (int64_t)table[i / block_size] * block_size + i % block_size;
-            keys[k] = k_cache + (slot * kv_heads + kv_head) * d;
+            if (i0 + k + PREFETCH_KEYS < count) {
+                int64_t row = (((int64_t)table[ahead_block] * block_size + ahead_offset) * kv_heads + kv_head) * d;
+                prefetch_key(k_cache + row, v_cache + row, d);
+                if (++ahead_offset == block_size) ahead_offset = 0, ahead_block++;
+            }
+            keys[k] = k_cache + (((int64_t)table[block] * block_size + offset) * kv_heads + kv_head) * d;
+            if (++offset == block_size) offset = 0, block++;
         }
         for (int64_t g = 0; g < group; g++) {
             float *s = scores + g * count + i0;
@@ -318,6 +347,22 @@ static void attend_group(const float *q, int64_t group, int64_t d, const float *
         float l = sum(scores + g * count, count), *o = out + g * d;
         for (int64_t j = 0; j < d; j++) o[j] = o[j] / l;
     }
+}
+
+/* `attend_group_of`, compiled apart for the common head sizes so that the loops over a head's
+ * dims unroll (the same operations in the same order: the same bits). */
+static void attend_group(const float *q, int64_t group, int64_t d, const float *k_cache, const float *v_cache,
+                         const int32_t *table, int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t count,
+                         float scale, float *scores, float *out) {
+    if (d == 64)
+        attend_group_of(q, group, 64, k_cache, v_cache, table, block_size, kv_heads, kv_head, count, scale, scores,
+                        out);
+    else if (d == 128)
+        attend_group_of(q, group, 128, k_cache, v_cache, table, block_size, kv_heads, kv_head, count, scale, scores,
+                        out);
+    else
+        attend_group_of(q, group, d, k_cache, v_cache, table, block_size, kv_heads, kv_head, count, scale, scores,
+                        out);
 }
 
 /* Causal attention of q [rows, heads, d] (float32) over the paged cache [blocks, block_size,

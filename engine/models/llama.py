@@ -188,15 +188,16 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states of the rows in `batch.logits_indices` (those that sample, then those scored).
 
-        The decoder layers run as one C call where that is what this model is (`c_layers`) and the
-        step plans the C attention; else layer by layer, op by op: the same bits either way."""
-        x, residual = self.embed(batch.input_ids), None
-        rotary = kernels.RotaryInputs.of(batch.positions, self.cos_sin)
+        The decoder layers and the final norm run as one C call where that is what this model is
+        (`c_layers`) and the step plans the C attention; else layer by layer, op by op: the same
+        bits either way."""
+        x = self.embed(batch.input_ids)
         if self.c_layers is not None and isinstance(batch.attention_plan, kernels.NativePlan):
-            x, residual = self.c_layers(x, kv_caches, rotary, batch.slot_mapping, batch.attention_plan)
-        else:
-            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                x, residual = layer(x, residual, batch, k_cache, v_cache, rotary)
+            return self.c_layers(x, kv_caches, batch.positions, batch.slot_mapping, batch.attention_plan,
+                                 batch.logits_indices)
+        rotary, residual = kernels.RotaryInputs.of(batch.positions, self.cos_sin), None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, batch, k_cache, v_cache, rotary)
         rows = batch.logits_indices
         return kernels.add_rms_norm(x[rows], residual[rows], self.norm, self.config.rms_norm_eps)[0]
 
@@ -234,7 +235,7 @@ class LlamaModel(nn.Module):
         self.c_layers = self._c_layers()
 
     def _c_layers(self) -> kernels.DenseLayers | None:
-        """The decoder layers as one C call, where that call computes this model: one rank, dense
+        """The decoder layers and final norm as one C call, where it computes this model: one rank, dense
         layers of plain attention (a q|k|v bias, but no q/k norm or clipping), and every projection
         a single 4-bit weight of the C matmul. None: the layers run op by op."""
         c, layers = self.config, self.layers
@@ -248,7 +249,8 @@ class LlamaModel(nn.Module):
         return kernels.DenseLayers(
             [kernels.DenseLayer(layer.input_norm, layer.post_attention_norm, layer.qkv_bias,
                                 *((w.data, w.scales) for w in ws)) for layer, ws in zip(layers, weights)],
-            layers[0].num_heads, layers[0].num_kv_heads, c.head_dim, c.rms_norm_eps)
+            layers[0].num_heads, layers[0].num_kv_heads, c.head_dim, c.rms_norm_eps, self.norm.detach(),
+            self.cos_sin)
 
 
 class _Loader:

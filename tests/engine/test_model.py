@@ -124,7 +124,9 @@ def test_qwen_variants_match_transformers(tmp_path: Path, arch: str) -> None:
 
 
 def test_a_qwen2_model_runs_its_layers_in_one_c_call_with_the_per_op_bits(tmp_path: Path, monkeypatch) -> None:
-    """The q|k|v bias is added in the C call as torch adds it; a q/k-normed model (Qwen3) runs op by op."""
+    """The q|k|v bias is added in the C call as torch adds it, and its final norm reads the sampling
+    rows and then the scored ones (prompt logprobs) as the per-op path does; a q/k-normed model
+    (Qwen3) runs op by op."""
     if not cpu_native.enabled():
         pytest.skip("the C ops do not build here")
     _tiny_hf_model(tmp_path / "qwen2", "qwen2")
@@ -133,10 +135,12 @@ def test_a_qwen2_model_runs_its_layers_in_one_c_call_with_the_per_op_bits(tmp_pa
     assert engine.runner.model.c_layers is not None
     prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
                for n in (5, 40, 17)]
-    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+    params = [SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=3, prompt_logprobs=1, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, prompt_logprobs=0, ignore_eos=True)]
 
     def run() -> list:
-        return [(r.output_token_ids, r.output_logprobs) for r in engine.generate(prompts, params)]
+        return [(r.output_token_ids, r.output_logprobs, r.prompt_logprobs) for r in engine.generate(prompts, params)]
 
     whole = run()
     monkeypatch.setattr(engine.runner.model, "c_layers", None)
