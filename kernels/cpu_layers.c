@@ -85,30 +85,50 @@ static void rotation_rows(const float *cos_sin, const int64_t *positions, int64_
     }
 }
 
-static void decoder_layer(const Layer *l, int first, const Shape *s, const Step *step, int64_t rows, float *x,
-                          float *residual, float *h, float *qkv, float *attn, float *gate_up, float *act,
-                          const float *cos_cos, const float *minus_sin_sin, int isa, int *status) {
+/* A step's activations, each [rows, ...], in one allocation reused by every layer. */
+typedef struct {
+    float *residual, *h, *qkv, *attn, *gate_up, *act, *cos_cos, *minus_sin_sin;
+} Activations;
+
+static float *activations(const Shape *s, int64_t rows, Activations *a) {
+    int64_t q_size = s->heads * s->head_dim, qkv_size = q_size + 2 * s->kv_heads * s->head_dim;
+    int64_t sizes[8] = {s->hidden, s->hidden, qkv_size, q_size, 2 * s->intermediate, s->intermediate, s->head_dim,
+                        s->head_dim};
+    float **parts[8] = {&a->residual, &a->h, &a->qkv, &a->attn, &a->gate_up, &a->act, &a->cos_cos, &a->minus_sin_sin};
+    int64_t total = 0;
+    for (int i = 0; i < 8; i++) total += rows * sizes[i];
+    float *block = malloc((size_t)total * sizeof(float));
+    for (int64_t i = 0, offset = 0; block && i < 8; offset += rows * sizes[i], i++) *parts[i] = block + offset;
+    return block;
+}
+
+/* One layer over x [rows, hidden] and the residual stream; returns 0, or -1 if out of memory. */
+static int decoder_layer(const Layer *l, int first, const Shape *s, const Step *step, int64_t rows, float *x,
+                         const Activations *a, int isa) {
     int64_t q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim, qkv_size = q_size + 2 * kv_size;
+    int status = 0;
     if (first) {
-        memcpy(residual, x, (size_t)(rows * s->hidden) * sizeof(float));
-        rms_norm(x, 0, s->hidden, l->input_norm, rows, s->hidden, s->eps, h, 0);
+        memcpy(a->residual, x, (size_t)(rows * s->hidden) * sizeof(float));
+        rms_norm(x, 0, s->hidden, l->input_norm, rows, s->hidden, s->eps, a->h, 0);
     } else {
-        add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, residual, h, 0);
+        add_rms_norm(x, 0, s->hidden, a->residual, s->hidden, l->input_norm, rows, s->hidden, s->eps, a->residual, a->h,
+                     0);
     }
-    *status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, qkv, isa);
-    if (l->qkv_bias) add_bias(qkv, rows, qkv_size, l->qkv_bias);
-    rope_store_attention(qkv, qkv + q_size, qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows, s->heads,
-                         s->kv_heads, s->head_dim, cos_cos, minus_sin_sin, step->slots, l->k_cache, l->v_cache,
-                         s->block_size, step->block_tables, step->table_stride, step->seqs, step->positions,
-                         step->max_keys, s->scale, attn, 0);
-    *status |= int4_linear(attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, isa);
-    add_rms_norm(x, 0, s->hidden, residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps, residual, h,
-                 0);
-    *status |= int4_linear(h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
-                           2 * s->intermediate, gate_up, isa);
-    silu_mul(gate_up, 0, 2 * s->intermediate, rows, s->intermediate, act, 0);
-    *status |= int4_linear(act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales, s->hidden,
-                           x, isa);
+    status |= int4_linear(a->h, 0, s->hidden, rows, s->hidden, l->qkv.nibbles, l->qkv.scales, qkv_size, a->qkv, isa);
+    if (l->qkv_bias) add_bias(a->qkv, rows, qkv_size, l->qkv_bias);
+    rope_store_attention(a->qkv, a->qkv + q_size, a->qkv + q_size + kv_size, 0, qkv_size, qkv_size, qkv_size, rows,
+                         s->heads, s->kv_heads, s->head_dim, a->cos_cos, a->minus_sin_sin, step->slots, l->k_cache,
+                         l->v_cache, s->block_size, step->block_tables, step->table_stride, step->seqs,
+                         step->positions, step->max_keys, s->scale, a->attn, 0);
+    status |= int4_linear(a->attn, 0, q_size, rows, q_size, l->o.nibbles, l->o.scales, s->hidden, x, isa);
+    add_rms_norm(x, 0, s->hidden, a->residual, s->hidden, l->post_attention_norm, rows, s->hidden, s->eps,
+                 a->residual, a->h, 0);
+    status |= int4_linear(a->h, 0, s->hidden, rows, s->hidden, l->gate_up.nibbles, l->gate_up.scales,
+                          2 * s->intermediate, a->gate_up, isa);
+    silu_mul(a->gate_up, 0, 2 * s->intermediate, rows, s->intermediate, a->act, 0);
+    status |= int4_linear(a->act, 0, s->intermediate, rows, s->intermediate, l->down.nibbles, l->down.scales,
+                          s->hidden, x, isa);
+    return status;
 }
 
 /* x [rows, hidden]: the embeddings in, overwritten. out [num_out, hidden]: the final norm of rows
@@ -116,24 +136,17 @@ static void decoder_layer(const Layer *l, int first, const Shape *s, const Step 
  * memory. */
 int dense_layers(const Layer *layers, int64_t num_layers, const Shape *s, const Step *step, int64_t rows, float *x,
                  const float *final_norm, const int64_t *out_rows, int64_t num_out, float *out) {
-    int64_t q_size = s->heads * s->head_dim, qkv_size = q_size + 2 * s->kv_heads * s->head_dim, d = s->head_dim;
-    float *residual = malloc((size_t)(rows * s->hidden) * sizeof(float));
-    float *h = malloc((size_t)(rows * s->hidden) * sizeof(float));
-    float *qkv = malloc((size_t)(rows * qkv_size) * sizeof(float));
-    float *attn = malloc((size_t)(rows * q_size) * sizeof(float));
-    float *gate_up = malloc((size_t)(rows * 2 * s->intermediate) * sizeof(float));
-    float *act = malloc((size_t)(rows * s->intermediate) * sizeof(float));
-    float *rotation = malloc((size_t)(2 * rows * d) * sizeof(float));
-    int status = residual && h && qkv && attn && gate_up && act && rotation ? 0 : -1, isa = matmul_isa();
-    if (status == 0) rotation_rows(step->cos_sin, step->rope_positions, rows, d, rotation, rotation + rows * d);
+    Activations a;
+    float *block = activations(s, rows, &a);
+    int status = block ? 0 : -1, isa = matmul_isa();
+    if (status == 0) rotation_rows(step->cos_sin, step->rope_positions, rows, s->head_dim, a.cos_cos, a.minus_sin_sin);
     for (int64_t i = 0; i < num_layers && status == 0; i++)
-        decoder_layer(&layers[i], i == 0, s, step, rows, x, residual, h, qkv, attn, gate_up, act, rotation,
-                      rotation + rows * d, isa, &status);
+        status = decoder_layer(&layers[i], i == 0, s, step, rows, x, &a, isa);
     for (int64_t j = 0; j < num_out && status == 0; j++) {
         int64_t r = out_rows[j];
-        add_rms_norm(x + r * s->hidden, 0, s->hidden, residual + r * s->hidden, s->hidden, final_norm, 1, s->hidden,
-                     s->eps, h, out + j * s->hidden, 0);
+        add_rms_norm(x + r * s->hidden, 0, s->hidden, a.residual + r * s->hidden, s->hidden, final_norm, 1, s->hidden,
+                     s->eps, a.h, out + j * s->hidden, 0);
     }
-    free(residual), free(h), free(qkv), free(attn), free(gate_up), free(act), free(rotation);
+    free(block);
     return status;
 }

@@ -197,7 +197,7 @@ def _is_bf16(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
-def _int64s(t: torch.Tensor, what: str = "the cache slots") -> int:
+def _int64s(t: torch.Tensor, what: str) -> int:
     """The pointer of a contiguous int64 tensor (cache slots, positions, rows: what the fused C ops read)."""
     if t.dtype != torch.int64 or not t.is_contiguous():
         raise TypeError(f"the C ops take {what} as a contiguous int64 tensor")
@@ -328,8 +328,9 @@ def rope_store_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rota
     out = torch.empty(q.shape, dtype=out_dtype or torch.float32)
     library().rope_store_attention(
         _ptr(q), _ptr(k), _ptr(v), _is_bf16(q), q.stride(0), k.stride(0), v.stride(0), num_tokens, heads, k.shape[1],
-        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _int64s(slot_mapping), _ptr(_float_cache(k_cache)),
-        _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out), _is_bf16(out))
+        d, _ptr(rotary.cos_cos), _ptr(rotary.minus_sin_sin), _int64s(slot_mapping, "the cache slots"),
+        _ptr(_float_cache(k_cache)), _ptr(_float_cache(v_cache)), k_cache.shape[1], *plan.args, scale, _ptr(out),
+        _is_bf16(out))
     return out
 
 
@@ -491,8 +492,8 @@ class DenseLayers:
         x = as_dtype(x, torch.float32).contiguous().clone()  # overwritten by the call
         out = torch.empty((out_rows.shape[0], x.shape[1]), dtype=torch.float32)
         tables, table_stride, seqs, plan_positions, max_keys = plan.args
-        step = _Step(self._cos_sin, _int64s(positions, "positions"), _int64s(slot_mapping), tables, seqs, table_stride,
-                     plan_positions, max_keys)
+        step = _Step(self._cos_sin, _int64s(positions, "positions"), _int64s(slot_mapping, "the cache slots"), tables,
+                     seqs, table_stride, plan_positions, max_keys)
         if library().dense_layers(self.table, len(self.layers), ctypes.byref(self.shape), ctypes.byref(step),
                                   x.shape[0], _ptr(x), self._final_norm, _int64s(out_rows, "rows"), out_rows.shape[0],
                                   _ptr(out)):

@@ -53,6 +53,13 @@ class _Connection:
         self.reader = reader
         self.writer = writer
 
+    async def receive(self, parsed: _Parsed, cut_short: str) -> None:
+        """Feed the next bytes that arrive to `parsed`; ConnectionError("... `cut_short`") if none will."""
+        received = await self.reader.read(_READ_SIZE)
+        if not received:
+            raise ConnectionError(f"the server closed the connection {cut_short}")
+        parsed.parser.feed_data(received)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -80,10 +87,7 @@ class StreamedResponse:
                 yield data
             if parsed.complete:
                 return
-            received = await self._connection.reader.read(_READ_SIZE)
-            if not received:
-                raise ConnectionError("the server closed the connection before the response ended")
-            parsed.parser.feed_data(received)
+            await self._connection.receive(parsed, "before the response ended")
 
     async def lines(self) -> AsyncIterator[str]:
         """The body's lines (an SSE stream's fields and the blank lines between its events), without
@@ -155,10 +159,7 @@ class EventStreams:
         connection.writer.write(request)
         parsed = _Parsed()
         while not parsed.headers_done:
-            received = await connection.reader.read(_READ_SIZE)
-            if not received:
-                raise ConnectionError("the server closed the connection before it answered")
-            parsed.parser.feed_data(received)
+            await connection.receive(parsed, "before it answered")
         return StreamedResponse(connection, parsed)
 
     async def aclose(self) -> None:
